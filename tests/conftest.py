@@ -1,0 +1,19 @@
+"""Shared fixtures: small synthetic stores written fresh for each test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vlinterpret_panel.synth import SynthSpec, write_synthetic_store
+
+SMALL_SPEC = SynthSpec(examples=10, layers=3, heads=2, tokens=30, hidden_size=16, image_size=48, seed=3)
+
+
+@pytest.fixture(scope="session")
+def small_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 10-example synthetic store of varying token counts and image sizes, in 3 shards."""
+    path = tmp_path_factory.mktemp("stores") / "small"
+    write_synthetic_store(path, SMALL_SPEC, examples_per_shard=4)
+    return path

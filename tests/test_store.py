@@ -1,0 +1,226 @@
+"""The store: round trips, lazy opening, atomic and concurrent appends, bad files."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import dask.array
+import numpy as np
+import pytest
+import xarray as xr
+from xarray.backends.netCDF4_ import NetCDF4ArrayWrapper
+
+from tests.conftest import SMALL_SPEC
+from vlinterpret_panel.errors import VLIError
+from vlinterpret_panel.schema import PAD, records_to_dataset
+from vlinterpret_panel.store import example_ids, open_dataset, shard_paths, write_shard
+from vlinterpret_panel.synth import SynthSpec, synthetic_record, write_synthetic_store
+
+ATTENTION_STEP = 1 / 65534  # uint16 packing of [0, 1]
+
+
+def _assert_example_matches(ds: xr.Dataset, spec: SynthSpec, index: int) -> None:
+    """Stored example equals its freshly generated record, within the storage precision."""
+    record = synthetic_record(spec, index)
+    stored = ds.sel(example=record.example_id).compute()
+    n = len(record.tokens)
+    assert int(stored.seq_len) == n
+    assert stored.token_text.values[:n].tolist() == list(record.tokens)
+    assert stored.modality.values[:n].tolist() == list(record.modality)
+    assert (stored.modality.values[n:] == PAD).all()
+    np.testing.assert_allclose(stored.attention.values[..., :n, :n], record.attention, atol=ATTENTION_STEP / 2 + 1e-7)
+    assert np.isnan(stored.attention.values[..., n:, :]).all()
+    np.testing.assert_allclose(stored.hidden_states.values[:, :n], record.hidden_states, rtol=2.0**-10, atol=1e-6)
+    h, w = record.image.shape[:2]
+    assert (int(stored.image_height), int(stored.image_width)) == (h, w)
+    np.testing.assert_array_equal(stored.image.values[:h, :w], record.image)
+    assert (stored.image.values[h:] == 0).all()
+    np.testing.assert_array_equal(stored.token_box.values[:n], record.token_box)
+    assert str(stored.text.values) == record.text
+    assert str(stored.prediction.values) == record.prediction
+
+
+def test_round_trip_across_shards_of_different_sizes(small_store: Path) -> None:
+    ds = open_dataset(small_store)
+    assert len(shard_paths(small_store)) == 3
+    assert ds.sizes["example"] == SMALL_SPEC.examples
+    lengths = ds.seq_len.values
+    assert len(set(lengths.tolist())) > 1 and len(set(ds.image_height.values.tolist())) > 1
+    for index in range(SMALL_SPEC.examples):
+        _assert_example_matches(ds, SMALL_SPEC, index)
+    assert ds.attention.dtype == np.float32
+
+
+def test_float32_precision_is_exact(tmp_path: Path) -> None:
+    spec = SynthSpec(examples=2, layers=2, heads=2, tokens=16, hidden_size=8, image_size=24, seed=11)
+    write_synthetic_store(tmp_path / "s", spec, precision="float32")
+    ds = open_dataset(tmp_path / "s")
+    record = synthetic_record(spec, 1)
+    n = len(record.tokens)
+    np.testing.assert_array_equal(ds.attention.sel(example=record.example_id).values[..., :n, :n], record.attention)
+    np.testing.assert_array_equal(ds.hidden_states.sel(example=record.example_id).values[:, :n], record.hidden_states)
+
+
+def test_open_reads_no_data_and_a_slice_reads_one_chunk(small_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    reads: list[tuple[str, tuple]] = []
+    original = NetCDF4ArrayWrapper._getitem
+
+    def recording(self, key):
+        reads.append((self.variable_name, key))
+        return original(self, key)
+
+    monkeypatch.setattr(NetCDF4ArrayWrapper, "_getitem", recording)
+    ds = open_dataset(small_store)
+    assert isinstance(ds.attention.data, dask.array.Array)
+    assert isinstance(ds.hidden_states.data, dask.array.Array)
+    read_on_open = {name for name, _ in reads}
+    assert not read_on_open & {"attention", "hidden_states", "image", "token_box"}, read_on_open
+    # xarray peeks at the first string of string variables (a date check); nothing more.
+    for name, key in reads:
+        if name in ds.data_vars:
+            element = key[:-1] if ds[name].dtype.kind in "OSU" else key
+            assert all(isinstance(k, int) or len(range(*k.indices(10**9))) <= 1 for k in element), (name, key)
+    reads.clear()
+    ds.attention.isel(example=5, layer=1, head=0).compute()
+    attention_reads = [key for name, key in reads if name == "attention"]
+    assert len(attention_reads) == 1, attention_reads
+    assert {name for name, _ in reads} == {"attention"}
+
+
+def test_append_and_example_ids(tmp_path: Path) -> None:
+    store = tmp_path / "s"
+    spec = SynthSpec(examples=5, layers=2, heads=2, tokens=16, hidden_size=8, image_size=24, seed=2)
+    records = [synthetic_record(spec, i) for i in range(5)]
+    write_shard(records_to_dataset(records[:2], spec.model_info()), store)
+    assert example_ids(store) == {r.example_id for r in records[:2]}
+    write_shard(records_to_dataset(records[2:], spec.model_info()), store)
+    ds = open_dataset(store)
+    assert ds.example.values.tolist() == [r.example_id for r in records]
+
+
+def test_duplicate_examples_keep_the_first_copy(tmp_path: Path) -> None:
+    spec = SynthSpec(examples=2, layers=1, heads=1, tokens=12, hidden_size=4, image_size=16)
+    ds = records_to_dataset([synthetic_record(spec, 0)], spec.model_info())
+    write_shard(ds, tmp_path / "s")
+    write_shard(ds, tmp_path / "s")
+    assert open_dataset(tmp_path / "s").sizes["example"] == 1
+
+
+def test_store_refuses_a_second_model(tmp_path: Path) -> None:
+    spec = SynthSpec(examples=1, layers=1, heads=1, tokens=12, hidden_size=4, image_size=16)
+    write_synthetic_store(tmp_path / "s", spec)
+    other = records_to_dataset([synthetic_record(spec, 0)], spec.model_info())
+    other.attrs["model_name"] = "other"
+    write_shard(other, tmp_path / "s")
+    with pytest.raises(VLIError, match="model 'other' differs"):
+        open_dataset(tmp_path / "s")
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: None, "no such store"),
+        (lambda p: p.mkdir(), "has no shards"),
+        (lambda p: (p.mkdir(), (p / "shard-1.nc").write_bytes(b"not netcdf at all")), "not a readable netCDF"),
+        (
+            lambda p: (p.mkdir(), xr.Dataset({"x": ("a", [1, 2])}).to_netcdf(p / "shard-1.nc")),
+            "not a vlinterpret-panel",
+        ),
+    ],
+    ids=["missing", "empty", "corrupt", "foreign"],
+)
+def test_bad_stores_give_one_clear_message(tmp_path: Path, make, message: str) -> None:
+    path = tmp_path / "store"
+    make(path)
+    with pytest.raises(VLIError, match=message) as raised:
+        open_dataset(path)
+    assert str(path) in str(raised.value)
+
+
+def test_good_shards_open_beside_a_corrupt_one_when_asked(small_store: Path, tmp_path: Path) -> None:
+    store = tmp_path / "mixed"
+    store.mkdir()
+    for shard in shard_paths(small_store):
+        (store / shard.name).write_bytes(shard.read_bytes())
+    truncated = store / "shard-99999999999999999999-deadbeef.nc"
+    truncated.write_bytes(shard_paths(small_store)[0].read_bytes()[:5000])
+    with pytest.raises(VLIError, match=truncated.name):
+        open_dataset(store)
+    with pytest.warns(UserWarning, match="skipping shard"):
+        ds = open_dataset(store, on_bad_shard="skip")
+    assert ds.sizes["example"] == SMALL_SPEC.examples
+    assert truncated.name in ds.attrs["skipped_shards"][0]
+
+
+WRITER = textwrap.dedent(
+    """
+    import os, sys, time
+    from vlinterpret_panel.synth import SynthSpec, write_synthetic_store
+    import vlinterpret_panel.store as store
+
+    spec = SynthSpec(examples=40, layers=2, heads=2, tokens=20, hidden_size=8, image_size=24, seed=4)
+    real_replace = os.replace
+    done = 0
+
+    def replace_then_stall(src, dst):
+        global done
+        if done == 3:  # the 4th shard is fully written to its temporary file, never renamed
+            print("stalled", flush=True)
+            time.sleep(60)
+        real_replace(src, dst)
+        done += 1
+
+    store.os.replace = replace_then_stall
+    write_synthetic_store(sys.argv[1], spec, examples_per_shard=3)
+    """
+)
+
+
+def test_killed_writer_leaves_completed_examples_intact(tmp_path: Path) -> None:
+    store = tmp_path / "s"
+    process = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(store)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
+    assert process.stdout.readline().strip() == "stalled"
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert any(p.name.endswith(".partial") for p in store.iterdir()), "the kill must land mid-write"
+    ds = open_dataset(store)
+    spec = SynthSpec(examples=40, layers=2, heads=2, tokens=20, hidden_size=8, image_size=24, seed=4)
+    assert ds.sizes["example"] == 9
+    for index in range(9):
+        _assert_example_matches(ds, spec, index)
+
+
+APPENDER = textwrap.dedent(
+    """
+    import sys
+    from vlinterpret_panel.schema import records_to_dataset
+    from vlinterpret_panel.store import write_shard
+    from vlinterpret_panel.synth import SynthSpec, synthetic_record
+
+    spec = SynthSpec(examples=40, layers=2, heads=2, tokens=16, hidden_size=8, image_size=24, seed=8)
+    for index in range(int(sys.argv[2]), 40, 2):
+        write_shard(records_to_dataset([synthetic_record(spec, index)], spec.model_info()), sys.argv[1])
+    """
+)
+
+
+def test_two_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
+    store = tmp_path / "s"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    writers = [subprocess.Popen([sys.executable, "-c", APPENDER, str(store), str(k)], env=env) for k in (0, 1)]
+    deadline = time.time() + 120
+    for writer in writers:
+        assert writer.wait(timeout=max(1, deadline - time.time())) == 0
+    ds = open_dataset(store)
+    assert sorted(ds.example.values.tolist()) == [f"synth-{i:07d}" for i in range(40)]

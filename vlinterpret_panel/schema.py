@@ -1,0 +1,529 @@
+"""The one dataset schema: names, units and checks for every store, reader and writer.
+
+A store holds one ``xarray.Dataset`` over examples. The full description, with the
+reasons behind it, is in ``docs/schema.md``; this module is its executable form.
+
+Conventions
+-----------
+* Attention rows are queries, columns are keys: ``attention[..., q, k]`` is how much
+  query token ``q`` attends to key token ``k``. Rows of real queries sum to 1; rows of
+  tokens that are not queries of a layer (e.g. image tokens in a text-only layer of a
+  dual-stream model) are all 0. Padded tokens and padded heads are NaN.
+* The ``layer`` axis lists attention modules in execution order. ``layer_kind`` says
+  which tokens a module relates, so single-stream, dual-stream (co-attention),
+  dual-encoder and decoder models all fit one ``(query, key)`` frame over the whole
+  token sequence.
+* Tokens are in model order. ``modality`` labels each token (text, image, special, pad);
+  never infer modality from positions or a text length.
+* ``token_box`` is each image token's pixel box ``(x0, y0, x1, y1)`` on the stored image,
+  with row 0 at the top and x to the right; NaN for tokens that are not image regions.
+* Examples are padded to a common token count and a common image canvas; ``seq_len``,
+  ``image_height`` and ``image_width`` keep the true sizes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from vlinterpret_panel.errors import VLIError
+
+SCHEMA_NAME = "vlinterpret-panel"
+SCHEMA_VERSION = "1.0"
+
+TEXT, IMAGE, SPECIAL, PAD = "text", "image", "special", "pad"
+MODALITIES = (TEXT, IMAGE, SPECIAL, PAD)
+
+LAYER_KINDS = {
+    "self": "every token attends every token (single stream, or a causal decoder)",
+    "text_self": "text tokens attend text tokens (text stream of a dual-stream model)",
+    "image_self": "image tokens attend image tokens (image stream)",
+    "cross_text_to_image": "text queries attend image keys (cross-attention)",
+    "cross_image_to_text": "image queries attend text keys (cross-attention)",
+}
+
+BOX_NAMES = ("x0", "y0", "x1", "y1")
+CHANNEL_NAMES = ("red", "green", "blue")
+CORRECT_UNKNOWN = -1
+
+# name -> (dims, required, attrs). The single source of truth for layout and units.
+VARIABLES: dict[str, tuple[tuple[str, ...], bool, dict[str, str]]] = {
+    "attention": (
+        ("example", "layer", "head", "query", "key"),
+        True,
+        {"long_name": "attention probability of query token to key token", "units": "1"},
+    ),
+    "hidden_states": (
+        ("example", "hidden_layer", "token", "feature"),
+        True,
+        {"long_name": "hidden state of each token after each layer", "units": "1"},
+    ),
+    "token_text": (("example", "token"), True, {"long_name": "token string"}),
+    "modality": (
+        ("example", "token"),
+        True,
+        {"long_name": "token modality", "flag_meanings": " ".join(MODALITIES)},
+    ),
+    "token_box": (
+        ("example", "token", "box"),
+        True,
+        {"long_name": "pixel box of an image token on the image (NaN if none)", "units": "pixel"},
+    ),
+    "seq_len": (("example",), True, {"long_name": "number of real (unpadded) tokens"}),
+    "image": (
+        ("example", "image_y", "image_x", "channel"),
+        True,
+        {"long_name": "RGB image, padded to the store's canvas", "units": "1"},
+    ),
+    "image_height": (("example",), True, {"long_name": "true image height", "units": "pixel"}),
+    "image_width": (("example",), True, {"long_name": "true image width", "units": "pixel"}),
+    "text": (("example",), True, {"long_name": "input text (question or caption)"}),
+    "label": (("example",), False, {"long_name": "ground-truth answer or class"}),
+    "prediction": (("example",), False, {"long_name": "model output (answer or class)"}),
+    "score": (("example",), False, {"long_name": "model score of the prediction", "units": "1"}),
+    "correct": (
+        ("example",),
+        False,
+        {
+            "long_name": "prediction equals label",
+            "flag_values": "-1 0 1",
+            "flag_meanings": "unknown incorrect correct",
+        },
+    ),
+    "readout_token": (
+        ("example", "readout"),
+        False,
+        {"long_name": "index of the token an output head reads (e.g. [CLS])"},
+    ),
+    "patch_position": (
+        ("example", "token", "grid_axis"),
+        False,
+        {"long_name": "row and column of an image token in its patch grid (-1 if none)"},
+    ),
+    "target_mask": (
+        ("example", "image_y", "image_x"),
+        False,
+        {"long_name": "ground-truth pixels the answer depends on", "units": "1"},
+    ),
+    "relevancy": (
+        ("example", "method", "token"),
+        False,
+        {"long_name": "relevancy of each token for the explained output", "units": "1"},
+    ),
+    "relevancy_target": (
+        ("example", "method"),
+        False,
+        {"long_name": "output the relevancy explains"},
+    ),
+    "custom_metric": (
+        ("example", "metric", "layer", "head"),
+        False,
+        {"long_name": "user-supplied per-head metric"},
+    ),
+}
+
+COORDINATE_ATTRS: dict[str, dict[str, str]] = {
+    "example": {"long_name": "example identifier"},
+    "layer": {"long_name": "attention module index in execution order"},
+    "layer_kind": {"long_name": "which tokens the module relates", "flag_meanings": " ".join(LAYER_KINDS)},
+    "layer_name": {"long_name": "module name in the model"},
+    "layer_heads": {"long_name": "number of real heads in the module (more are NaN padding)"},
+    "head": {"long_name": "attention head index"},
+    "query": {"long_name": "query token position"},
+    "key": {"long_name": "key token position"},
+    "token": {"long_name": "token position"},
+    "hidden_layer": {"long_name": "hidden-state index; 0 is the embedding output"},
+    "hidden_layer_name": {"long_name": "where the hidden state is taken"},
+    "box": {"long_name": "box corner coordinate"},
+    "image_y": {"long_name": "pixel row, 0 at the top", "units": "pixel"},
+    "image_x": {"long_name": "pixel column, 0 at the left", "units": "pixel"},
+    "channel": {"long_name": "colour channel"},
+    "grid_axis": {"long_name": "patch grid axis"},
+}
+
+REQUIRED_ATTRS = ("schema", "schema_version", "model_name", "created")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What is common to every example a model produces: its name and its layer layout."""
+
+    name: str
+    layer_kind: Sequence[str]
+    num_heads: Sequence[int]
+    hidden_layer_name: Sequence[str]
+    layer_name: Sequence[str] | None = None
+    config: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.layer_kind) - set(LAYER_KINDS))
+        if unknown:
+            raise VLIError(f"unknown layer kind(s) {unknown}; use one of {sorted(LAYER_KINDS)}")
+        if len(self.num_heads) != len(self.layer_kind):
+            raise VLIError("num_heads must give one head count per layer")
+
+
+@dataclass
+class ExampleRecord:
+    """Everything a model run yields for one image-text pair, in the schema's conventions.
+
+    Adapters return it; ``records_to_dataset`` turns a batch of them into a Dataset.
+    ``attention`` is ``(layer, head, token, token)`` (heads beyond a layer's count NaN),
+    ``hidden_states`` is ``(hidden_layer, token, feature)``.
+    ``attention_gradient`` (same shape as ``attention``) is for relevancy and is not stored.
+    """
+
+    example_id: str
+    image: np.ndarray
+    text: str
+    tokens: Sequence[str]
+    modality: Sequence[str]
+    token_box: np.ndarray
+    attention: np.ndarray
+    hidden_states: np.ndarray
+    label: str | None = None
+    prediction: str | None = None
+    score: float | None = None
+    readout_tokens: Mapping[str, int] | None = None
+    patch_position: np.ndarray | None = None
+    target_mask: np.ndarray | None = None
+    relevancy: Mapping[str, np.ndarray] | None = None
+    relevancy_target: str | None = None
+    custom_metrics: Mapping[str, np.ndarray] | None = None
+    attention_gradient: np.ndarray | None = None
+
+    def check(self) -> None:
+        """Raise ``VLIError`` if the arrays disagree in shape with each other."""
+        n_tokens = len(self.tokens)
+        where = f"example {self.example_id!r}"
+        if n_tokens == 0:
+            raise VLIError(f"{where}: has no tokens")
+        if len(self.modality) != n_tokens:
+            raise VLIError(f"{where}: {len(self.modality)} modality labels for {n_tokens} tokens")
+        bad = sorted(set(self.modality) - {TEXT, IMAGE, SPECIAL})
+        if bad:
+            raise VLIError(f"{where}: unknown modality {bad}; use text, image or special")
+        if self.image.ndim != 3 or self.image.shape[2] != 3 or self.image.dtype != np.uint8:
+            raise VLIError(
+                f"{where}: image must be uint8 (height, width, 3), got {self.image.dtype} {tuple(self.image.shape)}"
+            )
+        expected = {
+            "token_box": (self.token_box, (n_tokens, 4)),
+            "attention": (self.attention, (None, None, n_tokens, n_tokens)),
+            "hidden_states": (self.hidden_states, (None, n_tokens, None)),
+        }
+        if self.patch_position is not None:
+            expected["patch_position"] = (self.patch_position, (n_tokens, 2))
+        if self.target_mask is not None:
+            expected["target_mask"] = (self.target_mask, self.image.shape[:2])
+        if self.attention_gradient is not None:
+            expected["attention_gradient"] = (self.attention_gradient, self.attention.shape)
+        for name, (array, shape) in expected.items():
+            ok = array.ndim == len(shape) and all(
+                want is None or got == want for got, want in zip(array.shape, shape, strict=True)
+            )
+            if not ok:
+                wanted = tuple("any" if s is None else s for s in shape)
+                raise VLIError(f"{where}: {name} has shape {tuple(array.shape)}, expected {wanted}")
+        for name, values in (self.relevancy or {}).items():
+            if np.shape(values) != (n_tokens,):
+                raise VLIError(f"{where}: relevancy {name!r} needs one value per token")
+
+
+def _padded(array: np.ndarray, shape: Sequence[int], fill: Any) -> np.ndarray:
+    """Copy ``array`` into the top-left corner of a new array of ``shape`` filled with ``fill``."""
+    out = np.full(shape, fill, dtype=array.dtype)
+    out[tuple(slice(0, n) for n in array.shape)] = array
+    return out
+
+
+def records_to_dataset(
+    records: Sequence[ExampleRecord],
+    info: ModelInfo,
+    extraction: Mapping[str, Any] | None = None,
+) -> xr.Dataset:
+    """Stack example records into one schema Dataset, padding tokens, heads and images."""
+    if not records:
+        raise VLIError("no examples to store")
+    for record in records:
+        record.check()
+    n_layers = len(info.layer_kind)
+    n_heads = max(info.num_heads)
+    n_tokens = max(len(r.tokens) for r in records)
+    n_hidden = len(info.hidden_layer_name)
+    n_features = max(r.hidden_states.shape[2] for r in records)
+    height = max(r.image.shape[0] for r in records)
+    width = max(r.image.shape[1] for r in records)
+    for r in records:
+        if r.attention.shape[:2] != (n_layers, n_heads):
+            raise VLIError(
+                f"example {r.example_id!r}: attention has {r.attention.shape[:2]} "
+                f"(layers, heads), the model info says {(n_layers, n_heads)}"
+            )
+        if r.hidden_states.shape[0] != n_hidden:
+            raise VLIError(
+                f"example {r.example_id!r}: {r.hidden_states.shape[0]} hidden layers, the model info names {n_hidden}"
+            )
+
+    def stack(get, shape, fill, dtype):
+        return np.stack([_padded(np.asarray(get(r), dtype=dtype), shape, fill) for r in records])
+
+    attention = stack(lambda r: r.attention, (n_layers, n_heads, n_tokens, n_tokens), np.nan, np.float32)
+    for layer, heads in enumerate(info.num_heads):
+        attention[:, layer, heads:] = np.nan
+    data_vars: dict[str, tuple[tuple[str, ...], np.ndarray]] = {
+        "attention": (VARIABLES["attention"][0], attention),
+        "hidden_states": (
+            VARIABLES["hidden_states"][0],
+            stack(lambda r: r.hidden_states, (n_hidden, n_tokens, n_features), np.nan, np.float32),
+        ),
+        "token_text": (
+            ("example", "token"),
+            stack(lambda r: np.array(r.tokens, dtype=object), (n_tokens,), "", object),
+        ),
+        "modality": (
+            ("example", "token"),
+            stack(lambda r: np.array(r.modality, dtype=object), (n_tokens,), PAD, object),
+        ),
+        "token_box": (("example", "token", "box"), stack(lambda r: r.token_box, (n_tokens, 4), np.nan, np.float32)),
+        "seq_len": (("example",), np.array([len(r.tokens) for r in records], dtype=np.int32)),
+        "image": (
+            ("example", "image_y", "image_x", "channel"),
+            stack(lambda r: r.image, (height, width, 3), 0, np.uint8),
+        ),
+        "image_height": (("example",), np.array([r.image.shape[0] for r in records], dtype=np.int32)),
+        "image_width": (("example",), np.array([r.image.shape[1] for r in records], dtype=np.int32)),
+        "text": (("example",), np.array([r.text for r in records], dtype=object)),
+    }
+    if any(r.label is not None for r in records):
+        data_vars["label"] = (("example",), np.array([r.label or "" for r in records], dtype=object))
+    if any(r.prediction is not None for r in records):
+        data_vars["prediction"] = (("example",), np.array([r.prediction or "" for r in records], dtype=object))
+    if any(r.score is not None for r in records):
+        scores = [np.nan if r.score is None else r.score for r in records]
+        data_vars["score"] = (("example",), np.array(scores, dtype=np.float32))
+    if "label" in data_vars and "prediction" in data_vars:
+        correct = [
+            CORRECT_UNKNOWN if r.label is None or r.prediction is None else int(r.label == r.prediction)
+            for r in records
+        ]
+        data_vars["correct"] = (("example",), np.array(correct, dtype=np.int8))
+    coords: dict[str, Any] = {}
+    readouts = sorted({name for r in records for name in (r.readout_tokens or {})})
+    if readouts:
+        values = [[(r.readout_tokens or {}).get(name, -1) for name in readouts] for r in records]
+        data_vars["readout_token"] = (("example", "readout"), np.array(values, dtype=np.int32))
+        coords["readout"] = readouts
+    if any(r.patch_position is not None for r in records):
+        data_vars["patch_position"] = (
+            ("example", "token", "grid_axis"),
+            stack(
+                lambda r: r.patch_position if r.patch_position is not None else np.full((len(r.tokens), 2), -1),
+                (n_tokens, 2),
+                -1,
+                np.int16,
+            ),
+        )
+        coords["grid_axis"] = ["row", "column"]
+    if any(r.target_mask is not None for r in records):
+        data_vars["target_mask"] = (
+            ("example", "image_y", "image_x"),
+            stack(
+                lambda r: r.target_mask if r.target_mask is not None else np.zeros(r.image.shape[:2]),
+                (height, width),
+                0,
+                np.uint8,
+            ),
+        )
+    methods = sorted({name for r in records for name in (r.relevancy or {})})
+    if methods:
+        data_vars["relevancy"] = (
+            ("example", "method", "token"),
+            np.stack(
+                [
+                    np.stack(
+                        [
+                            _padded(
+                                np.asarray((r.relevancy or {}).get(m, np.full(len(r.tokens), np.nan)), np.float32),
+                                (n_tokens,),
+                                np.nan,
+                            )
+                            for m in methods
+                        ]
+                    )
+                    for r in records
+                ]
+            ),
+        )
+        data_vars["relevancy_target"] = (
+            ("example", "method"),
+            np.array([[r.relevancy_target or "" for _ in methods] for r in records], dtype=object),
+        )
+        coords["method"] = methods
+    metrics = sorted({name for r in records for name in (r.custom_metrics or {})})
+    if metrics:
+        data_vars["custom_metric"] = (
+            ("example", "metric", "layer", "head"),
+            np.stack(
+                [
+                    np.stack(
+                        [
+                            _padded(
+                                np.asarray(
+                                    (r.custom_metrics or {}).get(m, np.full((n_layers, n_heads), np.nan)), np.float32
+                                ),
+                                (n_layers, n_heads),
+                                np.nan,
+                            )
+                            for m in metrics
+                        ]
+                    )
+                    for r in records
+                ]
+            ),
+        )
+        coords["metric"] = metrics
+    coords.update(
+        example=[r.example_id for r in records],
+        layer=np.arange(n_layers, dtype=np.int32),
+        layer_kind=("layer", np.array(info.layer_kind, dtype=object)),
+        layer_name=("layer", np.array(info.layer_name or [f"layer.{i}" for i in range(n_layers)], dtype=object)),
+        layer_heads=("layer", np.array(info.num_heads, dtype=np.int32)),
+        head=np.arange(n_heads, dtype=np.int32),
+        query=np.arange(n_tokens, dtype=np.int32),
+        key=np.arange(n_tokens, dtype=np.int32),
+        token=np.arange(n_tokens, dtype=np.int32),
+        hidden_layer=np.arange(n_hidden, dtype=np.int32),
+        hidden_layer_name=("hidden_layer", np.array(info.hidden_layer_name, dtype=object)),
+        box=list(BOX_NAMES),
+        image_y=np.arange(height, dtype=np.int32),
+        image_x=np.arange(width, dtype=np.int32),
+        channel=list(CHANNEL_NAMES),
+    )
+    attrs = {
+        "schema": SCHEMA_NAME,
+        "schema_version": SCHEMA_VERSION,
+        "model_name": info.name,
+        "model_config": json.dumps(dict(info.config), sort_keys=True, default=str),
+        "extraction": json.dumps(dict(extraction or {}), sort_keys=True, default=str),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    ds = xr.Dataset(data_vars, coords=coords, attrs=attrs)
+    return with_schema_attrs(ds)
+
+
+def with_schema_attrs(ds: xr.Dataset) -> xr.Dataset:
+    """Attach the schema's long names and units to every known variable and coordinate."""
+    for name, (_, _, attrs) in VARIABLES.items():
+        if name in ds.variables:
+            ds[name].attrs.update(attrs)
+    for name, attrs in COORDINATE_ATTRS.items():
+        if name in ds.variables:
+            ds[name].attrs.update(attrs)
+    return ds
+
+
+def _fail(source: str | None, message: str) -> None:
+    prefix = f"{source}: " if source else ""
+    raise VLIError(prefix + message)
+
+
+def validate(ds: xr.Dataset, *, source: str | None = None, check_values: bool = False) -> None:
+    """Raise ``VLIError`` naming ``source`` if ``ds`` does not follow the schema.
+
+    The structural checks read metadata only, so every reader runs them on open.
+    ``check_values`` also scans the data (chunk by chunk when Dask-backed): NaN outside
+    padding, attention rows that do not sum to 1 (or 0 for non-queries), bad modalities.
+    """
+    if ds.attrs.get("schema") != SCHEMA_NAME:
+        _fail(source, "not a vlinterpret-panel dataset (no 'schema' attribute naming it)")
+    version = str(ds.attrs.get("schema_version", ""))
+    if version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
+        _fail(source, f"schema version {version or 'missing'}, this reader supports {SCHEMA_VERSION}")
+    for attr in REQUIRED_ATTRS:
+        if attr not in ds.attrs:
+            _fail(source, f"missing attribute {attr!r}")
+    for name, (dims, required, _) in VARIABLES.items():
+        if name not in ds.variables:
+            if required:
+                _fail(source, f"missing variable {name!r}")
+            continue
+        if ds[name].dims != dims:
+            _fail(source, f"variable {name!r} has dims {ds[name].dims}, expected {dims}")
+    sizes = ds.sizes
+    if not sizes["query"] == sizes["key"] == sizes["token"]:
+        _fail(
+            source,
+            f"token/attention length mismatch: {sizes['token']} tokens but attention is "
+            f"{sizes['query']} queries x {sizes['key']} keys",
+        )
+    if sizes["box"] != 4 or sizes["channel"] != 3:
+        _fail(source, "token_box needs 4 box coordinates and image 3 channels")
+    for coord in ("layer_kind", "layer_heads", "hidden_layer_name"):
+        if coord not in ds.coords:
+            _fail(source, f"missing coordinate {coord!r}")
+    unknown = sorted(set(ds["layer_kind"].values.tolist()) - set(LAYER_KINDS))
+    if unknown:
+        _fail(source, f"unknown layer kind(s) {unknown}")
+    if int(ds["layer_heads"].max()) > sizes["head"]:
+        _fail(source, "layer_heads exceeds the head axis")
+    if check_values:
+        _check_values(ds, source)
+
+
+def _first_bad(flags: xr.DataArray) -> dict[str, Any] | None:
+    """Return the coordinates of the first True in ``flags`` (computed lazily), or None."""
+    flags = flags.compute()
+    if not bool(flags.any()):
+        return None
+    index = np.unravel_index(int(np.argmax(flags.values)), flags.shape)
+    return {
+        dim: flags[dim].values[i].item() if dim in flags.coords else int(i)
+        for dim, i in zip(flags.dims, index, strict=True)
+    }
+
+
+def _check_values(ds: xr.Dataset, source: str | None) -> None:
+    """Value checks of ``validate``; each reduces a chunk to flags before any compute."""
+    seq_len = ds["seq_len"].compute()
+    if bool(((seq_len < 1) | (seq_len > ds.sizes["token"])).any()):
+        _fail(source, f"seq_len must lie between 1 and {ds.sizes['token']}")
+    modality = ds["modality"].compute()
+    bad = sorted(set(np.unique(modality.values).tolist()) - set(MODALITIES))
+    if bad:
+        _fail(source, f"unknown modality value(s) {bad}; use one of {list(MODALITIES)}")
+    valid_token = ds["token"] < seq_len
+    where = _first_bad((modality == PAD) == valid_token)
+    if where:
+        _fail(source, f"padding is not explicit: modality 'pad' must mark exactly the tokens past seq_len, see {where}")
+    valid_query = ds["query"] < seq_len
+    valid_key = ds["key"] < seq_len
+    valid_head = ds["head"] < ds["layer_heads"]
+    attention = ds["attention"]
+    real = valid_query & valid_key & valid_head
+    where = _first_bad(attention.isnull() & real)
+    if where:
+        _fail(source, f"attention has NaN outside padding at {where}")
+    row_sum = attention.where(real).sum("key")
+    tolerance = 2e-2
+    bad_rows = (abs(row_sum - 1) > tolerance) & (abs(row_sum) > tolerance) & valid_query & valid_head
+    where = _first_bad(bad_rows)
+    if where:
+        total = float(row_sum.sel({k: v for k, v in where.items()}).compute())
+        _fail(
+            source,
+            f"attention rows must sum to 1 (or 0 for tokens that are not queries of a layer); "
+            f"the row at {where} sums to {total:.3f}",
+        )
+    hidden_nan = ds["hidden_states"].isnull()
+    # Narrower towers pad trailing features with NaN; anything else is a hole in the data.
+    not_suffix = (hidden_nan.astype("int8").diff("feature") < 0).any("feature")
+    where = _first_bad((not_suffix | hidden_nan.all("feature")) & valid_token)
+    if where:
+        _fail(source, f"hidden_states has NaN outside padding at {where}")

@@ -1,0 +1,226 @@
+"""The store: a directory of netCDF4 shards, written atomically, opened lazily as one Dataset.
+
+Each shard holds a few whole examples. A writer never touches an existing shard: it
+writes a hidden temporary file and renames it into place, so readers and crashes only
+ever see complete shards, and two writers appending at once never lose each other's
+examples. Opening reads metadata and index coordinates only; every data variable is a
+Dask array whose chunks are one (example, layer) slice, the unit a dashboard click reads.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import uuid
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import xarray as xr
+
+from vlinterpret_panel.errors import VLIError
+from vlinterpret_panel.schema import PAD, validate
+
+SHARD_SUFFIX = ".nc"
+SHARD_PREFIX = "shard-"
+TEMP_SUFFIX = ".partial"
+
+Precision = Literal["float16", "float32"]
+
+# Fill values for positions that exist in one shard and not another (padding).
+_FILL_VALUES = {
+    "attention": np.nan,
+    "hidden_states": np.nan,
+    "token_text": "",
+    "modality": PAD,
+    "token_box": np.nan,
+    "image": 0,
+    "target_mask": 0,
+    "patch_position": -1,
+    "relevancy": np.nan,
+    "relevancy_target": "",
+    "custom_metric": np.nan,
+    "readout_token": -1,
+}
+
+# Attention lies in [0, 1]: 16-bit CF packing keeps it to 7.6e-6, better than float16 near 1,
+# and netCDF has no half-precision type. 65535 is reserved for NaN padding.
+_ATTENTION_UINT16 = {"dtype": "uint16", "scale_factor": 1 / 65534, "_FillValue": 65535}
+# Hidden states are unbounded: keep float32 but round the mantissa to float16's 10 bits,
+# which then compresses to about half size.
+_HIDDEN_FLOAT16_LIKE = {"dtype": "float32", "quantize_mode": "BitRound", "significant_digits": 10}
+
+
+def _encoding(ds: xr.Dataset, precision: Precision) -> dict[str, dict]:
+    """netCDF encoding: compression, and chunks that make one (example, layer) one read."""
+    compress = {"zlib": True, "complevel": 1, "shuffle": True}
+    sizes = ds.sizes
+    encoding: dict[str, dict] = {}
+    for name, var in ds.data_vars.items():
+        # Strings as character arrays: xarray decodes those lazily, unlike variable-length ones.
+        enc = dict(compress) if var.dtype.kind in "fiub" else {"dtype": "S1"}
+        if var.dtype.kind == "f" and name not in ("attention", "hidden_states"):
+            enc["_FillValue"] = np.nan
+        encoding[name] = enc
+    encoding["attention"].update(
+        chunksizes=(1, 1, sizes["head"], sizes["query"], sizes["key"]),
+        **(_ATTENTION_UINT16 if precision == "float16" else {"dtype": "float32", "_FillValue": np.nan}),
+    )
+    encoding["hidden_states"].update(
+        chunksizes=(1, 1, sizes["token"], sizes["feature"]),
+        **(_HIDDEN_FLOAT16_LIKE if precision == "float16" else {"dtype": "float32"}),
+        _FillValue=np.nan,
+    )
+    encoding["image"]["chunksizes"] = (1, sizes["image_y"], sizes["image_x"], sizes["channel"])
+    return encoding
+
+
+def _shard_paths(store: Path) -> list[Path]:
+    """Completed shards in creation order (their names start with a timestamp)."""
+    return sorted(p for p in store.glob(f"*{SHARD_SUFFIX}") if not p.name.startswith("."))
+
+
+def write_shard(ds: xr.Dataset, store: str | os.PathLike, *, precision: Precision = "float16") -> Path:
+    """Validate ``ds`` and add it to ``store`` as a new shard, atomically; return its path.
+
+    The data are written to a hidden temporary file, flushed to disk, then renamed, so a
+    crash leaves at most a stray ``.partial`` file that readers ignore.
+    """
+    store = Path(store)
+    validate(ds, source="data to write", check_values=True)
+    if store.exists() and not store.is_dir():
+        raise VLIError(f"{store}: is a file, not a store directory")
+    store.mkdir(parents=True, exist_ok=True)
+    name = f"{SHARD_PREFIX}{time.time_ns():020d}-{uuid.uuid4().hex[:8]}{SHARD_SUFFIX}"
+    handle, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=TEMP_SUFFIX, dir=store)
+    os.close(handle)
+    try:
+        ds.to_netcdf(temporary, engine="netcdf4", format="NETCDF4", encoding=_encoding(ds, precision))
+        with open(temporary, "rb+") as written:
+            os.fsync(written.fileno())
+        final = store / name
+        os.replace(temporary, final)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    directory = os.open(store, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    return final
+
+
+def _open_shard(path: Path) -> xr.Dataset:
+    """Open one shard lazily (chunks as stored) and check its structure."""
+    try:
+        ds = xr.open_dataset(path, engine="netcdf4", chunks={}, decode_times=False, decode_timedelta=False)
+    except Exception as error:  # netCDF4/HDF5 raise many types for foreign or broken files
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise VLIError(f"{path}: not a readable netCDF file ({reason})") from None
+    try:
+        validate(ds, source=str(path))
+    except VLIError:
+        ds.close()
+        raise
+    if "attention" in ds and ds["attention"].dtype != np.float32:
+        ds["attention"] = ds["attention"].astype(np.float32)  # packed values decode as float64
+    # Per-layer labels are tiny and used everywhere: hold them in memory, not as Dask arrays.
+    small = [name for name, coord in ds.coords.items() if name not in ds.indexes]
+    return ds.assign_coords({name: ds[name].load() for name in small})
+
+
+def _check_same_model(shards: list[xr.Dataset], paths: list[Path]) -> None:
+    first = shards[0]
+    for ds, path in zip(shards[1:], paths[1:], strict=True):
+        if ds.attrs["model_name"] != first.attrs["model_name"]:
+            raise VLIError(
+                f"{path}: model {ds.attrs['model_name']!r} differs from the store's "
+                f"{first.attrs['model_name']!r}; keep one model per store"
+            )
+        if ds["layer_kind"].values.tolist() != first["layer_kind"].values.tolist():
+            raise VLIError(f"{path}: its layer layout differs from the rest of the store")
+
+
+def open_dataset(path: str | os.PathLike, *, on_bad_shard: Literal["raise", "skip"] = "raise") -> xr.Dataset:
+    """Open a store (a shard directory or a single shard file) as one lazy Dataset.
+
+    Reads metadata and index coordinates only; data variables are Dask arrays. Each
+    shard's structure is validated. ``on_bad_shard="skip"`` leaves out unreadable or
+    foreign shards with a warning (listed in ``attrs['skipped_shards']``) instead of
+    failing, so the good part of a damaged store stays usable.
+    """
+    store = Path(path)
+    if not store.exists():
+        raise VLIError(f"{store}: no such store (neither a directory of shards nor a .nc file)")
+    paths = [store] if store.is_file() else _shard_paths(store)
+    if not paths:
+        raise VLIError(f"{store}: the store has no shards (*.nc files)")
+    shards, opened, skipped = [], [], []
+    for shard_path in paths:
+        try:
+            shards.append(_open_shard(shard_path))
+            opened.append(shard_path)
+        except VLIError as error:
+            if on_bad_shard == "raise":
+                for ds in shards:
+                    ds.close()
+                raise
+            warnings.warn(f"skipping shard: {error}", stacklevel=2)
+            skipped.append(str(error))
+    if not shards:
+        raise VLIError(f"{store}: no readable shard; " + "; ".join(skipped))
+    _check_same_model(shards, opened)
+    if len(shards) == 1:
+        combined = shards[0]
+    else:
+        combined = xr.combine_nested(
+            shards,
+            concat_dim="example",
+            data_vars="all",
+            coords="minimal",
+            compat="override",
+            join="outer",
+            fill_value=_FILL_VALUES,
+            combine_attrs="override",
+        )
+    combined = _drop_duplicate_examples(combined)
+    combined.attrs["shards"] = len(shards)
+    if skipped:
+        combined.attrs["skipped_shards"] = skipped
+    return combined
+
+
+def _drop_duplicate_examples(ds: xr.Dataset) -> xr.Dataset:
+    """Keep the first copy of an example id written twice (e.g. by a re-run)."""
+    ids = ds["example"].values
+    _, first = np.unique(ids, return_index=True)
+    if len(first) == len(ids):
+        return ds
+    return ds.isel(example=np.sort(first))
+
+
+def example_ids(path: str | os.PathLike) -> set[str]:
+    """Ids of the examples already stored, reading only the ``example`` coordinate."""
+    store = Path(path)
+    if not store.exists():
+        return set()
+    ids: set[str] = set()
+    for shard_path in _shard_paths(store):
+        with xr.open_dataset(shard_path, engine="netcdf4", chunks={}) as ds:
+            ids.update(ds["example"].values.tolist())
+    return ids
+
+
+def shard_paths(path: str | os.PathLike) -> list[Path]:
+    """The completed shards of a store, oldest first."""
+    return _shard_paths(Path(path))
+
+
+def shard_signature(path: str | os.PathLike) -> str:
+    """A string that changes whenever a shard is added, removed or rewritten (for caches)."""
+    parts: Iterable[str] = (f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in _shard_paths(Path(path)))
+    return "|".join(parts)
