@@ -1,0 +1,200 @@
+"""The adapter protocol: run a model on one image-text pair, capture what the schema stores.
+
+A model-specific adapter implements one method, ``forward``, which runs the model with
+attention outputs on and returns a ``ForwardCapture``: the attention probabilities of each
+attention module (as tensors still in the autograd graph), hidden states, the token layout
+and the output scores. Everything generic lives here: placing each module's attention in
+the schema's full ``(query, key)`` frame, choosing the explained target, the gradients of
+that target with respect to every attention map, and building the ``ExampleRecord``.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from vlinterpret_panel.errors import VLIError
+from vlinterpret_panel.schema import ExampleRecord, ModelInfo
+
+
+@dataclass
+class AttentionCapture:
+    """One attention module's post-softmax probabilities for one example.
+
+    ``probabilities`` is ``[heads, queries, keys]``; ``query_tokens`` and ``key_tokens``
+    give the position of each of its rows and columns in the example's full token sequence.
+    """
+
+    name: str
+    kind: str
+    probabilities: torch.Tensor
+    query_tokens: Sequence[int]
+    key_tokens: Sequence[int]
+
+
+@dataclass
+class HiddenCapture:
+    """Hidden states ``[tokens, features]`` of the tokens ``token_indices`` after a stage.
+
+    Tokens a stage does not update keep their previous state, so a dual-stream model can
+    report its text and image streams as separate stages in execution order.
+    """
+
+    name: str
+    states: torch.Tensor
+    token_indices: Sequence[int]
+
+
+@dataclass
+class ForwardCapture:
+    """What one forward pass of a model exposes, in the model's own terms."""
+
+    tokens: Sequence[str]
+    modality: Sequence[str]
+    token_box: np.ndarray
+    attentions: Sequence[AttentionCapture]
+    hidden_states: Sequence[HiddenCapture]
+    output: torch.Tensor
+    output_labels: Sequence[str] | None = None
+    readout_tokens: Mapping[str, int] = field(default_factory=dict)
+    patch_position: np.ndarray | None = None
+
+
+@dataclass
+class ModelInput:
+    """One image-text pair to run, with what is known about it."""
+
+    example_id: str
+    image: np.ndarray
+    text: str
+    label: str | None = None
+    target_mask: np.ndarray | None = None
+
+
+class ModelAdapter(abc.ABC):
+    """Base class of every adapter; subclasses implement ``forward`` and set ``name``."""
+
+    name: str = "model"
+    config: Mapping[str, Any] = {}
+
+    @abc.abstractmethod
+    def forward(self, image: np.ndarray, text: str, *, keep_tokens: np.ndarray | None = None) -> ForwardCapture:
+        """Run the model on ``image`` (uint8 HxWx3) and ``text`` with attentions captured.
+
+        ``keep_tokens`` (bool per token of the unperturbed layout) deletes the False tokens
+        from the sequence, keeping the others' original positions, for perturbation tests;
+        adapters that cannot delete tokens raise ``NotImplementedError``.
+        """
+
+    def info(self, capture: ForwardCapture) -> ModelInfo:
+        """The layer layout common to all examples, read off one capture."""
+        return ModelInfo(
+            name=self.name,
+            layer_kind=[a.kind for a in capture.attentions],
+            num_heads=[int(a.probabilities.shape[0]) for a in capture.attentions],
+            hidden_layer_name=[h.name for h in capture.hidden_states],
+            layer_name=[a.name for a in capture.attentions],
+            config=self.config,
+        )
+
+    def run(
+        self, item: ModelInput, *, target: str | int | None = None, gradients: bool = False
+    ) -> tuple[ExampleRecord, ModelInfo]:
+        """Run one example; with ``gradients``, also d(target score)/d(each attention map).
+
+        ``target`` names the explained output (a label, or a class index); the default is
+        the prediction. Gradients need autograd, so this never runs under ``no_grad``.
+        """
+        with torch.set_grad_enabled(gradients):
+            capture = self.forward(item.image, item.text)
+            prediction, score, target_score, target_name = self._target(capture, target)
+            gradient = None
+            if gradients:
+                if not target_score.requires_grad:
+                    raise VLIError(
+                        f"{self.name}: the output does not depend on the attention maps through autograd; "
+                        "gradients need the model run with grad enabled and eager attention"
+                    )
+                maps = [a.probabilities for a in capture.attentions]
+                grads = torch.autograd.grad(target_score, maps, allow_unused=True)
+                grads = [torch.zeros_like(m) if g is None else g for m, g in zip(maps, grads, strict=True)]
+                gradient = self._frame(capture, grads)
+        n_tokens = len(capture.tokens)
+        hidden = self._hidden_frame(capture, n_tokens)
+        record = ExampleRecord(
+            example_id=item.example_id,
+            image=item.image,
+            text=item.text,
+            tokens=list(capture.tokens),
+            modality=list(capture.modality),
+            token_box=np.asarray(capture.token_box, dtype=np.float32),
+            attention=self._frame(capture, [a.probabilities for a in capture.attentions]),
+            hidden_states=hidden,
+            label=item.label,
+            prediction=prediction,
+            score=score,
+            readout_tokens=dict(capture.readout_tokens),
+            patch_position=capture.patch_position,
+            target_mask=item.target_mask,
+            relevancy_target=target_name,
+            attention_gradient=gradient,
+        )
+        record.check()
+        return record, self.info(capture)
+
+    def _target(self, capture: ForwardCapture, target: str | int | None) -> tuple[str | None, float, torch.Tensor, str]:
+        """Prediction, its score, and the scalar whose gradients explain ``target``."""
+        output = capture.output.reshape(-1)
+        if capture.output_labels is None:
+            if output.numel() != 1:
+                raise VLIError(f"{self.name}: an output without labels must be one score (a similarity)")
+            return None, float(output.detach()), output[0], "score"
+        labels = list(capture.output_labels)
+        predicted = int(output.detach().argmax())
+        probabilities = torch.softmax(output.detach().float(), dim=0)
+        if target is None:
+            index = predicted
+        elif isinstance(target, int):
+            index = target
+        elif target in labels:
+            index = labels.index(target)
+        else:
+            raise VLIError(f"{self.name}: unknown target {target!r}; the model's outputs are e.g. {labels[:8]}")
+        return labels[predicted], float(probabilities[predicted]), output[index], labels[index]
+
+    @staticmethod
+    def _frame(capture: ForwardCapture, maps: Sequence[torch.Tensor]) -> np.ndarray:
+        """Place each module's ``[heads, q, k]`` map into the ``(layer, head, T, T)`` frame."""
+        n_tokens = len(capture.tokens)
+        n_heads = max(int(m.shape[0]) for m in maps)
+        frame = np.zeros((len(maps), n_heads, n_tokens, n_tokens), dtype=np.float32)
+        for layer, (module, values) in enumerate(zip(capture.attentions, maps, strict=True)):
+            heads = int(values.shape[0])
+            rows = np.asarray(module.query_tokens)
+            cols = np.asarray(module.key_tokens)
+            if tuple(values.shape[1:]) != (len(rows), len(cols)):
+                raise VLIError(
+                    f"attention module {module.name!r} has shape {tuple(values.shape)}, "
+                    f"expected (heads, {len(rows)}, {len(cols)}) from its query/key tokens"
+                )
+            frame[layer, :heads, rows[:, None], cols[None, :]] = values.detach().float().cpu().numpy()
+            frame[layer, heads:] = np.nan
+        return frame
+
+    @staticmethod
+    def _hidden_frame(capture: ForwardCapture, n_tokens: int) -> np.ndarray:
+        """Stack hidden states over stages, carrying forward tokens a stage did not update."""
+        width = max(int(h.states.shape[-1]) for h in capture.hidden_states)
+        frame = np.full((len(capture.hidden_states), n_tokens, width), np.nan, dtype=np.float32)
+        for stage, hidden in enumerate(capture.hidden_states):
+            if stage:
+                frame[stage] = frame[stage - 1]
+            states = hidden.states.detach().float().cpu().numpy()
+            frame[stage, np.asarray(hidden.token_indices), : states.shape[-1]] = states
+            frame[stage, np.asarray(hidden.token_indices), states.shape[-1] :] = np.nan
+        return frame

@@ -1,0 +1,1 @@
+"""The dashboard: one Panel ``Viewer`` per view, composed in ``app.py``."""
