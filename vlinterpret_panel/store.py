@@ -189,6 +189,8 @@ def open_dataset(path: str | os.PathLike, *, on_bad_shard: Literal["raise", "ski
         )
     combined = _drop_duplicate_examples(combined)
     combined.attrs["shards"] = len(shards)
+    combined.attrs["store_path"] = str(store.resolve())
+    combined.attrs["store_signature"] = shard_signature(store) if store.is_dir() else _file_signature(store)
     if skipped:
         combined.attrs["skipped_shards"] = skipped
     return combined
@@ -220,7 +222,12 @@ def shard_paths(path: str | os.PathLike) -> list[Path]:
     return _shard_paths(Path(path))
 
 
+def _file_signature(path: Path) -> str:
+    stat = path.stat()
+    return f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
 def shard_signature(path: str | os.PathLike) -> str:
     """A string that changes whenever a shard is added, removed or rewritten (for caches)."""
-    parts: Iterable[str] = (f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in _shard_paths(Path(path)))
+    parts: Iterable[str] = (_file_signature(p) for p in _shard_paths(Path(path)))
     return "|".join(parts)
