@@ -60,6 +60,27 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_vlinterpret(args: argparse.Namespace) -> int:
+    import warnings
+
+    from vlinterpret_panel.importers.vlinterpret import dumps_report, import_vlinterpret
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = import_vlinterpret(
+            args.lmdb_dir,
+            args.store,
+            model_name=args.model_name,
+            precision=args.precision,
+            normalize_attention=args.normalize_attention,
+            examples_per_shard=args.examples_per_shard,
+        )
+    for warning in caught:
+        print(f"vlinterpret import-vlinterpret: warning: {warning.message}", file=sys.stderr)
+    print(dumps_report(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``vlinterpret`` and all its subcommands."""
     parser = argparse.ArgumentParser(prog="vlinterpret", description=__doc__.splitlines()[0])
@@ -89,6 +110,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=5006)
     serve.add_argument("--show", action="store_true", help="open a browser")
     serve.set_defaults(handler=_serve)
+
+    importer = commands.add_parser(
+        "import-vlinterpret", help="convert a VL-InterpreT database (LMDB) into a store, refusing unsafe pickles"
+    )
+    importer.add_argument("lmdb_dir", help="VL-InterpreT database directory (holding data.mdb); opened read-only")
+    importer.add_argument("store", help="store directory to write (created, or appended to if it exists)")
+    importer.add_argument("--model-name", help="model name for the store (default: from the database's name)")
+    importer.add_argument("--precision", choices=["float16", "float32"], default="float32")
+    importer.add_argument(
+        "--normalize-attention",
+        action="store_true",
+        help="divide attention rows that do not sum to 1 by their sums (kept in attention_row_sum)",
+    )
+    importer.add_argument("--examples-per-shard", type=int, default=16)
+    importer.set_defaults(handler=_import_vlinterpret)
     return parser
 
 
