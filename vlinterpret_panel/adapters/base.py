@@ -182,7 +182,8 @@ class ModelAdapter(abc.ABC):
                     f"attention module {module.name!r} has shape {tuple(values.shape)}, "
                     f"expected (heads, {len(rows)}, {len(cols)}) from its query/key tokens"
                 )
-            frame[layer, :heads, rows[:, None], cols[None, :]] = values.detach().float().cpu().numpy()
+            # Index the layer's heads first: an int and arrays split by a slice would move the head axis last.
+            frame[layer, :heads][:, rows[:, None], cols[None, :]] = values.detach().float().cpu().numpy()
             frame[layer, heads:] = np.nan
         return frame
 

@@ -1,0 +1,94 @@
+"""Tiny Hugging Face models with random weights and real processors from a small local vocabulary.
+
+Nothing is downloaded: every model is built from a config object, every tokenizer from files
+written into a test directory. ``save_tiny_*`` write a checkpoint directory, the form in which
+a user passes a model to ``load_adapter`` and ``vlinterpret extract``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import numpy as np
+import torch
+import transformers
+
+WORDS = (
+    "what color is the a shape square circle triangle red blue green yellow left right of how many "
+    "there are in image ? picture photo big small"
+).split()
+BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+ANSWERS = ["yes", "no", "red", "blue", "green"]
+
+
+def bert_tokenizer(directory: Path) -> transformers.PreTrainedTokenizerBase:
+    """A BERT WordPiece tokenizer over ``WORDS``, from a vocab file in ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = directory / "vocab.txt"
+    vocab.write_text("\n".join(BERT_SPECIALS + WORDS) + "\n")
+    return transformers.BertTokenizerFast(vocab=str(vocab))
+
+
+def clip_tokenizer(directory: Path) -> transformers.PreTrainedTokenizerBase:
+    """A CLIP byte-level BPE tokenizer with whole-word entries for ``WORDS`` (no merges needed)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    byte_vocab = transformers.models.clip.tokenization_clip.bytes_to_unicode()
+    symbols = list(byte_vocab.values()) + [s + "</w>" for s in byte_vocab.values()]
+    merges = []
+    for word in WORDS:
+        if len(word) > 1 and word.isalpha():
+            pieces = [*word[:-1], word[-1] + "</w>"]
+            while len(pieces) > 1:
+                merges.append(f"{pieces[0]} {pieces[1]}")
+                pieces = [pieces[0] + pieces[1], *pieces[2:]]
+                symbols.append(pieces[0])
+    symbols += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {s: i for i, s in enumerate(dict.fromkeys(symbols))}
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+    return transformers.CLIPTokenizer(vocab=str(directory / "vocab.json"), merges=str(directory / "merges.txt"))
+
+
+def tiny_vilt(directory: Path, *, seed: int = 0) -> tuple[transformers.PreTrainedModel, transformers.ProcessorMixin]:
+    """ViltForQuestionAnswering: 2 layers, 4 heads, 16-pixel patches, images resized to a 64-pixel short side."""
+    torch.manual_seed(seed)
+    tokenizer = bert_tokenizer(directory / "tokenizer")
+    image_processor = transformers.ViltImageProcessor(size={"shortest_edge": 64}, size_divisor=16, resample=0)
+    processor = transformers.ViltProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    config = transformers.ViltConfig(
+        vocab_size=len(BERT_SPECIALS) + len(WORDS),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=64,
+        patch_size=16,
+        max_position_embeddings=40,
+        num_labels=len(ANSWERS),
+        id2label=dict(enumerate(ANSWERS)),
+        label2id={a: i for i, a in enumerate(ANSWERS)},
+    )
+    return transformers.ViltForQuestionAnswering(config).eval(), processor
+
+
+def save_tiny_vilt(directory: Path, *, seed: int = 0) -> Path:
+    """Write a tiny ViLT checkpoint (model + processor) to ``directory``; return it."""
+    model, processor = tiny_vilt(directory / "build", seed=seed)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def scene(height: int, width: int, seed: int) -> np.ndarray:
+    """A small test image: a gradient with one coloured rectangle."""
+    rng = np.random.default_rng(seed)
+    image = np.zeros((height, width, 3), np.uint8)
+    image[...] = np.linspace(20, 120, width, dtype=np.uint8)[None, :, None]
+    top, left = rng.integers(0, height // 2), rng.integers(0, width // 2)
+    image[top : top + height // 3, left : left + width // 3] = rng.integers(120, 255, 3)
+    return image
