@@ -1,0 +1,123 @@
+"""Analysis results cached beside a store, so a dashboard or notebook computes them once.
+
+A result is a small netCDF file under ``<store>/.cache/`` (``<dir>/.<file>.cache/`` for a
+single-file store), named by what was computed (``kind`` and its parameters) and by the
+store's ``store_signature``. The signature changes whenever a shard is added, removed or
+rewritten, so a changed store never serves an old result; saving a result deletes every
+entry made for another signature. Datasets without ``store_path`` are simply not cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import xarray as xr
+
+CACHE_DIRECTORY = ".cache"
+_MEMORY_ENTRIES = 16
+_memory: OrderedDict[tuple[str, int], xr.Dataset] = OrderedDict()
+
+
+def cache_directory(ds: xr.Dataset) -> Path | None:
+    """Where results for the store ``ds`` was opened from are cached; None if it has no path."""
+    store_path = ds.attrs.get("store_path")
+    if not store_path or not ds.attrs.get("store_signature"):
+        return None
+    store = Path(store_path)
+    return store / CACHE_DIRECTORY if store.is_dir() else store.parent / f".{store.name}{CACHE_DIRECTORY}"
+
+
+def _digest(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cache_path(ds: xr.Dataset, kind: str, params: Mapping[str, Any]) -> Path | None:
+    """The file holding result ``kind`` computed with ``params`` on this version of the store."""
+    directory = cache_directory(ds)
+    if directory is None:
+        return None
+    return directory / f"{kind}-{_digest(dict(params))}-{_digest(ds.attrs['store_signature'])}.nc"
+
+
+def load(ds: xr.Dataset, kind: str, params: Mapping[str, Any]) -> xr.Dataset | None:
+    """The cached result, in memory, or None when it was never computed for this store version."""
+    path = cache_path(ds, kind, params)
+    if path is None or not path.exists():
+        return None
+    key = (str(path), path.stat().st_mtime_ns)
+    if key in _memory:
+        _memory.move_to_end(key)
+        return _memory[key]
+    try:
+        with xr.open_dataset(path, engine="netcdf4") as cached:
+            result = cached.load()
+    except (OSError, ValueError):  # a damaged cache file is recomputed, never trusted
+        return None
+    _memory[key] = result
+    while len(_memory) > _MEMORY_ENTRIES:
+        _memory.popitem(last=False)
+    return result
+
+
+def save(ds: xr.Dataset, kind: str, params: Mapping[str, Any], result: xr.Dataset) -> Path | None:
+    """Write ``result`` atomically beside the store and drop entries of older store versions.
+
+    A store on read-only media still works: the failure to write is a warning, not an error.
+    """
+    path = cache_path(ds, kind, params)
+    if path is None:
+        return None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+        os.close(handle)
+        try:
+            result.to_netcdf(temporary, engine="netcdf4")
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+    except OSError as error:
+        warnings.warn(f"could not cache {kind} beside the store ({error}); it will be recomputed", stacklevel=2)
+        return None
+    current = path.name.rsplit("-", 1)[1]
+    for entry in path.parent.glob("*.nc"):
+        if entry.name.rsplit("-", 1)[-1] != current:
+            entry.unlink(missing_ok=True)
+    return path
+
+
+def cached(
+    ds: xr.Dataset, kind: str, params: Mapping[str, Any], compute: Callable[[], xr.Dataset], *, use_cache: bool = True
+) -> xr.Dataset:
+    """Return the cached result ``kind`` for ``params``, computing and saving it on a miss."""
+    if use_cache:
+        hit = load(ds, kind, params)
+        if hit is not None:
+            return hit
+    result = compute()
+    if use_cache:
+        save(ds, kind, params, result)
+    return result
+
+
+def clear(ds: xr.Dataset) -> int:
+    """Delete every cached result of the store; return how many files were removed."""
+    directory = cache_directory(ds)
+    if directory is None or not directory.exists():
+        return 0
+    removed = 0
+    for entry in directory.glob("*.nc"):
+        entry.unlink(missing_ok=True)
+        removed += 1
+    _memory.clear()
+    return removed

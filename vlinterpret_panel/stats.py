@@ -1,0 +1,392 @@
+"""Head statistics for every (example, layer, head), and their summaries across a dataset.
+
+Every statistic is computed from one ``(example, layer)`` attention chunk at a time, with
+Dask, so a store larger than memory is summarised in bounded memory. Token roles come
+from the ``modality`` labels (never a text length), padded tokens and padded heads drop out.
+
+Block statistics read query → key, like every name in this package: ``text_to_image`` is
+how much *text queries* attend to *image keys*. VL-InterpreT names that same block
+"image-to-text". For a query ``q`` of a layer (a real token whose attention row is not all
+zero in that layer), its *mass* on a set of keys is ``sum_k A[q, k]`` over those keys; a
+block statistic ``X_to_Y`` is the mean, over the layer's queries of modality X, of their
+mass on keys of modality Y. Special tokens (``modality == "special"``) are neither queries
+nor keys of any block, as in VL-InterpreT. A head with no query of modality X gets NaN.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import xarray as xr
+from scipy.special import entr
+from tqdm.auto import tqdm
+
+from vlinterpret_panel import cache
+from vlinterpret_panel.errors import VLIError
+from vlinterpret_panel.schema import IMAGE, SPECIAL, TEXT
+
+STATISTICS: dict[str, str] = {
+    "text_to_image": "mean attention mass text queries put on image keys",
+    "image_to_text": "mean attention mass image queries put on text keys",
+    "text_to_text": "mean attention mass text queries put on text keys",
+    "image_to_image": "mean attention mass image queries put on image keys",
+    "image_to_image_no_self": "image_to_image without keys at token distance <= 1 from the query (itself, neighbours)",
+    "cross_modal": "mean of text_to_image and image_to_text (whichever exist)",
+    "intra_modal": "mean of text_to_text and image_to_image (whichever exist)",
+    "to_special": "mean attention mass any query puts on special-token keys",
+    "entropy": "mean entropy of the attention rows of all queries (nats)",
+    "spatial_distance": "attention-weighted mean distance from an image query to image keys (patch units)",
+}
+UNITS = {name: "1" for name in STATISTICS} | {"entropy": "nat", "spatial_distance": "patch"}
+CUSTOM_PREFIX = "custom:"
+CACHE_KIND = "head-statistics"
+_CACHE_VERSION = 1
+
+Normalization = Literal["raw", "zscore"]
+Aggregate = Literal["mean", "std"]
+
+_TEXT_CODE, _IMAGE_CODE, _SPECIAL_CODE, _PAD_CODE = 0, 1, 2, 3
+_ZSCORE_CLIP = 3.0
+
+
+def available_statistics(ds: xr.Dataset) -> list[str]:
+    """Names of every statistic of ``ds``: the built-in ones, then ``custom:<metric>`` ones."""
+    names = list(STATISTICS)
+    if "custom_metric" in ds:
+        names += [f"{CUSTOM_PREFIX}{metric}" for metric in ds["metric"].values.tolist()]
+    return names
+
+
+def _check_statistics(ds: xr.Dataset, statistics: Sequence[str] | None) -> list[str]:
+    names = available_statistics(ds)
+    if statistics is None:
+        return names
+    if isinstance(statistics, str):
+        statistics = [statistics]
+    unknown = [name for name in statistics if name not in names]
+    if unknown:
+        raise VLIError(f"statistics: unknown {unknown}; choose from {names}")
+    return list(statistics)
+
+
+def modality_codes(modality: np.ndarray) -> np.ndarray:
+    """Small integer codes for modality labels (text 0, image 1, special 2, pad 3)."""
+    modality = np.asarray(modality)
+    return np.select(
+        [modality == TEXT, modality == IMAGE, modality == SPECIAL], [_TEXT_CODE, _IMAGE_CODE, _SPECIAL_CODE], _PAD_CODE
+    ).astype(np.int8)
+
+
+def patch_coordinates(ds: xr.Dataset) -> xr.DataArray:
+    """(row, column) of every image token in patch units, NaN for other tokens; dims (example, token, grid_axis).
+
+    Uses ``patch_position`` when stored. Otherwise each image token's box centre is divided
+    by the median box size of its example, which gives the same patch units on a regular
+    grid and a comparable scale for region features.
+    """
+    modality = ds["modality"].values
+    is_image = modality == IMAGE
+    if "patch_position" in ds:
+        position = ds["patch_position"].values.astype(np.float32)
+        position[position < 0] = np.nan
+    else:
+        box = ds["token_box"].values.astype(np.float32)
+        centre = np.stack([(box[..., 1] + box[..., 3]) / 2, (box[..., 0] + box[..., 2]) / 2], axis=-1)
+        size = np.stack([box[..., 3] - box[..., 1], box[..., 2] - box[..., 0]], axis=-1)
+        size = np.where(is_image[..., None], size, np.nan)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # examples without image tokens
+            typical = np.nanmedian(size, axis=1, keepdims=True)
+        position = centre / np.where(typical > 0, typical, np.nan)
+    position[~is_image] = np.nan
+    return xr.DataArray(
+        position, dims=("example", "token", "grid_axis"), coords={"example": ds["example"].values}
+    ).assign_coords(grid_axis=["row", "column"])
+
+
+def _masked_mean(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Mean of ``values`` over the last axis where ``mask`` holds; NaN where it never holds."""
+    count = mask.sum(axis=-1)
+    total = np.where(mask, values, 0).sum(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def _mean_of_available(*values: np.ndarray) -> np.ndarray:
+    """Element-wise mean of the arrays, ignoring NaN; NaN where all are NaN."""
+    stacked = np.stack(values)
+    count = np.isfinite(stacked).sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, np.nansum(stacked, axis=0) / np.maximum(count, 1), np.nan)
+
+
+def _statistics_kernel(attention: np.ndarray, codes: np.ndarray, position: np.ndarray) -> np.ndarray:
+    """All built-in statistics of attention blocks ``(..., head, query, key)``; returns ``(..., head, statistic)``.
+
+    ``codes`` is ``(..., token)`` and ``position`` ``(..., token, 2)`` with size-1 axes
+    broadcasting against the leading axes of ``attention``.
+    """
+    weights = np.nan_to_num(attention.astype(np.float32, copy=False), nan=0.0)
+    codes = np.broadcast_to(codes, weights.shape[:-3] + codes.shape[-1:])
+    position = np.broadcast_to(position, weights.shape[:-3] + position.shape[-2:])
+    is_text, is_image, is_special = (codes == _TEXT_CODE), (codes == _IMAGE_CODE), (codes == _SPECIAL_CODE)
+    key_sets = np.stack([is_text, is_image, is_special], axis=-1).astype(np.float32)  # (..., key, 3)
+    mass = weights @ key_sets[..., None, :, :]  # (..., head, query, 3)
+    text_mass, image_mass, special_mass = mass[..., 0], mass[..., 1], mass[..., 2]
+
+    is_query = weights.sum(axis=-1) > 0.5  # real rows of this layer; padding and padded heads are 0
+    text_query = is_query & is_text[..., None, :]
+    image_query = is_query & is_image[..., None, :]
+
+    # Mass an image query puts on image keys at token distance <= 1: itself and its sequence neighbours.
+    self_mass = np.diagonal(weights, 0, -2, -1) * is_image[..., None, :]
+    near_mass = self_mass.copy()
+    near_mass[..., :-1] += np.diagonal(weights, 1, -2, -1) * is_image[..., None, 1:]
+    near_mass[..., 1:] += np.diagonal(weights, -1, -2, -1) * is_image[..., None, :-1]
+
+    row_entropy = entr(weights).sum(axis=-1)
+
+    has_position = np.isfinite(position).all(axis=-1) & is_image
+    filled = np.where(has_position[..., None], position, 0.0).astype(np.float32)
+    distance = np.sqrt(((filled[..., :, None, :] - filled[..., None, :, :]) ** 2).sum(axis=-1))
+    distance *= has_position[..., :, None] & has_position[..., None, :]
+    patch_keys = has_position[..., None, None, :]
+    patch_mass = (weights * patch_keys).sum(axis=-1)
+    weighted_distance = (weights * distance[..., None, :, :]).sum(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        row_distance = weighted_distance / patch_mass
+    spatial_query = is_query & has_position[..., None, :] & (patch_mass > 0)
+
+    text_to_image = _masked_mean(image_mass, text_query)
+    image_to_text = _masked_mean(text_mass, image_query)
+    text_to_text = _masked_mean(text_mass, text_query)
+    image_to_image = _masked_mean(image_mass, image_query)
+    values = {
+        "text_to_image": text_to_image,
+        "image_to_text": image_to_text,
+        "text_to_text": text_to_text,
+        "image_to_image": image_to_image,
+        "image_to_image_no_self": _masked_mean(image_mass - near_mass, image_query),
+        "cross_modal": _mean_of_available(text_to_image, image_to_text),
+        "intra_modal": _mean_of_available(text_to_text, image_to_image),
+        "to_special": _masked_mean(special_mass, is_query),
+        "entropy": _masked_mean(row_entropy, is_query),
+        "spatial_distance": _masked_mean(row_distance, spatial_query),
+    }
+    return np.stack([values[name] for name in STATISTICS], axis=-1).astype(np.float32)
+
+
+def head_statistics(ds: xr.Dataset, *, statistics: Sequence[str] | None = None) -> xr.Dataset:
+    """Lazy per-(example, layer, head) statistics: one Dask-backed variable per statistic.
+
+    Built-in statistics are defined in ``STATISTICS`` and the module docstring; custom ones
+    (``custom:<metric>``) are the store's ``custom_metric``. Computing the result reads each
+    ``(example, layer)`` attention chunk once for all built-in statistics together.
+    """
+    names = _check_statistics(ds, statistics)
+    builtin = [name for name in names if name in STATISTICS]
+    result = xr.Dataset(coords={name: ds.coords[name] for name in ("example", "layer", "head")})
+    result = result.assign_coords({name: ds.coords[name] for name in ("layer_kind", "layer_name", "layer_heads")})
+    if builtin:
+        attention = ds["attention"]
+        if attention.chunks is not None:
+            attention = attention.chunk({"query": -1, "key": -1})
+            example_chunks = {"example": attention.data.chunks[0]}
+        else:
+            example_chunks = None
+        codes = xr.DataArray(modality_codes(ds["modality"].values), dims=("example", "token"))
+        position = patch_coordinates(ds).drop_vars(["example", "grid_axis"])
+        if example_chunks is not None:
+            codes, position = codes.chunk(example_chunks), position.chunk(example_chunks)
+        table = xr.apply_ufunc(
+            _statistics_kernel,
+            attention.drop_vars(["query", "key"]),
+            codes.rename(token="key"),
+            position.rename(token="key"),
+            input_core_dims=[["head", "query", "key"], ["key"], ["key", "grid_axis"]],
+            output_core_dims=[["head", "statistic"]],
+            dask="parallelized",
+            output_dtypes=[np.float32],
+            dask_gufunc_kwargs={"output_sizes": {"statistic": len(STATISTICS)}},
+        )
+        table = table.assign_coords(statistic=list(STATISTICS))
+        for name in builtin:
+            result[name] = table.sel(statistic=name, drop=True).transpose("example", "layer", "head")
+            result[name].attrs = {"long_name": STATISTICS[name], "units": UNITS[name]}
+    for name in names:
+        if name.startswith(CUSTOM_PREFIX):
+            metric = name.removeprefix(CUSTOM_PREFIX)
+            result[name] = ds["custom_metric"].sel(metric=metric, drop=True).transpose("example", "layer", "head")
+            result[name].attrs = {"long_name": f"custom metric {metric!r}"}
+    return result
+
+
+def _table_to_netcdf_ready(table: xr.Dataset) -> xr.Dataset:
+    """Stack statistics into one float32 variable (netCDF dislikes ':' in names, caches stay uniform)."""
+    stacked = table[list(STATISTICS)].to_dataarray("statistic").astype(np.float32)
+    return stacked.to_dataset(name="head_statistics")
+
+
+def compute_head_statistics(
+    ds: xr.Dataset, *, batch_size: int = 32, progress: bool = False, use_cache: bool = True
+) -> xr.Dataset:
+    """All built-in statistics for every example, in memory, cached beside the store.
+
+    Computes ``batch_size`` examples at a time so memory stays bounded however large the
+    store. The cache holds every example of the store, so summaries of any subset
+    (``where``) are read from it without touching attention again.
+    """
+    if batch_size < 1:
+        raise VLIError(f"batch_size must be at least 1, got {batch_size}")
+
+    def compute_all() -> xr.Dataset:
+        lazy = head_statistics(ds, statistics=list(STATISTICS))
+        n_examples = ds.sizes["example"]
+        batches = []
+        with tqdm(total=n_examples, unit="example", desc="head statistics", disable=not progress) as bar:
+            for start in range(0, n_examples, batch_size):
+                stop = min(n_examples, start + batch_size)
+                batches.append(lazy.isel(example=slice(start, stop)).compute())
+                bar.update(stop - start)
+        return _table_to_netcdf_ready(xr.concat(batches, dim="example"))
+
+    params = {"version": _CACHE_VERSION, "examples": _digest_examples(ds)}
+    stored = cache.cached(ds, CACHE_KIND, params, compute_all, use_cache=use_cache)
+    return stored["head_statistics"].to_dataset("statistic")
+
+
+def cached_head_statistics(ds: xr.Dataset) -> xr.Dataset | None:
+    """The cached statistics table of ``ds`` if one exists, without computing anything."""
+    params = {"version": _CACHE_VERSION, "examples": _digest_examples(ds)}
+    stored = cache.load(ds, CACHE_KIND, params)
+    return None if stored is None else stored["head_statistics"].to_dataset("statistic")
+
+
+def _digest_examples(ds: xr.Dataset) -> str:
+    """A short fingerprint of the example ids, so a subset of a store gets its own cache entry."""
+    ids = "\n".join(map(str, ds["example"].values.tolist()))
+    return hashlib.sha256(ids.encode()).hexdigest()[:16]
+
+
+def _example_position(ds: xr.Dataset, example: int | str) -> int:
+    ids = ds["example"].values
+    if isinstance(example, str):
+        matches = np.flatnonzero(ids == example)
+        if not len(matches):
+            raise VLIError(f"example: no example with id {example!r}")
+        return int(matches[0])
+    if isinstance(example, (int, np.integer)) and not isinstance(example, bool):
+        if not -len(ids) <= example < len(ids):
+            raise VLIError(f"example: index {example} is out of range for {len(ids)} examples")
+        return int(example) % len(ids)
+    raise VLIError(f"example: expected an index or an id string, got {type(example).__name__}")
+
+
+def zscore_per_head(summary: xr.DataArray, clip: float = _ZSCORE_CLIP) -> xr.DataArray:
+    """Z-score each head across layers and clip to ``±clip``, as VL-InterpreT's head summary does."""
+    mean = summary.mean("layer", skipna=True)
+    spread = summary.std("layer", skipna=True)
+    scored = xr.where(spread > 0, (summary - mean) / spread.where(spread > 0), 0.0)
+    return scored.where(summary.notnull()).clip(-clip, clip).transpose(*summary.dims)
+
+
+def _subset_positions(ds: xr.Dataset, where: xr.DataArray) -> np.ndarray:
+    if not isinstance(where, xr.DataArray) or where.dims != ("example",):
+        raise VLIError("where: expected a boolean DataArray over 'example' (e.g. ds.correct == 1)")
+    mask = where.compute()
+    if mask.dtype != bool:
+        raise VLIError(f"where: expected booleans, got {mask.dtype}")
+    if "example" in mask.coords:
+        mask = mask.reindex(example=ds["example"].values, fill_value=False)
+    elif mask.sizes["example"] != ds.sizes["example"]:
+        raise VLIError(f"where: {mask.sizes['example']} values for {ds.sizes['example']} examples")
+    positions = np.flatnonzero(mask.values)
+    if not len(positions):
+        raise VLIError("where: selects no example")
+    return positions
+
+
+def head_summary(
+    ds: xr.Dataset,
+    statistic: str,
+    *,
+    example: int | str | None = None,
+    where: xr.DataArray | None = None,
+    normalize: Normalization = "raw",
+    aggregate: Aggregate = "mean",
+) -> xr.DataArray:
+    """A ``(layer, head)`` array of one statistic, in memory, for the head-summary heatmap.
+
+    ``example`` (index or id) gives that example's values; otherwise ``aggregate`` (``mean``
+    or ``std``, the spread) runs over all examples or those where ``where`` is True. NaN
+    values (e.g. padded heads) are skipped. ``normalize="zscore"`` z-scores each head across
+    layers and clips to ±3 like VL-InterpreT, and keeps the raw values as coordinate ``raw``
+    for hover text. Statistics of a whole store come from the cache (``compute_head_statistics``).
+    """
+    _check_statistics(ds, [statistic])
+    if normalize not in ("raw", "zscore"):
+        raise VLIError(f"normalize: expected 'raw' or 'zscore', got {normalize!r}")
+    if aggregate not in ("mean", "std"):
+        raise VLIError(f"aggregate: expected 'mean' or 'std', got {aggregate!r}")
+    if example is not None and where is not None:
+        raise VLIError("example and where: give one example or a subset, not both")
+
+    if example is not None:
+        position = _example_position(ds, example)
+        one = ds.isel(example=[position])
+        table = cached_head_statistics(ds) if statistic in STATISTICS else None
+        if table is not None:
+            values = table[statistic].isel(example=position)
+        else:
+            values = head_statistics(one, statistics=[statistic])[statistic].isel(example=0).compute()
+        summary, n_examples = values, 1
+    else:
+        positions = np.arange(ds.sizes["example"]) if where is None else _subset_positions(ds, where)
+        if statistic in STATISTICS:
+            values = compute_head_statistics(ds)[statistic].isel(example=positions)
+        else:
+            values = head_statistics(ds, statistics=[statistic])[statistic].isel(example=positions).compute()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN padded heads
+            summary = values.mean("example") if aggregate == "mean" else values.std("example")
+        n_examples = len(positions)
+
+    summary = summary.drop_vars([name for name in ("example",) if name in summary.coords])
+    raw = summary
+    if normalize == "zscore":
+        summary = zscore_per_head(summary)
+    summary = summary.transpose("layer", "head").astype(np.float32)
+    summary.name = statistic
+    summary.attrs = {
+        "statistic": statistic,
+        "long_name": STATISTICS.get(statistic, f"custom metric {statistic.removeprefix(CUSTOM_PREFIX)!r}"),
+        "units": "z-score" if normalize == "zscore" else UNITS.get(statistic, "1"),
+        "normalize": normalize,
+        "aggregate": "example" if example is not None else aggregate,
+        "n_examples": n_examples,
+    }
+    if example is not None:
+        summary.attrs["example"] = str(ds["example"].values[_example_position(ds, example)])
+    if normalize == "zscore":
+        summary = summary.assign_coords(raw=raw.transpose("layer", "head").astype(np.float32))
+    return summary
+
+
+def layer_means(summary: xr.DataArray) -> xr.DataArray:
+    """The per-layer mean over real heads of a head summary (the heatmap's "Mean" column)."""
+    return summary.where(summary["head"] < summary["layer_heads"]).mean("head", skipna=True)
+
+
+__all__ = [
+    "STATISTICS",
+    "available_statistics",
+    "compute_head_statistics",
+    "head_statistics",
+    "head_summary",
+    "layer_means",
+    "zscore_per_head",
+]
