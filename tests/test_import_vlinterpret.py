@@ -236,6 +236,15 @@ def test_import_into_an_existing_store_then_twice_is_refused(tmp_path: Path) -> 
     assert vli.open_dataset(tmp_path / "store").sizes["example"] == 2
 
 
+def test_accuracy_means_the_same_variable_in_every_shard(tmp_path: Path) -> None:
+    examples = [synthetic_example(0, accuracy=True), synthetic_example(1, accuracy=0.25)]
+    values = {str(i): encode(pickle.dumps(example)) for i, example in enumerate(examples)}
+    import_vlinterpret(write_database(tmp_path / "db", values), tmp_path / "store", examples_per_shard=1)
+    ds = vli.open_dataset(tmp_path / "store")
+    assert "correct" not in ds
+    assert ds["score"].values.tolist() == [1.0, 0.25]
+
+
 class Touch:
     """A hostile payload: unpickling it creates ``marker`` through the global ``how`` names."""
 
@@ -315,6 +324,8 @@ def test_non_array_objects_are_refused(tmp_path: Path, payload: Any, refused: st
         (encode(pickle.dumps(synthetic_example(0, txt_len=99))), "txt_len 99"),
         (encode(pickle.dumps(synthetic_example(0, img_coords=[(0, 0)]))), "img_coords must give one (x, y) pair"),
         (encode(pickle.dumps(synthetic_example(0, image=np.full((4, 4, 3), 300)))), "outside 0-255"),
+        (encode(pickle.dumps(synthetic_example(0, attention=np.full((2, 2, 9, 9), np.nan)))), "NaN or infinite"),
+        (encode(pickle.dumps(synthetic_example(0, tokens=7))), "tokens must be a list"),
     ],
 )
 def test_damaged_records_give_one_clear_error(tmp_path: Path, value: bytes, message: str) -> None:

@@ -96,7 +96,8 @@ def _check_admitted(value: Any) -> None:
             if id(item) in seen:
                 continue
             seen.add(id(item))
-            pending.extend(item.items() if isinstance(item, dict) else item)
+            # Keys and values, not items(): ids in ``seen`` must belong to objects that stay alive.
+            pending.extend([*item.keys(), *item.values()] if isinstance(item, dict) else item)
             continue
         if type(item) not in _PLAIN_TYPES:
             raise TypeError(f"object of type {type(item).__module__}.{type(item).__qualname__}")

@@ -59,7 +59,8 @@ from vlinterpret_panel.schema import (
     records_to_dataset,
     with_schema_attrs,
 )
-from vlinterpret_panel.store import Precision, example_ids, write_shard
+from vlinterpret_panel.store import Precision, write_shard
+from vlinterpret_panel.store import example_ids as stored_example_ids
 
 IMPORTER_VERSION = "1"
 
@@ -178,6 +179,8 @@ def _array(example: Mapping[str, Any], name: str, ndim: int, source: str) -> np.
         raise VLIError(f"{source}: {name} is ragged ({error})") from None
     if array.ndim != ndim or array.dtype.kind not in "biuf":
         raise VLIError(f"{source}: {name} must be a numeric array of {ndim} dims, got {array.dtype} {array.shape}")
+    if not np.isfinite(array).all():
+        raise VLIError(f"{source}: {name} holds NaN or infinite values")
     return array
 
 
@@ -243,6 +246,8 @@ class _Converted:
 
 def _convert(example_id: str, example: Mapping[str, Any], source: str) -> _Converted:
     """One VL-InterpreT example dict as an ``ExampleRecord`` (see the module docstring)."""
+    if not isinstance(example["tokens"], list | tuple | np.ndarray):
+        raise VLIError(f"{source}: tokens must be a list of strings, got {type(example['tokens']).__name__}")
     tokens = [str(token) for token in example["tokens"]]
     n_tokens = len(tokens)
     txt_len = example["txt_len"]
@@ -315,7 +320,7 @@ def _convert(example_id: str, example: Mapping[str, Any], source: str) -> _Conve
         custom_metrics=metrics or None,
     )
     accuracy = example.get("accuracy")
-    if accuracy is not None and not isinstance(accuracy, bool | np.bool_ | int | float | np.number):
+    if accuracy is not None and not isinstance(accuracy, bool | np.bool_ | int | float | np.integer | np.floating):
         raise VLIError(f"{source}: accuracy must be True/False or a number, got {type(accuracy).__name__}")
     record.check()
     return _Converted(record, accuracy, realigned, order_unverified)
@@ -331,9 +336,14 @@ def _is_normalized(attention: np.ndarray) -> bool:
 
 
 def _to_dataset(
-    converted: list[_Converted], info: ModelInfo, extraction: Mapping[str, Any], normalize_attention: bool
+    converted: list[_Converted],
+    info: ModelInfo,
+    extraction: Mapping[str, Any],
+    *,
+    normalize_attention: bool,
+    accuracy_variable: str | None,
 ) -> xr.Dataset:
-    """Stack converted examples into a schema Dataset, with ``correct``/``score`` and row sums."""
+    """Stack converted examples into a schema Dataset, with ``correct`` or ``score`` and row sums."""
     row_sums = []
     if normalize_attention:
         for item in converted:
@@ -352,19 +362,21 @@ def _to_dataset(
             units="1",
         )
     accuracies = [item.accuracy for item in converted]
-    if _accuracy_is_binary(accuracies):
+    if accuracy_variable == "correct":
         correct = [CORRECT_UNKNOWN if value is None else int(value) for value in accuracies]
         ds["correct"] = (("example",), np.array(correct, dtype=np.int8))
-    elif any(value is not None for value in accuracies):
+    elif accuracy_variable == "score":
         scores = [np.nan if value is None else float(value) for value in accuracies]
         ds["score"] = (("example",), np.array(scores, dtype=np.float32))
     return with_schema_attrs(ds)
 
 
-def _accuracy_is_binary(accuracies: list[Any]) -> bool:
-    """True if VL-InterpreT's ``accuracy`` is the documented True/False (or 0/1) flag, so it means ``correct``."""
+def _accuracy_variable(accuracies: list[Any]) -> str | None:
+    """Where ``accuracy`` goes: ``correct`` for the documented True/False (or 0/1) flag, else ``score``."""
     present = [value for value in accuracies if value is not None]
-    return bool(present) and all(isinstance(value, bool | np.bool_) or value in (0, 1) for value in present)
+    if not present:
+        return None
+    return "correct" if all(isinstance(value, bool | np.bool_) or value in (0, 1) for value in present) else "score"
 
 
 def _convert_key(txn: lmdb.Transaction, key: bytes, path: Path) -> _Converted:
@@ -399,13 +411,14 @@ def import_vlinterpret(
     with _read_transaction(source) as txn:
         keys = _example_keys(txn, source)
         header = _header(txn, source)
-        clash = sorted(example_ids(target) & {key.decode() for key in keys}, key=int)
+        clash = sorted(stored_example_ids(target) & {key.decode() for key in keys}, key=int)
         if clash:
             raise VLIError(f"{target}: already holds example(s) {clash[:5]} of {source}; import into a new store")
-        shapes, not_normalized, realigned, unverified = set(), [], [], []
+        shapes, not_normalized, realigned, unverified, accuracies = set(), [], [], [], []
         for key in keys:
             checked = _convert_key(txn, key, source)
             example_id = checked.record.example_id
+            accuracies.append(checked.accuracy)
             shapes.add(checked.record.attention.shape[:2])
             if not _is_normalized(checked.record.attention):
                 not_normalized.append(example_id)
@@ -460,7 +473,8 @@ def import_vlinterpret(
                 [_convert_key(txn, key, source) for key in keys[start : start + examples_per_shard]],
                 info,
                 extraction,
-                normalize_attention,
+                normalize_attention=normalize_attention,
+                accuracy_variable=_accuracy_variable(accuracies),
             )
             for start in range(0, len(keys), examples_per_shard)
         )
