@@ -326,6 +326,7 @@ def test_non_array_objects_are_refused(tmp_path: Path, payload: Any, refused: st
         (encode(pickle.dumps(synthetic_example(0, image=np.full((4, 4, 3), 300)))), "outside 0-255"),
         (encode(pickle.dumps(synthetic_example(0, attention=np.full((2, 2, 9, 9), np.nan)))), "NaN or infinite"),
         (encode(pickle.dumps(synthetic_example(0, tokens=7))), "tokens must be a list"),
+        (encode(pickle.dumps(synthetic_example(0, img_grid_size=[2]))), "img_grid_size must be two integers"),
     ],
 )
 def test_damaged_records_give_one_clear_error(tmp_path: Path, value: bytes, message: str) -> None:

@@ -206,7 +206,10 @@ def _grid(example: Mapping[str, Any], coords: np.ndarray, source: str) -> tuple[
     stored = example.get("img_grid_size")
     if stored is None:
         return derived
-    columns, rows = (int(v) for v in np.asarray(stored).ravel()[:2])
+    stored = np.asarray(stored)
+    if stored.shape != (2,) or stored.dtype.kind not in "iu":
+        raise VLIError(f"{source}: img_grid_size must be two integers (columns, rows), got {stored.tolist()!r}")
+    columns, rows = int(stored[0]), int(stored[1])
     if columns < derived[0] or rows < derived[1]:
         raise VLIError(f"{source}: img_grid_size {(columns, rows)} is smaller than img_coords reach {derived}")
     return columns, rows
@@ -238,6 +241,8 @@ def _join_text(tokens: list[str], modality: list[str]) -> str:
 
 @dataclass
 class _Converted:
+    """One example's record plus what the import must report or decide across examples."""
+
     record: ExampleRecord
     accuracy: Any
     realigned: bool
