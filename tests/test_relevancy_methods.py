@@ -344,3 +344,61 @@ def test_generic_equals_product_of_identity_plus_weighted_attention():
     expected = product[readout].copy()
     expected[readout] = 0
     np.testing.assert_allclose(generic_relevancy(captured).values, expected, rtol=1e-12)
+
+
+def test_generic_dual_stream_equals_the_block_form_of_the_original_generator():
+    # Random LXMERT-like layout; the reference works on (text, image) blocks as Chefer et al.'s generator does,
+    # applying both cross updates from the values before each layer and skipping the last layer's image branch.
+    rng = np.random.default_rng(11)
+    n_text, n_image, n_heads, n_cross = 3, 4, 2, 3
+    text, image = list(range(n_text)), list(range(n_text, n_text + n_image))
+    streams = {"text": text, "image": image}
+    plan = [("text_self", "text", "text")] * 2 + [("image_self", "image", "image")] * 2
+    plan += [
+        ("cross_text_to_image", "text", "image"),
+        ("cross_image_to_text", "image", "text"),
+        ("text_self", "text", "text"),
+        ("image_self", "image", "image"),
+    ] * n_cross
+    n_tokens = n_text + n_image
+    attention = np.zeros((len(plan), n_heads, n_tokens, n_tokens))
+    gradient = np.zeros_like(attention)
+    blocks = []
+    for layer, (_, query_stream, key_stream) in enumerate(plan):
+        queries, keys = streams[query_stream], streams[key_stream]
+        logits = rng.normal(size=(n_heads, len(queries), len(keys)))
+        block = np.exp(logits) / np.exp(logits).sum(axis=-1, keepdims=True)
+        block_gradient = rng.normal(size=block.shape)
+        attention[layer][:, np.ix_(queries, keys)[0], np.ix_(queries, keys)[1]] = block
+        gradient[layer][:, np.ix_(queries, keys)[0], np.ix_(queries, keys)[1]] = block_gradient
+        blocks.append(np.maximum(block * block_gradient, 0).mean(axis=0))
+
+    def residual(relevance):
+        shifted = relevance - np.eye(len(relevance))
+        return shifted / shifted.sum(axis=1, keepdims=True) + np.eye(len(relevance))
+
+    r_tt, r_ii, r_ti, r_it = np.eye(n_text), np.eye(n_image), np.zeros((n_text, n_image)), np.zeros((n_image, n_text))
+    for weighted in blocks[:2]:
+        r_tt, r_ti = r_tt + weighted @ r_tt, r_ti + weighted @ r_ti
+    for weighted in blocks[2:4]:
+        r_ii, r_it = r_ii + weighted @ r_ii, r_it + weighted @ r_it
+    for index in range(n_cross):
+        text_to_image, image_to_text, text_self, image_self = blocks[4 + 4 * index : 8 + 4 * index]
+        add_ti, add_tt = residual(r_tt).T @ text_to_image @ residual(r_ii), text_to_image @ r_it
+        if index < n_cross - 1:
+            add_it, add_ii = residual(r_ii).T @ image_to_text @ residual(r_tt), image_to_text @ r_ti
+            r_it, r_ii = r_it + add_it, r_ii + add_ii
+        r_ti, r_tt = r_ti + add_ti, r_tt + add_tt
+        r_tt, r_ti = r_tt + text_self @ r_tt, r_ti + text_self @ r_ti
+        if index < n_cross - 1:
+            r_ii, r_it = r_ii + image_self @ r_ii, r_it + image_self @ r_it
+    expected = np.concatenate([r_tt[0], r_ti[0]])
+    expected[0] = 0
+    captured = Captured(
+        attention=attention,
+        attention_gradient=gradient,
+        layer_kind=[kind for kind, _, _ in plan],
+        modality=["special"] + ["text"] * (n_text - 1) + ["image"] * n_image,
+        readout_tokens={"answer": 0},
+    )
+    np.testing.assert_allclose(generic_relevancy(captured).values, expected, rtol=1e-10)

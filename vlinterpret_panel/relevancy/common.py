@@ -20,7 +20,7 @@ def block_mask(captured: Captured, layer: int) -> np.ndarray:
 
 def head_maps(captured: Captured, values: np.ndarray, layer: int) -> np.ndarray:
     """``(real heads, n, n)`` of one layer of a full-frame array, cut to its module's block."""
-    maps = captured.real(values)[layer][captured.head_mask[layer]]
+    maps = captured.real(values)[layer][captured.head_mask[layer]].astype(np.float64)
     return np.where(block_mask(captured, layer), maps, 0.0)
 
 

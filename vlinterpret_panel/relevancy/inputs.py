@@ -54,7 +54,7 @@ class Captured:
 
     def __post_init__(self) -> None:
         where = f"captured example {self.example_id!r}" if self.example_id else "captured example"
-        attention = np.asarray(self.attention, dtype=np.float64)
+        attention = _float_array(self.attention)
         if attention.ndim != 4 or attention.shape[2] != attention.shape[3]:
             raise VLIError(f"{where}: attention must be (layer, head, token, token), got {attention.shape}")
         n_layers, _, n_tokens, _ = attention.shape
@@ -66,7 +66,7 @@ class Captured:
             values = getattr(self, name)
             if values is None:
                 continue
-            values = np.asarray(values, dtype=np.float64)
+            values = _float_array(values)
             if values.shape != attention.shape:
                 raise VLIError(f"{where}: {name} has shape {values.shape}, attention has {attention.shape}")
             object.__setattr__(self, name, values)
@@ -97,9 +97,12 @@ class Captured:
             values = getattr(self, name)
             if values is None:
                 continue
-            real = values[:, :, : self.seq_len, : self.seq_len][self.head_mask]
-            if not np.isfinite(real).all():
-                raise VLIError(f"{where}: {name} has NaN or infinite values in real heads and tokens")
+            for layer in range(values.shape[0]):
+                real = self.real(values)[layer][self.head_mask[layer]]
+                if not np.isfinite(real).all():
+                    raise VLIError(
+                        f"{where}: {name} has NaN or infinite values in real heads and tokens (layer {layer})"
+                    )
 
     @classmethod
     def from_record(cls, record: ExampleRecord, info: ModelInfo) -> Captured:
@@ -242,3 +245,9 @@ class Captured:
             f"{method} needs the LRP relevance of each attention map (attention_relevance); "
             "LRP propagation through the model is not implemented yet"
         )
+
+
+def _float_array(values: np.ndarray) -> np.ndarray:
+    """The array as floats without copying float32/float64 input (maps can be large)."""
+    array = np.asarray(values)
+    return array if array.dtype in (np.float32, np.float64) else array.astype(np.float64)
