@@ -7,6 +7,7 @@ with status 2, never with a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -60,6 +61,51 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _extract(args: argparse.Namespace) -> int:
+    from vlinterpret_panel.extract import FAILURES_FILE, extract, read_sources, scene_sources
+
+    if args.scenes is not None:
+        if args.images or args.texts:
+            raise VLIError("give either --scenes N or --images DIR with --texts FILE, not both")
+        sources = scene_sources(args.scenes, seed=args.seed, text=args.scene_text)
+    elif args.images and args.texts:
+        sources = read_sources(args.images, args.texts)
+    else:
+        raise VLIError("give --images DIR and --texts FILE (JSON or CSV), or --scenes N for a built-in model")
+    options = {}
+    for option in args.option:
+        key, sep, value = option.partition("=")
+        if not sep or not key:
+            raise VLIError(f"--option {option!r}: write KEY=VALUE")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    report = extract(
+        args.model,
+        sources,
+        args.output,
+        options=options,
+        batch_size=args.batch_size,
+        examples_per_shard=args.examples_per_shard,
+        precision=args.precision,
+        workers=args.workers,
+        scheduler=args.scheduler,
+        progress=not args.quiet,
+    )
+    print(
+        f"{args.output}: wrote {report.written} example(s) in {len(report.shards)} shard(s), "
+        f"skipped {report.skipped} already stored, {len(report.failures)} failed "
+        f"({report.examples_per_second:.2f} examples/s)"
+    )
+    for failure in report.failures:
+        print(f"vlinterpret extract: failed: {failure.example_id}: {failure.error}", file=sys.stderr)
+    if report.failures:
+        print(f"vlinterpret extract: failures listed in {Path(args.output) / FAILURES_FILE}", file=sys.stderr)
+        return 0 if args.allow_failures else 1
+    return 0
+
+
 def _import_vlinterpret(args: argparse.Namespace) -> int:
     import warnings
 
@@ -110,6 +156,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=5006)
     serve.add_argument("--show", action="store_true", help="open a browser")
     serve.set_defaults(handler=_serve)
+
+    extract = commands.add_parser("extract", help="run a model over images and texts into a store")
+    extract.add_argument("model", help="adapter spec: built-in name, HF name or path, family:path, py:module:factory")
+    extract.add_argument("output", help="store directory (examples already in it are skipped)")
+    extract.add_argument("--images", help="folder of images")
+    extract.add_argument("--texts", help="JSON or CSV of entries with image, text (or question/caption), id, label")
+    extract.add_argument("--scenes", type=int, help="extract N generated scenes instead (built-in models)")
+    extract.add_argument("--scene-text", choices=["question", "caption"], default="question")
+    extract.add_argument("--seed", type=int, default=0, help="first scene seed")
+    extract.add_argument("--option", action="append", default=[], help="KEY=VALUE for the adapter (JSON values)")
+    extract.add_argument("--batch-size", type=int, default=8, help="examples per forward pass")
+    extract.add_argument("--examples-per-shard", type=int, default=64)
+    extract.add_argument("--precision", choices=["float16", "float32"], default="float16")
+    extract.add_argument("--workers", type=int, default=0, help="run on a local Dask cluster of N processes")
+    extract.add_argument("--scheduler", help="address of an existing Dask distributed scheduler")
+    extract.add_argument("--allow-failures", action="store_true", help="exit 0 even if some examples failed")
+    extract.add_argument("--quiet", action="store_true", help="no progress bar")
+    extract.set_defaults(handler=_extract)
 
     importer = commands.add_parser(
         "import-vlinterpret", help="convert a VL-InterpreT database (LMDB) into a store, refusing unsafe pickles"

@@ -1,0 +1,394 @@
+"""Run an adapter over many image-text pairs into a store: batches, progress, resumption, Dask.
+
+The inputs are split into chunks of ``examples_per_shard`` examples, in input order; each
+chunk becomes one shard, written atomically by whichever process ran it, so chunks can run
+in parallel (``workers`` local Dask processes, or an existing Dask ``scheduler``) and values do
+not depend on how many workers ran them. Examples already in the store are skipped, so an
+interrupted extraction resumes where it stopped. An example that fails is reported, never
+dropped silently: its id and error go to the shard's ``extraction`` attribute, to
+``failures.json`` in the store and to the returned report.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vlinterpret_panel.adapters.base import ForwardCapture, ModelAdapter, ModelInput
+from vlinterpret_panel.errors import VLIError
+from vlinterpret_panel.schema import ExampleRecord, ModelInfo, records_to_dataset
+from vlinterpret_panel.store import Precision, example_ids, write_shard
+
+FAILURES_FILE = "failures.json"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+TEXT_COLUMNS = ("text", "question", "caption")
+
+
+@dataclass(frozen=True)
+class ExampleSource:
+    """Where one example comes from: an image file and a text, or a generated scene (``seed``).
+
+    Sources are small and picklable; the image is read only where the example runs.
+    """
+
+    example_id: str
+    text: str = ""
+    image_path: str | None = None
+    label: str | None = None
+    seed: int | None = None
+    scene_text: str = "question"
+
+    def load(self) -> ModelInput:
+        """Read the image (or generate the scene) into a ``ModelInput``."""
+        if self.seed is not None:
+            return _scene_input(self)
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(self.image_path) as image:
+                pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
+        except (OSError, UnidentifiedImageError) as error:
+            raise VLIError(f"{self.image_path}: cannot read the image ({error})") from None
+        return ModelInput(example_id=self.example_id, image=pixels, text=self.text, label=self.label)
+
+
+def _scene_input(source: ExampleSource) -> ModelInput:
+    """A scene of the built-in models' synthetic world, with its question (or caption)."""
+    from vlinterpret_panel.models import world
+
+    scene, vqa = world.vqa_example_for_seed(int(source.seed))
+    if source.scene_text == "caption":
+        return ModelInput(source.example_id, scene.image, world.make_caption(scene))
+    return ModelInput(source.example_id, scene.image, vqa.question, label=vqa.answer, target_mask=vqa.target_mask)
+
+
+def scene_sources(count: int, *, seed: int = 0, text: str = "question") -> list[ExampleSource]:
+    """``count`` generated scenes (seeds ``seed`` ... ``seed + count - 1``) for the built-in models."""
+    if text not in ("question", "caption"):
+        raise VLIError(f"scene text must be 'question' or 'caption', not {text!r}")
+    return [ExampleSource(f"scene-{s:07d}", seed=s, scene_text=text) for s in range(seed, seed + count)]
+
+
+def read_sources(images: str | os.PathLike, texts: str | os.PathLike) -> list[ExampleSource]:
+    """Examples from a folder of images and a JSON or CSV file of questions or captions.
+
+    Each entry (a JSON list of objects, or CSV rows with a header) has ``image`` (a file name
+    in ``images``) and ``text`` (or ``question``/``caption``), optionally ``id`` and ``label``.
+    The default id is the image file stem, plus the entry's index when an image has several texts.
+    """
+    images, texts = Path(images), Path(texts)
+    if not images.is_dir():
+        raise VLIError(f"{images}: not a folder of images")
+    if not texts.is_file():
+        raise VLIError(f"{texts}: no such questions/captions file")
+    try:
+        if texts.suffix.lower() == ".json":
+            entries = json.loads(texts.read_text())
+        elif texts.suffix.lower() == ".csv":
+            with texts.open(newline="") as handle:
+                entries = list(csv.DictReader(handle))
+        else:
+            raise VLIError(f"{texts}: give the questions or captions as .json or .csv")
+    except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as error:
+        raise VLIError(f"{texts}: cannot parse ({error})") from None
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise VLIError(f"{texts}: expected a list of entries with 'image' and 'text'")
+    per_image: dict[str, int] = {}
+    for entry in entries:
+        per_image[str(entry.get("image"))] = per_image.get(str(entry.get("image")), 0) + 1
+    sources, seen = [], set()
+    for index, entry in enumerate(entries):
+        text = next((entry[c] for c in TEXT_COLUMNS if entry.get(c) not in (None, "")), None)
+        if not entry.get("image") or text is None:
+            raise VLIError(f"{texts}: entry {index} needs 'image' and 'text' (or 'question'/'caption')")
+        image_path = images / str(entry["image"])
+        if not image_path.is_file():
+            raise VLIError(f"{texts}: entry {index}: no image {image_path}")
+        default_id = image_path.stem if per_image[str(entry["image"])] == 1 else f"{image_path.stem}-{index}"
+        example_id = str(entry.get("id") or default_id)
+        if example_id in seen:
+            raise VLIError(f"{texts}: example id {example_id!r} appears twice; give each entry a unique 'id'")
+        seen.add(example_id)
+        label = entry.get("label")
+        sources.append(
+            ExampleSource(example_id, str(text), str(image_path), None if label in (None, "") else str(label))
+        )
+    return sources
+
+
+@dataclass
+class Failure:
+    """An example that could not be extracted, and why."""
+
+    example_id: str
+    error: str
+
+
+@dataclass
+class ChunkResult:
+    """What one chunk (one shard) produced."""
+
+    written: list[str]
+    failures: list[Failure]
+    shard: str | None
+    forward_seconds: float
+
+
+@dataclass
+class ExtractionReport:
+    """The outcome of ``extract``: counts, failures, shards and throughput."""
+
+    store: str
+    requested: int
+    skipped: int
+    written: int
+    failures: list[Failure] = field(default_factory=list)
+    shards: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    forward_seconds: float = 0.0
+
+    @property
+    def examples_per_second(self) -> float:
+        return self.written / self.seconds if self.seconds else math.nan
+
+
+class _Replay(ModelAdapter):
+    """Hands a capture computed in a batch to ``ModelAdapter.run``, which builds the record."""
+
+    def __init__(self, adapter: ModelAdapter, capture: ForwardCapture) -> None:
+        self.name, self.config, self._capture = adapter.name, adapter.config, capture
+
+    def forward(self, image: np.ndarray, text: str, *, keep_tokens: np.ndarray | None = None) -> ForwardCapture:
+        return self._capture
+
+
+def _error_text(error: BaseException) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def run_batch(
+    adapter: ModelAdapter, items: Sequence[ModelInput]
+) -> list[tuple[ExampleRecord, ModelInfo] | BaseException]:
+    """Run ``items`` through ``adapter``, several per forward pass when it has ``forward_batch``.
+
+    Returns one (record, info) or the exception per item, so one bad example never costs
+    the others: a batch that fails is rerun one example at a time.
+    """
+    import torch
+
+    forward_batch: Callable[..., list[ForwardCapture]] | None = getattr(adapter, "forward_batch", None)
+    if forward_batch is not None and len(items) > 1:
+        try:
+            with torch.no_grad():
+                captures = forward_batch([i.image for i in items], [i.text for i in items])
+            return [_Replay(adapter, c).run(item) for item, c in zip(items, captures, strict=True)]
+        except Exception:  # isolate the failing example(s) below
+            pass
+    results: list[tuple[ExampleRecord, ModelInfo] | BaseException] = []
+    for item in items:
+        try:
+            results.append(adapter.run(item))
+        except Exception as error:  # reported per example, never dropped
+            results.append(error)
+    return results
+
+
+_ADAPTERS: dict[str, ModelAdapter] = {}
+
+
+def _cached_adapter(spec: str, options: dict[str, Any]) -> ModelAdapter:
+    """One adapter per process and spec, so a worker loads the model once for all its chunks."""
+    from vlinterpret_panel.adapters.registry import load_adapter
+
+    key = json.dumps([spec, options], sort_keys=True, default=str)
+    if key not in _ADAPTERS:
+        _ADAPTERS[key] = load_adapter(spec, **options)
+    return _ADAPTERS[key]
+
+
+def extract_chunk(
+    adapter: ModelAdapter | str,
+    sources: Sequence[ExampleSource],
+    store: str,
+    *,
+    options: dict[str, Any] | None = None,
+    batch_size: int = 8,
+    precision: Precision = "float16",
+    extraction: dict[str, Any] | None = None,
+    threads: int | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> ChunkResult:
+    """Extract ``sources`` and write the successful ones as one shard (the unit of a Dask task)."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    if isinstance(adapter, str):
+        adapter = _cached_adapter(adapter, options or {})
+    records: list[ExampleRecord] = []
+    info: ModelInfo | None = None
+    failures: list[Failure] = []
+    forward_seconds = 0.0
+    for start in range(0, len(sources), batch_size):
+        batch = sources[start : start + batch_size]
+        items: list[ModelInput] = []
+        for source in batch:
+            try:
+                items.append(source.load())
+            except Exception as error:  # an unreadable input is one failure
+                failures.append(Failure(source.example_id, _error_text(error)))
+        began = time.perf_counter()
+        results = run_batch(adapter, items) if items else []
+        forward_seconds += time.perf_counter() - began
+        for item, result in zip(items, results, strict=True):
+            if isinstance(result, BaseException):
+                failures.append(Failure(item.example_id, _error_text(result)))
+            else:
+                records.append(result[0])
+                info = info or result[1]
+        if on_batch is not None:
+            on_batch(len(batch))
+    shard = None
+    if records:
+        attrs = dict(extraction or {})
+        attrs["failures"] = [asdict(f) for f in failures]
+        shard = str(write_shard(records_to_dataset(records, info, attrs), store, precision=precision))
+    return ChunkResult([r.example_id for r in records], failures, shard, forward_seconds)
+
+
+def _provenance(adapter_spec: str, options: dict[str, Any], batch_size: int, precision: str) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    from vlinterpret_panel import __version__
+
+    return {
+        "adapter": adapter_spec,
+        "options": options,
+        "batch_size": batch_size,
+        "precision": precision,
+        "vlinterpret_panel": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def extract(
+    adapter: str | ModelAdapter,
+    sources: Sequence[ExampleSource],
+    store: str | os.PathLike,
+    *,
+    options: dict[str, Any] | None = None,
+    batch_size: int = 8,
+    examples_per_shard: int = 64,
+    precision: Precision = "float16",
+    workers: int = 0,
+    scheduler: str | None = None,
+    progress: bool = True,
+) -> ExtractionReport:
+    """Extract ``sources`` with ``adapter`` (a spec for ``load_adapter``, or an adapter) into ``store``.
+
+    ``workers`` > 0 starts a local Dask cluster of that many processes; ``scheduler`` uses an
+    existing Dask distributed scheduler. Both need ``adapter`` as a spec string, which each
+    worker loads once. Examples already in the store are skipped.
+    """
+    from tqdm.auto import tqdm
+
+    store = Path(store)
+    options = dict(options or {})
+    if batch_size < 1 or examples_per_shard < 1:
+        raise VLIError("--batch-size and --examples-per-shard must be at least 1")
+    if (workers or scheduler) and not isinstance(adapter, str):
+        raise VLIError("extraction with Dask workers needs the adapter as a spec string (see load_adapter)")
+    ids = [s.example_id for s in sources]
+    if len(set(ids)) != len(ids):
+        raise VLIError("example ids must be unique")
+    done = example_ids(store)
+    todo = [s for s in sources if s.example_id not in done]
+    spec = adapter if isinstance(adapter, str) else f"{type(adapter).__module__}.{type(adapter).__name__}"
+    provenance = _provenance(spec, options, batch_size, precision)
+    chunks = [todo[i : i + examples_per_shard] for i in range(0, len(todo), examples_per_shard)]
+    report = ExtractionReport(str(store), len(sources), len(sources) - len(todo), 0)
+    began = time.perf_counter()
+    with tqdm(total=len(todo), unit="example", disable=not progress, desc="extract") as bar:
+        results = _run_chunks(
+            adapter, chunks, str(store), options, batch_size, precision, provenance, workers, scheduler, bar
+        )
+        for result in results:
+            report.written += len(result.written)
+            report.failures.extend(result.failures)
+            report.forward_seconds += result.forward_seconds
+            if result.shard:
+                report.shards.append(result.shard)
+    report.seconds = time.perf_counter() - began
+    _write_failures(store, report)
+    return report
+
+
+def _run_chunks(
+    adapter: str | ModelAdapter,
+    chunks: list[list[ExampleSource]],
+    store: str,
+    options: dict[str, Any],
+    batch_size: int,
+    precision: Precision,
+    provenance: dict[str, Any],
+    workers: int,
+    scheduler: str | None,
+    bar: Any,
+) -> Iterable[ChunkResult]:
+    """Yield each chunk's result: in this process, or as Dask tasks (one shard each)."""
+    common = {"options": options, "batch_size": batch_size, "precision": precision, "extraction": provenance}
+    if not (workers or scheduler):
+        if isinstance(adapter, str):
+            adapter = _cached_adapter(adapter, options)
+        for chunk in chunks:
+            yield extract_chunk(adapter, chunk, store, on_batch=bar.update, **common)
+        return
+    from distributed import Client, LocalCluster, as_completed
+
+    cluster = None
+    if scheduler:
+        try:
+            client = Client(scheduler, timeout="20s")
+        except (OSError, TimeoutError) as error:
+            raise VLIError(f"--scheduler {scheduler}: cannot connect ({error})") from None
+        threads = None
+    else:
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+        client = Client(cluster)
+        threads = max(1, (os.cpu_count() or 1) // workers)
+    try:
+        futures = [
+            client.submit(extract_chunk, adapter, chunk, store, threads=threads, pure=False, **common)
+            for chunk in chunks
+        ]
+        sizes = {future.key: len(chunk) for future, chunk in zip(futures, chunks, strict=True)}
+        for future in as_completed(futures):
+            result = future.result()
+            bar.update(sizes[future.key])
+            yield result
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def _write_failures(store: Path, report: ExtractionReport) -> None:
+    """List this run's failures in ``store/failures.json`` (removed when a run has none)."""
+    path = store / FAILURES_FILE
+    if report.failures:
+        store.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps([asdict(f) for f in report.failures], indent=1) + "\n")
+    elif path.exists():
+        path.unlink()
