@@ -215,6 +215,14 @@ def test_real_attention_imports_exactly_for_every_pickle_protocol(tmp_path: Path
     np.testing.assert_array_equal(ds["patch_position"].values[0, 5:], [[0, 0], [0, 1], [1, 0], [1, 1]])
 
 
+def test_float16_precision_stays_within_the_documented_tolerance(tmp_path: Path) -> None:
+    import_vlinterpret(synthetic_database(tmp_path / "db"), tmp_path / "store", precision="float16")
+    stored = vli.open_dataset(tmp_path / "store").sel(example="1").load()
+    example = synthetic_example(1)
+    np.testing.assert_allclose(stored["attention"].values, example["attention"], rtol=0, atol=7.7e-6)
+    np.testing.assert_allclose(stored["hidden_states"].values, example["hidden_states"], rtol=2**-10, atol=0)
+
+
 def test_preprocessed_example_with_unknown_image_order_is_kept_and_warned(tmp_path: Path) -> None:
     tokens = ["[CLS]", "two", "cat", "##s", "[SEP]", "p0", "p1", "p2", "p3"]
     database = synthetic_database(tmp_path / "db", tokens=tokens, img_grid_size=np.array([2, 2]))
