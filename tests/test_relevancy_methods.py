@@ -402,3 +402,19 @@ def test_generic_dual_stream_equals_the_block_form_of_the_original_generator():
         readout_tokens={"answer": 0},
     )
     np.testing.assert_allclose(generic_relevancy(captured).values, expected, rtol=1e-10)
+
+
+def test_raw_attention_dual_encoder_reads_each_tower_last_layer():
+    # Text tower layer 1, row of token 1 = [.25,.75] -> [.25,0]
+    # Image tower layer 3, row of token 2 = [.75,.25] -> [0,.25]
+    np.testing.assert_allclose(raw_attention(dual_encoder()).values, [0.25, 0.0, 0.0, 0.25])
+
+
+def test_methods_refuse_layouts_they_do_not_define():
+    mixed = single_stream(layer_kind=["self", "cross_text_to_image"])
+    with pytest.raises(VLIError, match="not both"):
+        rollout(mixed)
+    with pytest.raises(VLIError, match="cross-attention"):
+        transformer_attribution(co_attention(attention_relevance=co_attention().attention))
+    with pytest.raises(VLIError, match="needs 'text' and 'image'"):
+        generic_relevancy(single_stream(), readout="text+image")

@@ -197,13 +197,6 @@ class Captured:
         query_stream, key_stream = KIND_STREAMS[self.layer_kind[layer]]
         return self.token_set(query_stream), self.token_set(key_stream)
 
-    def stream_of(self, token: int) -> str:
-        """The stream a token belongs to ("text", "image", or "all" when it is in neither)."""
-        for stream in (TEXT, IMAGE):
-            if self.streams[stream][token]:
-                return stream
-        return "all"
-
     def readout_plan(self, readout: str | None) -> tuple[str, list[tuple[int, np.ndarray]]]:
         """Resolve the ``readout`` option to (its name, [(readout token, columns it fills)]).
 
