@@ -17,6 +17,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 import numpy as np
 import torch
 import transformers
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 WORDS = (
     "what color is the a shape square circle triangle red blue green yellow left right of how many "
@@ -37,7 +38,7 @@ def bert_tokenizer(directory: Path) -> transformers.PreTrainedTokenizerBase:
 def clip_tokenizer(directory: Path) -> transformers.PreTrainedTokenizerBase:
     """A CLIP byte-level BPE tokenizer with whole-word entries for ``WORDS`` (no merges needed)."""
     directory.mkdir(parents=True, exist_ok=True)
-    byte_vocab = transformers.models.clip.tokenization_clip.bytes_to_unicode()
+    byte_vocab = bytes_to_unicode()
     symbols = list(byte_vocab.values()) + [s + "</w>" for s in byte_vocab.values()]
     merges = []
     for word in WORDS:
@@ -51,7 +52,10 @@ def clip_tokenizer(directory: Path) -> transformers.PreTrainedTokenizerBase:
     vocab = {s: i for i, s in enumerate(dict.fromkeys(symbols))}
     (directory / "vocab.json").write_text(json.dumps(vocab))
     (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
-    return transformers.CLIPTokenizer(vocab=str(directory / "vocab.json"), merges=str(directory / "merges.txt"))
+    merge_lines = (directory / "merges.txt").read_text().splitlines()[1:]
+    return transformers.CLIPTokenizer(
+        vocab=json.loads((directory / "vocab.json").read_text()), merges=[tuple(m.split()) for m in merge_lines if m]
+    )
 
 
 def tiny_vilt(directory: Path, *, seed: int = 0) -> tuple[transformers.PreTrainedModel, transformers.ProcessorMixin]:
@@ -92,3 +96,31 @@ def scene(height: int, width: int, seed: int) -> np.ndarray:
     top, left = rng.integers(0, height // 2), rng.integers(0, width // 2)
     image[top : top + height // 3, left : left + width // 3] = rng.integers(120, 255, 3)
     return image
+
+
+def tiny_clip(directory: Path, *, seed: int = 0) -> tuple[transformers.PreTrainedModel, transformers.ProcessorMixin]:
+    """CLIPModel: text width 24, vision width 32 (so the towers differ), 8-pixel patches on a 32-pixel crop."""
+    torch.manual_seed(seed)
+    tokenizer = clip_tokenizer(directory / "tokenizer")
+    image_processor = transformers.CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, resample=0
+    )
+    processor = transformers.CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    text_config = transformers.CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=24,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=32,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision_config = transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    config = transformers.CLIPConfig(
+        text_config=text_config.to_dict(), vision_config=vision_config.to_dict(), projection_dim=16
+    )
+    return transformers.CLIPModel(config).eval(), processor

@@ -34,15 +34,23 @@ class AttentionTap:
 
     def __init__(self) -> None:
         self.calls: list[Sequence[torch.Tensor]] = []
+        self.modules: list[nn.Module] = []
 
-    def record(self, probabilities: torch.Tensor) -> torch.Tensor:
-        """Store ``probabilities`` ``[batch, heads, q, k]``; return the tensor the model must use."""
+    def record(self, probabilities: torch.Tensor, module: nn.Module) -> torch.Tensor:
+        """Store ``probabilities`` ``[batch, heads, q, k]`` computed by ``module``; return the
+        tensor the model must go on with."""
+        self.modules.append(module)
         if not torch.is_grad_enabled():
             self.calls.append(probabilities)
             return probabilities
         per_example = probabilities.unbind(0)
         self.calls.append(per_example)
         return torch.stack(per_example)
+
+    def calls_of(self, modules: Sequence[nn.Module]) -> list[int]:
+        """Indices of the calls made by ``modules``, in call order (a module may be called twice)."""
+        wanted = {id(m) for m in modules}
+        return [i for i, m in enumerate(self.modules) if id(m) in wanted]
 
 
 _ACTIVE_TAP: contextvars.ContextVar[AttentionTap | None] = contextvars.ContextVar("vli_attention_tap", default=None)
@@ -54,7 +62,7 @@ def tapping(dropout_modules: Sequence[nn.Module] = ()) -> Iterator[AttentionTap]
     on the given attention-dropout modules (whose input is the post-softmax probabilities)."""
     tap = AttentionTap()
     token = _ACTIVE_TAP.set(tap)
-    handles = [m.register_forward_hook(lambda _m, _i, output: tap.record(output)) for m in dropout_modules]
+    handles = [m.register_forward_hook(lambda module, _i, output: tap.record(output, module)) for m in dropout_modules]
     try:
         yield tap
     finally:
@@ -89,7 +97,7 @@ def capture_attention_forward(
     probabilities = nn.functional.dropout(probabilities, p=dropout, training=module.training)
     tap = _ACTIVE_TAP.get()
     if tap is not None:
-        probabilities = tap.record(probabilities)
+        probabilities = tap.record(probabilities, module)
     output = torch.matmul(probabilities, value).transpose(1, 2).contiguous()
     return output, probabilities
 
