@@ -19,7 +19,6 @@ import torch
 
 from vlinterpret_panel.adapters.base import AttentionCapture, ForwardCapture, HiddenCapture, ModelAdapter
 from vlinterpret_panel.adapters.hf_common import (
-    AttentionTap,
     check_image,
     clip_style_pixel_map,
     example_maps,
