@@ -483,10 +483,11 @@ def _first_bad(flags: xr.DataArray) -> dict[str, Any] | None:
     if not bool(flags.any()):
         return None
     index = np.unravel_index(int(np.argmax(flags.values)), flags.shape)
-    return {
-        dim: flags[dim].values[i].item() if dim in flags.coords else int(i)
-        for dim, i in zip(flags.dims, index, strict=True)
-    }
+    where = {}
+    for dim, i in zip(flags.dims, index, strict=True):
+        value = flags[dim].values[i] if dim in flags.coords else int(i)
+        where[dim] = value.item() if isinstance(value, np.generic) else value
+    return where
 
 
 def _check_values(ds: xr.Dataset, source: str | None) -> None:

@@ -22,29 +22,15 @@ import numpy as np
 import xarray as xr
 
 from vlinterpret_panel.errors import VLIError
-from vlinterpret_panel.schema import PAD, validate
+from vlinterpret_panel.schema import COORDINATE_ATTRS, validate
+from vlinterpret_panel.shard_reader import PADDED_DIMS, ShardInfo, read_shard_info, shard_array, store_array
 
 SHARD_SUFFIX = ".nc"
 SHARD_PREFIX = "shard-"
 TEMP_SUFFIX = ".partial"
 
 Precision = Literal["float16", "float32"]
-
-# Fill values for positions that exist in one shard and not another (padding).
-_FILL_VALUES = {
-    "attention": np.nan,
-    "hidden_states": np.nan,
-    "token_text": "",
-    "modality": PAD,
-    "token_box": np.nan,
-    "image": 0,
-    "target_mask": 0,
-    "patch_position": -1,
-    "relevancy": np.nan,
-    "relevancy_target": "",
-    "custom_metric": np.nan,
-    "readout_token": -1,
-}
+COORDINATE_NAMES = tuple(COORDINATE_ATTRS)
 
 # Attention lies in [0, 1]: 16-bit CF packing keeps it to 7.6e-6, better than float16 near 1,
 # and netCDF has no half-precision type. 65535 is reserved for NaN padding.
@@ -78,6 +64,12 @@ def _encoding(ds: xr.Dataset, precision: Precision) -> dict[str, dict]:
     return encoding
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
 def _shard_paths(store: Path) -> list[Path]:
     """Completed shards in creation order (their names start with a timestamp)."""
     return sorted(p for p in store.glob(f"*{SHARD_SUFFIX}") if not p.name.startswith("."))
@@ -101,6 +93,7 @@ def write_shard(ds: xr.Dataset, store: str | os.PathLike, *, precision: Precisio
         ds.to_netcdf(temporary, engine="netcdf4", format="NETCDF4", encoding=_encoding(ds, precision))
         with open(temporary, "rb+") as written:
             os.fsync(written.fileno())
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes files private; shards are ordinary files
         final = store / name
         os.replace(temporary, final)
     except BaseException:
@@ -114,44 +107,52 @@ def write_shard(ds: xr.Dataset, store: str | os.PathLike, *, precision: Precisio
     return final
 
 
-def _open_shard(path: Path) -> xr.Dataset:
-    """Open one shard lazily (chunks as stored) and check its structure."""
-    try:
-        ds = xr.open_dataset(path, engine="netcdf4", chunks={}, decode_times=False, decode_timedelta=False)
-    except Exception as error:  # netCDF4/HDF5 raise many types for foreign or broken files
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise VLIError(f"{path}: not a readable netCDF file ({reason})") from None
-    try:
-        validate(ds, source=str(path))
-    except VLIError:
-        ds.close()
-        raise
-    if "attention" in ds and ds["attention"].dtype != np.float32:
-        ds["attention"] = ds["attention"].astype(np.float32)  # packed values decode as float64
-    # Per-layer labels are tiny and used everywhere: hold them in memory, not as Dask arrays.
-    small = [name for name, coord in ds.coords.items() if name not in ds.indexes]
-    return ds.assign_coords({name: ds[name].load() for name in small})
+def _shard_dataset(shard: ShardInfo) -> xr.Dataset:
+    """One shard as a Dataset of lazy arrays, unpadded, to validate it on its own."""
+    return xr.Dataset(
+        {name: shard_array(name, shard) for name in shard.variables},
+        coords=shard.coords,
+        attrs=shard.attrs,
+    )
 
 
-def _check_same_model(shards: list[xr.Dataset], paths: list[Path]) -> None:
+def _open_shard(path: Path) -> ShardInfo:
+    """Read one shard's metadata and check its structure against the schema."""
+    shard = read_shard_info(path, COORDINATE_NAMES)
+    try:
+        validate(_shard_dataset(shard), source=str(path))
+    except (VLIError, ValueError, KeyError) as error:
+        shard.manager.close()
+        message = str(error) if isinstance(error, VLIError) else f"{path}: not a vlinterpret-panel shard ({error})"
+        raise VLIError(message) from None
+    return shard
+
+
+def _check_compatible(shards: list[ShardInfo]) -> None:
+    """Refuse to combine shards of different models or layouts into one store."""
     first = shards[0]
-    for ds, path in zip(shards[1:], paths[1:], strict=True):
-        if ds.attrs["model_name"] != first.attrs["model_name"]:
+    for shard in shards[1:]:
+        if shard.attrs["model_name"] != first.attrs["model_name"]:
             raise VLIError(
-                f"{path}: model {ds.attrs['model_name']!r} differs from the store's "
+                f"{shard.path}: model {shard.attrs['model_name']!r} differs from the store's "
                 f"{first.attrs['model_name']!r}; keep one model per store"
             )
-        if ds["layer_kind"].values.tolist() != first["layer_kind"].values.tolist():
-            raise VLIError(f"{path}: its layer layout differs from the rest of the store")
+        for name in ("layer_kind", "hidden_layer_name", "method", "metric", "readout"):
+            mine, theirs = shard.coords.get(name), first.coords.get(name)
+            if mine is not None and theirs is not None and mine[1].tolist() != theirs[1].tolist():
+                raise VLIError(f"{shard.path}: its {name} {mine[1].tolist()} differs from the store's")
+        if shard.sizes.get("feature") != first.sizes.get("feature"):
+            raise VLIError(f"{shard.path}: hidden size {shard.sizes.get('feature')} differs from the store's")
 
 
 def open_dataset(path: str | os.PathLike, *, on_bad_shard: Literal["raise", "skip"] = "raise") -> xr.Dataset:
     """Open a store (a shard directory or a single shard file) as one lazy Dataset.
 
-    Reads metadata and index coordinates only; data variables are Dask arrays. Each
-    shard's structure is validated. ``on_bad_shard="skip"`` leaves out unreadable or
-    foreign shards with a warning (listed in ``attrs['skipped_shards']``) instead of
-    failing, so the good part of a damaged store stays usable.
+    Reads each shard's metadata and coordinates only; data variables are Dask arrays whose
+    tasks each read one block of one shard. Each shard's structure is validated.
+    ``on_bad_shard="skip"`` leaves out unreadable or foreign shards with a warning (listed
+    in ``attrs['skipped_shards']``) instead of failing, so the good part of a damaged
+    store stays usable.
     """
     store = Path(path)
     if not store.exists():
@@ -159,34 +160,20 @@ def open_dataset(path: str | os.PathLike, *, on_bad_shard: Literal["raise", "ski
     paths = [store] if store.is_file() else _shard_paths(store)
     if not paths:
         raise VLIError(f"{store}: the store has no shards (*.nc files)")
-    shards, opened, skipped = [], [], []
+    shards: list[ShardInfo] = []
+    skipped: list[str] = []
     for shard_path in paths:
         try:
             shards.append(_open_shard(shard_path))
-            opened.append(shard_path)
         except VLIError as error:
             if on_bad_shard == "raise":
-                for ds in shards:
-                    ds.close()
                 raise
             warnings.warn(f"skipping shard: {error}", stacklevel=2)
             skipped.append(str(error))
     if not shards:
         raise VLIError(f"{store}: no readable shard; " + "; ".join(skipped))
-    _check_same_model(shards, opened)
-    if len(shards) == 1:
-        combined = shards[0]
-    else:
-        combined = xr.combine_nested(
-            shards,
-            concat_dim="example",
-            data_vars="all",
-            coords="minimal",
-            compat="override",
-            join="outer",
-            fill_value=_FILL_VALUES,
-            combine_attrs="override",
-        )
+    _check_compatible(shards)
+    combined = _combine(shards)
     combined = _drop_duplicate_examples(combined)
     combined.attrs["shards"] = len(shards)
     combined.attrs["store_path"] = str(store.resolve())
@@ -194,6 +181,24 @@ def open_dataset(path: str | os.PathLike, *, on_bad_shard: Literal["raise", "ski
     if skipped:
         combined.attrs["skipped_shards"] = skipped
     return combined
+
+
+def _combine(shards: list[ShardInfo]) -> xr.Dataset:
+    """All shards as one Dataset, each variable one Dask array padded to common sizes."""
+    first = shards[0]
+    sizes = dict(first.sizes)
+    sizes.update({dim: max(s.sizes[dim] for s in shards) for dim in PADDED_DIMS})
+    names = list(dict.fromkeys(name for shard in shards for name in shard.variables))
+    data_vars = {name: store_array(name, shards, sizes) for name in names}
+    coords = {name: coord for name, coord in first.coords.items() if name not in PADDED_DIMS}
+    for dim in PADDED_DIMS:
+        coords[dim] = (dim, np.arange(sizes[dim], dtype=np.int32), first.coords[dim][2])
+    coords["example"] = (
+        "example",
+        np.concatenate([s.coords["example"][1] for s in shards]),
+        first.coords["example"][2],
+    )
+    return xr.Dataset(data_vars, coords=coords, attrs=dict(first.attrs))
 
 
 def _drop_duplicate_examples(ds: xr.Dataset) -> xr.Dataset:
@@ -212,8 +217,9 @@ def example_ids(path: str | os.PathLike) -> set[str]:
         return set()
     ids: set[str] = set()
     for shard_path in _shard_paths(store):
-        with xr.open_dataset(shard_path, engine="netcdf4", chunks={}) as ds:
-            ids.update(ds["example"].values.tolist())
+        shard = read_shard_info(shard_path, COORDINATE_NAMES)
+        ids.update(shard.coords["example"][1].tolist())
+        shard.manager.close()
     return ids
 
 

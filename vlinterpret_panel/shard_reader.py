@@ -1,0 +1,212 @@
+"""Read our netCDF shards as Dask arrays whose every task reads one chunk from one file.
+
+Why not ``xr.open_mfdataset``: concatenating many shards of different token counts makes
+Dask pad, rechunk and concatenate lazily, and every later click then pays for optimising
+that whole graph (seconds on a 2 GB store). Here each variable of the whole store is one
+Dask array built from a plain task dict: a task reads one (example, layer) block from its
+shard, decodes it and pads it to the store's common size. Computing one block culls the
+graph to that single task, so a click costs one read. Only our own encodings are decoded
+(packed uint16 attention, NaN fills, character-array strings); foreign files are refused
+before any of this by ``validate``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dask.array
+import netCDF4
+import numpy as np
+from xarray.backends import CachingFileManager
+from xarray.backends.locks import HDF5_LOCK
+
+from vlinterpret_panel.errors import VLIError
+
+# Shards may differ in size along these dims; blocks are padded to the store's largest.
+PADDED_DIMS = ("token", "query", "key", "head", "image_y", "image_x")
+# Variables read one example (and one layer) per task: the unit a click needs.
+_BLOCK_DIMS = ("layer", "hidden_layer")
+# Data variables with this many dims or more are read one example per task.
+_PER_EXAMPLE_MIN_NDIM = 3
+
+FILL_VALUES: dict[str, Any] = {
+    "attention": np.nan,
+    "hidden_states": np.nan,
+    "token_text": "",
+    "modality": "pad",
+    "token_box": np.nan,
+    "image": 0,
+    "target_mask": 0,
+    "patch_position": -1,
+    "relevancy": np.nan,
+    "relevancy_target": "",
+    "custom_metric": np.nan,
+    "readout_token": -1,
+}
+
+
+@dataclass
+class VariableInfo:
+    """One variable of a shard: its dims, in-memory dtype, attributes and how it is packed."""
+
+    dims: tuple[str, ...]
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    attrs: dict[str, Any]
+    scale_factor: float | None
+    fill_value: Any
+
+
+@dataclass
+class ShardInfo:
+    """Metadata of one shard, read without touching any data variable's values."""
+
+    path: Path
+    attrs: dict[str, Any]
+    sizes: dict[str, int]
+    coords: dict[str, tuple[tuple[str, ...], np.ndarray, dict[str, Any]]]
+    variables: dict[str, VariableInfo]
+    manager: CachingFileManager
+
+
+def _decoded_dtype(variable: netCDF4.Variable, scale_factor: float | None) -> np.dtype:
+    if variable.dtype is str or variable.dtype == np.dtype("S1"):
+        return np.dtype(object)
+    if scale_factor is not None:
+        return np.dtype(np.float32)
+    return np.dtype(variable.dtype)
+
+
+def _values(variable: netCDF4.Variable) -> np.ndarray:
+    """All values of a small variable (a coordinate), strings as Python str."""
+    values = variable[...]
+    values = np.ma.getdata(values)
+    if values.dtype.kind in "SU" or values.dtype == object:
+        return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in values.ravel()], dtype=object).reshape(
+            values.shape
+        )
+    return np.asarray(values)
+
+
+def read_shard_info(path: Path, coordinate_names: Sequence[str]) -> ShardInfo:
+    """Open ``path`` and read its dims, attributes, coordinates and variable layout."""
+    manager = CachingFileManager(netCDF4.Dataset, str(path), mode="r")
+    try:
+        with HDF5_LOCK:
+            nc = manager.acquire()
+            nc.set_auto_maskandscale(False)
+            sizes = {name: len(dim) for name, dim in nc.dimensions.items()}
+            attrs = {name: nc.getncattr(name) for name in nc.ncattrs()}
+            coords, variables = {}, {}
+            for name, variable in nc.variables.items():
+                var_attrs = {key: variable.getncattr(key) for key in variable.ncattrs()}
+                dims = tuple(d for d in variable.dimensions if not d.startswith("string"))
+                if name in coordinate_names or name in sizes:
+                    coords[name] = (dims, _values(variable), _public_attrs(var_attrs))
+                    continue
+                scale = var_attrs.get("scale_factor")
+                variables[name] = VariableInfo(
+                    dims=dims,
+                    shape=tuple(sizes[d] for d in dims),
+                    dtype=_decoded_dtype(variable, scale),
+                    attrs=_public_attrs(var_attrs),
+                    scale_factor=None if scale is None else float(scale),
+                    fill_value=var_attrs.get("_FillValue"),
+                )
+    except VLIError:
+        raise
+    except Exception as error:  # netCDF4/HDF5 raise many types for foreign or broken files
+        manager.close()
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise VLIError(f"{path}: not a readable netCDF file ({reason})") from None
+    sizes = {dim: size for dim, size in sizes.items() if not dim.startswith("string")}
+    return ShardInfo(Path(path), attrs, sizes, coords, variables, manager)
+
+
+def _public_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
+    hidden = {"_FillValue", "scale_factor", "add_offset", "coordinates", "_Encoding", "dtype"}
+    return {key: value for key, value in attrs.items() if key not in hidden}
+
+
+def _read_block(
+    manager: CachingFileManager,
+    name: str,
+    info: VariableInfo,
+    index: tuple[slice, ...],
+    padded_shape: tuple[int, ...],
+    fill: Any,
+) -> np.ndarray:
+    """Read one block of ``name``, decode our packing and pad it to ``padded_shape``."""
+    with HDF5_LOCK:
+        variable = manager.acquire()[name]
+        variable.set_auto_maskandscale(False)
+        raw = variable[index]
+    raw = np.ma.getdata(raw)
+    if info.dtype == object:
+        block = np.asarray(raw, dtype=object)
+        if raw.dtype.kind == "S":
+            block = np.vectorize(lambda v: v.decode(), otypes=[object])(raw) if raw.size else block
+    elif info.scale_factor is not None:
+        block = raw.astype(np.float32) * np.float32(info.scale_factor)
+        if info.fill_value is not None:
+            block[raw == info.fill_value] = np.nan
+    else:
+        block = raw
+    if block.shape == padded_shape:
+        return block
+    out = np.full(padded_shape, fill, dtype=info.dtype)
+    out[tuple(slice(0, n) for n in block.shape)] = block
+    return out
+
+
+def _chunk_edges(dim: str, size: int, ndim: int) -> list[tuple[int, int]]:
+    """The [start, stop) ranges of a shard's blocks along ``dim``."""
+    if (dim == "example" and ndim >= _PER_EXAMPLE_MIN_NDIM) or dim in _BLOCK_DIMS:
+        return [(i, i + 1) for i in range(size)]
+    return [(0, size)]
+
+
+def store_array(
+    name: str, shards: Sequence[ShardInfo], sizes: dict[str, int], dtype: np.dtype | None = None
+) -> tuple[tuple[str, ...], dask.array.Array, dict[str, Any]]:
+    """One Dask array over every shard's ``name``, padded to ``sizes``; shards lacking it are fill."""
+    template = next(shard.variables[name] for shard in shards if name in shard.variables)
+    dims = template.dims
+    dtype = dtype or template.dtype
+    fill = FILL_VALUES.get(name, np.nan if dtype.kind == "f" else 0)
+    graph_name = f"vli-{name}-{uuid.uuid4().hex[:12]}"
+    graph: dict[tuple, Any] = {}
+    example_chunks: list[int] = []
+    other_chunks: dict[str, list[int]] = {}
+    for shard in shards:
+        n_examples = shard.sizes["example"]
+        info = shard.variables.get(name)
+        edges_by_dim = [_chunk_edges(dim, n_examples if dim == "example" else sizes[dim], len(dims)) for dim in dims]
+        first_example_block = len(example_chunks)
+        example_chunks.extend(stop - start for start, stop in edges_by_dim[0])
+        for dim, edges in zip(dims[1:], edges_by_dim[1:], strict=True):
+            other_chunks.setdefault(dim, [stop - start for start, stop in edges])
+        for block_index in itertools.product(*(range(len(edges)) for edges in edges_by_dim)):
+            bounds = [edges[i] for edges, i in zip(edges_by_dim, block_index, strict=True)]
+            padded_shape = tuple(stop - start for start, stop in bounds)
+            key = (graph_name, first_example_block + block_index[0], *block_index[1:])
+            if info is None:
+                graph[key] = (np.full, padded_shape, fill, dtype)
+                continue
+            local = tuple(
+                slice(start, min(stop, shard.sizes[dim])) for dim, (start, stop) in zip(dims, bounds, strict=True)
+            )
+            graph[key] = (_read_block, shard.manager, name, info, local, padded_shape, fill)
+    chunks = (tuple(example_chunks), *(tuple(other_chunks[d]) for d in dims[1:]))
+    array = dask.array.Array(graph, graph_name, chunks=chunks, dtype=dtype)
+    return dims, array, template.attrs
+
+
+def shard_array(name: str, shard: ShardInfo) -> tuple[tuple[str, ...], dask.array.Array, dict[str, Any]]:
+    """One shard's variable as a Dask array, unpadded (for validating the shard alone)."""
+    return store_array(name, [shard], {d: shard.sizes[d] for d in shard.sizes})
