@@ -7,8 +7,10 @@ Each method delegates to the module that owns the computation (``maps``, ``stats
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+import pandas as pd
 import xarray as xr
 
 
@@ -39,26 +41,52 @@ class VLIAccessor:
 
         return token_attention_on_image(self._ds, example, layer, head, token, direction=direction, smooth=smooth)
 
-    def head_stats(self, **kwargs: Any) -> xr.Dataset:
+    def statistics(self) -> list[str]:
+        """Names of the head statistics this dataset offers (built-in, then ``custom:<metric>``)."""
+        from vlinterpret_panel.stats import available_statistics
+
+        return available_statistics(self._ds)
+
+    def head_stats(self, statistics: Sequence[str] | None = None) -> xr.Dataset:
         """Per (example, layer, head) statistics, lazily (see ``stats.head_statistics``)."""
         from vlinterpret_panel.stats import head_statistics
 
-        return head_statistics(self._ds, **kwargs)
+        return head_statistics(self._ds, statistics=statistics)
 
-    def head_summary(self, statistic: str, **kwargs: Any) -> xr.DataArray:
-        """A ``(layer, head)`` summary of one statistic for an example or a subset (see ``stats``)."""
+    def head_summary(
+        self,
+        statistic: str,
+        *,
+        example: int | str | None = None,
+        where: xr.DataArray | None = None,
+        normalize: str = "raw",
+        aggregate: str = "mean",
+    ) -> xr.DataArray:
+        """A ``(layer, head)`` summary of one statistic for an example or a subset (see ``stats.head_summary``)."""
         from vlinterpret_panel.stats import head_summary
 
-        return head_summary(self._ds, statistic, **kwargs)
+        return head_summary(self._ds, statistic, example=example, where=where, normalize=normalize, aggregate=aggregate)
 
-    def projection(self, hidden_layer: int, **kwargs: Any) -> xr.Dataset:
-        """2-D projection of all tokens' hidden states at one layer, in one shared map."""
+    def compute_stats(self, *, progress: bool = False) -> xr.Dataset:
+        """Every built-in statistic of every example, in memory and cached beside the store."""
+        from vlinterpret_panel.stats import compute_head_statistics
+
+        return compute_head_statistics(self._ds, progress=progress)
+
+    def projection(
+        self, hidden_layer: int, *, method: str = "pca", sample_size: int | None = None, seed: int = 0, **kwargs: Any
+    ) -> xr.Dataset:
+        """2-D projection of all tokens' hidden states at one layer, in one shared map (see ``projection``)."""
         from vlinterpret_panel.projection import project_hidden_states
 
-        return project_hidden_states(self._ds, hidden_layer, **kwargs)
+        return project_hidden_states(
+            self._ds, hidden_layer, method=method, sample_size=sample_size, seed=seed, **kwargs
+        )
 
-    def nearest_tokens(self, example: int | str, token: int, hidden_layer: int, k: int = 10, **kwargs: Any):
+    def nearest_tokens(
+        self, example: int | str, token: int, hidden_layer: int, k: int = 10, *, modality: str | None = None
+    ) -> pd.DataFrame:
         """The ``k`` nearest tokens across the dataset in hidden space, with their examples and texts."""
         from vlinterpret_panel.neighbors import nearest_tokens
 
-        return nearest_tokens(self._ds, example, token, hidden_layer, k=k, **kwargs)
+        return nearest_tokens(self._ds, example, token, hidden_layer, k=k, modality=modality)

@@ -254,25 +254,25 @@ def compute_head_statistics(
                 bar.update(stop - start)
         return _table_to_netcdf_ready(xr.concat(batches, dim="example"))
 
-    params = {"version": _CACHE_VERSION, "examples": _digest_examples(ds)}
+    params = {"version": _CACHE_VERSION, "examples": examples_digest(ds)}
     stored = cache.cached(ds, CACHE_KIND, params, compute_all, use_cache=use_cache)
     return stored["head_statistics"].to_dataset("statistic")
 
 
 def cached_head_statistics(ds: xr.Dataset) -> xr.Dataset | None:
     """The cached statistics table of ``ds`` if one exists, without computing anything."""
-    params = {"version": _CACHE_VERSION, "examples": _digest_examples(ds)}
+    params = {"version": _CACHE_VERSION, "examples": examples_digest(ds)}
     stored = cache.load(ds, CACHE_KIND, params)
     return None if stored is None else stored["head_statistics"].to_dataset("statistic")
 
 
-def _digest_examples(ds: xr.Dataset) -> str:
+def examples_digest(ds: xr.Dataset) -> str:
     """A short fingerprint of the example ids, so a subset of a store gets its own cache entry."""
     ids = "\n".join(map(str, ds["example"].values.tolist()))
     return hashlib.sha256(ids.encode()).hexdigest()[:16]
 
 
-def _example_position(ds: xr.Dataset, example: int | str) -> int:
+def example_position(ds: xr.Dataset, example: int | str) -> int:
     ids = ds["example"].values
     if isinstance(example, str):
         matches = np.flatnonzero(ids == example)
@@ -336,7 +336,7 @@ def head_summary(
         raise VLIError("example and where: give one example or a subset, not both")
 
     if example is not None:
-        position = _example_position(ds, example)
+        position = example_position(ds, example)
         one = ds.isel(example=[position])
         table = cached_head_statistics(ds) if statistic in STATISTICS else None
         if table is not None:
@@ -370,7 +370,7 @@ def head_summary(
         "n_examples": n_examples,
     }
     if example is not None:
-        summary.attrs["example"] = str(ds["example"].values[_example_position(ds, example)])
+        summary.attrs["example"] = str(ds["example"].values[example_position(ds, example)])
     if normalize == "zscore":
         summary = summary.assign_coords(raw=raw.transpose("layer", "head").astype(np.float32))
     return summary

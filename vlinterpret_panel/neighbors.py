@@ -1,0 +1,134 @@
+"""Nearest tokens across the dataset, in the hidden space itself.
+
+VL-InterpreT looked up "nearest tokens" in independent per-example t-SNE maps, which
+compares unrelated coordinates. Here distances are Euclidean distances between hidden
+states at one layer, found exactly with scikit-learn. A layer whose real tokens fit in
+``memory_budget`` bytes is held in memory after the first query (dashboard clicks are then
+one search); a larger one is searched batch by batch, keeping the best candidates.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+from sklearn.neighbors import NearestNeighbors
+
+from vlinterpret_panel.errors import VLIError
+from vlinterpret_panel.projection import check_hidden_layer, hidden_vectors, real_tokens
+from vlinterpret_panel.schema import IMAGE, PAD, SPECIAL, TEXT
+from vlinterpret_panel.stats import example_position, examples_digest
+
+COLUMNS = ("example", "token", "token_text", "modality", "text", "distance")
+DEFAULT_MEMORY_BUDGET = 512 * 2**20
+_LAYERS_IN_MEMORY = 4
+_layers: OrderedDict[tuple, np.ndarray] = OrderedDict()
+
+
+def _layer_key(ds: xr.Dataset, hidden_layer: int) -> tuple | None:
+    """Identifies a layer of a stored dataset; None for in-memory datasets, which are not kept."""
+    if not ds.attrs.get("store_signature"):
+        return None
+    return (ds.attrs.get("store_path"), ds.attrs["store_signature"], examples_digest(ds), hidden_layer)
+
+
+def _batches(
+    ds: xr.Dataset, hidden_layer: int, example_index: np.ndarray, token: np.ndarray, batch_tokens: int, budget: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield ``(point positions, vectors)`` covering every real token of the layer."""
+    n_features = ds.sizes["feature"]
+    key = _layer_key(ds, hidden_layer)
+    if key is not None and key in _layers:
+        _layers.move_to_end(key)
+        yield np.arange(len(token)), _layers[key]
+        return
+    keep = key is not None and len(token) * n_features * 4 <= budget
+    kept = []
+    n_examples = ds.sizes["example"]
+    starts = np.searchsorted(example_index, np.arange(n_examples + 1))
+    examples_per_batch = max(1, batch_tokens // max(1, ds.sizes["token"]))
+    for first in range(0, n_examples, examples_per_batch):
+        last = min(n_examples, first + examples_per_batch)
+        points = np.arange(starts[first], starts[last])
+        vectors = hidden_vectors(ds, hidden_layer, slice(first, last))[example_index[points] - first, token[points]]
+        if keep:
+            kept.append(vectors)
+        yield points, vectors
+    if keep:
+        _layers[key] = np.concatenate(kept) if kept else np.empty((0, n_features), np.float32)
+        while len(_layers) > _LAYERS_IN_MEMORY:
+            _layers.popitem(last=False)
+
+
+def _check_modality(modality: str | Sequence[str] | None) -> set[str] | None:
+    if modality is None:
+        return None
+    wanted = {modality} if isinstance(modality, str) else set(modality)
+    unknown = sorted(wanted - {TEXT, IMAGE, SPECIAL})
+    if unknown or not wanted:
+        raise VLIError(f"modality: expected some of {[TEXT, IMAGE, SPECIAL]}, got {sorted(wanted)}")
+    return wanted
+
+
+def nearest_tokens(
+    ds: xr.Dataset,
+    example: int | str,
+    token: int,
+    hidden_layer: int,
+    k: int = 10,
+    *,
+    modality: str | Sequence[str] | None = None,
+    batch_tokens: int = 200_000,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> pd.DataFrame:
+    """The ``k`` tokens of the dataset nearest to one token's hidden state at ``hidden_layer``.
+
+    ``example`` is an index or id, ``token`` a position in it; ``modality`` (e.g. ``"image"``)
+    restricts the candidates. The query token itself is excluded; other tokens at distance 0
+    are kept. Returns one row per neighbour, nearest first, with columns ``example`` (id),
+    ``token``, ``token_text``, ``modality``, ``text`` (the example's text) and ``distance``.
+    """
+    position = example_position(ds, example)
+    hidden_layer = check_hidden_layer(ds, hidden_layer)
+    wanted = _check_modality(modality)
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise VLIError(f"k: expected a positive integer, got {k!r}")
+    labels = ds["modality"].values
+    n_real = int(np.sum(labels[position] != PAD))
+    if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or not 0 <= token < n_real:
+        raise VLIError(f"token: expected a position between 0 and {n_real - 1} in example {example!r}, got {token!r}")
+
+    query = hidden_vectors(ds, hidden_layer, [position])[0, token][None, :]
+    example_index, token_index = real_tokens(ds)
+    candidate = ~((example_index == position) & (token_index == token))
+    if wanted is not None:
+        candidate &= np.isin(labels[example_index, token_index], list(wanted))
+
+    best_points = np.empty(0, dtype=np.int64)
+    best_distances = np.empty(0, dtype=np.float64)
+    for points, vectors in _batches(ds, hidden_layer, example_index, token_index, batch_tokens, memory_budget):
+        usable = candidate[points]
+        if not usable.any():
+            continue
+        search = NearestNeighbors(n_neighbors=min(k, int(usable.sum())), algorithm="brute").fit(vectors[usable])
+        distances, rows = search.kneighbors(query)
+        best_points = np.concatenate([best_points, points[usable][rows[0]]])
+        best_distances = np.concatenate([best_distances, distances[0]])
+        order = np.argsort(best_distances, kind="stable")[:k]
+        best_points, best_distances = best_points[order], best_distances[order]
+
+    found_examples, found_tokens = example_index[best_points], token_index[best_points]
+    return pd.DataFrame(
+        {
+            "example": ds["example"].values[found_examples].astype(str),
+            "token": found_tokens.astype(int),
+            "token_text": ds["token_text"].values[found_examples, found_tokens].astype(str),
+            "modality": labels[found_examples, found_tokens].astype(str),
+            "text": ds["text"].values[found_examples].astype(str),
+            "distance": best_distances,
+        },
+        columns=list(COLUMNS),
+    )
