@@ -121,6 +121,14 @@ VARIABLES: dict[str, tuple[tuple[str, ...], bool, dict[str, str]]] = {
         False,
         {"long_name": "output the relevancy explains"},
     ),
+    "attention_row_sum": (
+        ("example", "layer", "head", "query"),
+        False,
+        {
+            "long_name": "sum of each attention row before it was normalised (imported unnormalised data)",
+            "units": "1",
+        },
+    ),
     "custom_metric": (
         ("example", "metric", "layer", "head"),
         False,
