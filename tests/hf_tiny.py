@@ -124,3 +124,42 @@ def tiny_clip(directory: Path, *, seed: int = 0) -> tuple[transformers.PreTraine
         text_config=text_config.to_dict(), vision_config=vision_config.to_dict(), projection_dim=16
     )
     return transformers.CLIPModel(config).eval(), processor
+
+
+REGION_FEATURES = 12
+
+
+def grid_regions(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Stand-in for a detector: 2x3 grid cells as regions, features from each cell's mean colour."""
+    height, width = image.shape[:2]
+    projection = np.random.default_rng(0).normal(size=(3, REGION_FEATURES)).astype(np.float32)
+    features, boxes = [], []
+    for row in range(2):
+        for col in range(3):
+            cell = image[row * height // 2 : (row + 1) * height // 2, col * width // 3 : (col + 1) * width // 3]
+            features.append(cell.reshape(-1, 3).mean(0) / 255 @ projection)
+            boxes.append([col / 3, row / 2, (col + 1) / 3, (row + 1) / 2])
+    return np.array(features, np.float32), np.array(boxes, np.float32)
+
+
+def tiny_lxmert(
+    directory: Path, *, seed: int = 0
+) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
+    """LxmertForQuestionAnswering: 2 language, 1 relational, 2 cross layers, 4 heads, 12-dim region features."""
+    torch.manual_seed(seed)
+    tokenizer = bert_tokenizer(directory / "tokenizer")
+    config = transformers.LxmertConfig(
+        vocab_size=len(BERT_SPECIALS) + len(WORDS),
+        hidden_size=32,
+        num_attention_heads=4,
+        intermediate_size=64,
+        l_layers=2,
+        r_layers=1,
+        x_layers=2,
+        visual_feat_dim=REGION_FEATURES,
+        max_position_embeddings=40,
+        num_qa_labels=len(ANSWERS),
+        num_object_labels=4,
+        num_attr_labels=4,
+    )
+    return transformers.LxmertForQuestionAnswering(config).eval(), tokenizer
