@@ -220,3 +220,31 @@ def test_two_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
         assert writer.wait(timeout=max(1, deadline - time.time())) == 0
     ds = open_dataset(store)
     assert sorted(ds.example.values.tolist()) == [f"synth-{i:07d}" for i in range(40)]
+
+
+def test_shard_of_another_schema_version_is_named_and_skippable(small_store: Path, tmp_path: Path) -> None:
+    store = tmp_path / "versions"
+    store.mkdir()
+    for shard in shard_paths(small_store):
+        (store / shard.name).write_bytes(shard.read_bytes())
+    spec = SynthSpec(examples=1, layers=3, heads=2, tokens=30, hidden_size=16, image_size=48, seed=3)
+    future = records_to_dataset([synthetic_record(spec, 99)], spec.model_info())
+    future.attrs["schema_version"] = "2.0"
+    future_path = store / "shard-99999999999999999999-future00.nc"
+    future.to_netcdf(future_path)
+    with pytest.raises(VLIError, match=f"{future_path.name}: schema version 2.0"):
+        open_dataset(store)
+    with pytest.warns(UserWarning, match="schema version 2.0"):
+        ds = open_dataset(store, on_bad_shard="skip")
+    assert ds.sizes["example"] == SMALL_SPEC.examples
+    assert "synth-0000099" not in ds.example.values
+
+
+def test_written_shards_are_ordinary_readable_files(tmp_path: Path) -> None:
+    spec = SynthSpec(examples=1, layers=1, heads=1, tokens=12, hidden_size=4, image_size=16)
+    previous = os.umask(0o022)
+    try:
+        (shard,) = write_synthetic_store(tmp_path / "s", spec)
+    finally:
+        os.umask(previous)
+    assert shard.stat().st_mode & 0o777 == 0o644
