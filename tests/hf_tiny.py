@@ -163,3 +163,64 @@ def tiny_lxmert(
         num_attr_labels=4,
     )
     return transformers.LxmertForQuestionAnswering(config).eval(), tokenizer
+
+
+LLAVA_WORDS = ["USER", "ASSISTANT", ":", *WORDS]
+
+
+def word_tokenizer(directory: Path) -> transformers.PreTrainedTokenizerBase:
+    """A word-level tokenizer with BOS and an ``<image>`` special token (a stand-in for Llama's)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    directory.mkdir(parents=True, exist_ok=True)
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+    vocab = {w: i for i, w in enumerate(specials + LLAVA_WORDS)}
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    backend = Tokenizer(models.WordLevel(json.loads((directory / "vocab.json").read_text()), unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        extra_special_tokens=["<image>"],
+    )
+
+
+def tiny_llava(directory: Path, *, seed: int = 0) -> tuple[transformers.PreTrainedModel, transformers.ProcessorMixin]:
+    """LlavaForConditionalGeneration: 2-layer CLIP vision tower (4x4 patches), 2-layer Llama with grouped KV heads."""
+    torch.manual_seed(seed)
+    tokenizer = word_tokenizer(directory / "tokenizer")
+    image_processor = transformers.CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, resample=0
+    )
+    processor = transformers.LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    vision_config = transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    text_config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config = transformers.LlavaConfig(
+        vision_config=vision_config.to_dict(),
+        text_config=text_config.to_dict(),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=16,
+        vision_feature_layer=-1,
+    )
+    return transformers.LlavaForConditionalGeneration(config).eval(), processor
