@@ -230,3 +230,16 @@ def test_spatial_distance_falls_back_to_box_centres(store, reference):
     ds = open_dataset(store).drop_vars("patch_position")
     computed = stats.head_statistics(ds, statistics=["spatial_distance"])["spatial_distance"].compute()
     np.testing.assert_allclose(computed.values, reference["spatial_distance"], atol=2e-3)
+
+
+def test_cli_stats_precomputes_and_caches(store, capsys):
+    from vlinterpret_panel.cli import main
+
+    assert main(["stats", str(store), "--hidden-layer", "1", "--quiet"]) == 0
+    output = capsys.readouterr().out
+    assert "head statistics: 10 statistics x 7 examples" in output
+    assert "projection pca hidden layer 1" in output
+    names = sorted(p.name.split("-")[0] + "-" + p.name.split("-")[1] for p in (store / ".cache").glob("*.nc"))
+    assert names == ["head-statistics", "projection-pca"]
+    assert main(["stats", str(store), "--hidden-layer", "99", "--quiet"]) == 2
+    assert "hidden_layer" in capsys.readouterr().err

@@ -127,6 +127,19 @@ def _import_vlinterpret(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stats(args: argparse.Namespace) -> int:
+    from vlinterpret_panel.stats import precompute
+    from vlinterpret_panel.store import open_dataset
+
+    ds = open_dataset(args.store)
+    methods = [] if args.no_projections else (args.method or ["pca"])
+    for line in precompute(
+        ds, hidden_layers=args.hidden_layer, methods=methods, batch_size=args.batch_size, progress=not args.quiet
+    ):
+        print(f"{args.store}: cached {line}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``vlinterpret`` and all its subcommands."""
     parser = argparse.ArgumentParser(prog="vlinterpret", description=__doc__.splitlines()[0])
@@ -189,6 +202,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     importer.add_argument("--examples-per-shard", type=int, default=16)
     importer.set_defaults(handler=_import_vlinterpret)
+    stats = commands.add_parser("stats", help="precompute and cache head statistics and hidden-state projections")
+    stats.add_argument("store", help="store directory (results are cached in STORE/.cache)")
+    stats.add_argument(
+        "--hidden-layer", type=int, action="append", help="hidden layer to project (repeatable; default: all)"
+    )
+    stats.add_argument(
+        "--method", action="append", choices=["pca", "tsne", "umap"], help="projection method (repeatable; default pca)"
+    )
+    stats.add_argument("--no-projections", action="store_true", help="only the head statistics")
+    stats.add_argument("--batch-size", type=int, default=32, help="examples per statistics batch")
+    stats.add_argument("--quiet", action="store_true", help="no progress bars")
+    stats.set_defaults(handler=_stats)
     return parser
 
 

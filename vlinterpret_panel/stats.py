@@ -16,6 +16,7 @@ nor keys of any block, as in VL-InterpreT. A head with no query of modality X ge
 from __future__ import annotations
 
 import hashlib
+import time
 import warnings
 from collections.abc import Sequence
 from typing import Literal
@@ -388,5 +389,42 @@ __all__ = [
     "head_statistics",
     "head_summary",
     "layer_means",
+    "precompute",
     "zscore_per_head",
 ]
+
+
+def precompute(
+    ds: xr.Dataset,
+    *,
+    hidden_layers: Sequence[int] | None = None,
+    methods: Sequence[str] = ("pca",),
+    batch_size: int = 32,
+    progress: bool = False,
+) -> list[str]:
+    """Compute and cache head statistics and the projections of ``hidden_layers`` (default all).
+
+    What ``vlinterpret stats`` runs, so the dashboard opens on cached results; returns one
+    line per cached result.
+    """
+    from vlinterpret_panel.projection import project_hidden_states
+
+    if cache.cache_directory(ds) is None:
+        raise VLIError("the dataset has no store path; open it with vlinterpret_panel.open_dataset to cache results")
+    layers = range(ds.sizes["hidden_layer"]) if hidden_layers is None else hidden_layers
+    done = []
+    started = time.perf_counter()
+    table = compute_head_statistics(ds, batch_size=batch_size, progress=progress)
+    done.append(
+        f"head statistics: {len(table.data_vars)} statistics x {table.sizes['example']} examples "
+        f"({time.perf_counter() - started:.1f} s)"
+    )
+    for method in methods:
+        for hidden_layer in layers:
+            started = time.perf_counter()
+            points = project_hidden_states(ds, hidden_layer, method=method, progress=progress)
+            done.append(
+                f"projection {method} hidden layer {hidden_layer}: {points.sizes['point']} tokens "
+                f"({time.perf_counter() - started:.1f} s)"
+            )
+    return done

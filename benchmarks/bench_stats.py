@@ -1,0 +1,160 @@
+"""Head statistics over a large store: throughput next to the raw read speed, and peak memory.
+
+    python benchmarks/bench_stats.py [--store PATH] [--gigabytes 8]
+
+Builds the store once (ViLT-sized examples: 12 layers x 12 heads, 185 tokens, hidden 768):
+``--distinct`` synthetic examples, then copies of their shards under new example ids until
+the store holds ``--gigabytes`` on disk (generating every example would take hours on a
+shared machine; the statistics cost the same on copied data). Then, each in a fresh
+process so peak memory is its own:
+
+* raw read: every attention chunk of every shard read and decompressed with netCDF4, nothing else;
+* statistics: ``compute_head_statistics`` over the whole store (Dask, bounded batches, no cache).
+
+Prints both throughputs (on-disk store bytes per second), their ratio and peak resident memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from vlinterpret_panel.store import SHARD_PREFIX, SHARD_SUFFIX, shard_paths
+from vlinterpret_panel.synth import SynthSpec, write_synthetic_store
+
+VILT_SIZED = SynthSpec(layers=12, heads=12, tokens=185, hidden_size=768, image_size=384, seed=11)
+
+
+def store_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in shard_paths(path))
+
+
+def _copy_shard(source: Path, store: Path, copy_number: int) -> None:
+    """Copy a shard atomically under a new name, giving its examples new ids."""
+    import netCDF4
+
+    name = f"{SHARD_PREFIX}{time.time_ns():020d}-{uuid.uuid4().hex[:8]}{SHARD_SUFFIX}"
+    handle, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=store)
+    os.close(handle)
+    shutil.copyfile(source, temporary)
+    with netCDF4.Dataset(temporary, "r+") as shard:
+        ids = shard.variables["example"][:]
+        shard.variables["example"][:] = np.array([f"{i}-copy{copy_number:04d}" for i in ids], dtype=object)
+    os.replace(temporary, store / name)
+
+
+def ensure_store(path: Path, gigabytes: float, distinct: int) -> None:
+    """Write ``distinct`` examples if the store is empty, then copy shards up to ``gigabytes``."""
+    if not path.exists() or not shard_paths(path):
+        print(f"writing {distinct} distinct examples to {path} ...", flush=True)
+        spec = SynthSpec(**{**VILT_SIZED.__dict__, "examples": distinct})
+        write_synthetic_store(path, spec, examples_per_shard=8, progress=True)
+    originals = shard_paths(path)
+    copy_number = len(shard_paths(path))
+    while store_bytes(path) < gigabytes * 1e9:
+        _copy_shard(originals[copy_number % len(originals)], path, copy_number)
+        copy_number += 1
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def child_raw_read(store: Path) -> dict:
+    """Read and decompress every attention chunk with netCDF4 alone."""
+    import netCDF4
+
+    started = time.perf_counter()
+    values = 0
+    for shard_path in shard_paths(store):
+        with netCDF4.Dataset(shard_path) as shard:
+            attention = shard.variables["attention"]
+            attention.set_auto_maskandscale(False)  # raw uint16: the read, not the decoding
+            for example in range(attention.shape[0]):
+                for layer in range(attention.shape[1]):
+                    values += attention[example, layer].size
+    return {"seconds": time.perf_counter() - started, "values": values, "peak_rss": _peak_rss_bytes()}
+
+
+def child_statistics(store: Path, batch_size: int) -> dict:
+    """All built-in statistics of every example, without the cache."""
+    from vlinterpret_panel.stats import compute_head_statistics
+    from vlinterpret_panel.store import open_dataset
+
+    started = time.perf_counter()
+    ds = open_dataset(store)
+    table = compute_head_statistics(ds, batch_size=batch_size, use_cache=False)
+    seconds = time.perf_counter() - started
+    finite = int(np.isfinite(table["entropy"].values).sum())
+    return {"seconds": seconds, "examples": ds.sizes["example"], "finite": finite, "peak_rss": _peak_rss_bytes()}
+
+
+def drop_page_cache() -> bool:
+    """Evict files from the OS cache where allowed, so both measurements read cold."""
+    try:
+        subprocess.run(["sync"], check=True)
+        with open("/proc/sys/vm/drop_caches", "w") as control:
+            control.write("1\n")
+        return True
+    except OSError:
+        return False
+
+
+def run_child(*arguments: str) -> dict:
+    output = subprocess.run([sys.executable, __file__, *arguments], check=True, capture_output=True, text=True)
+    return json.loads(output.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--store", type=Path, default=Path("/tmp/vlinterpret-bench/stats-8gb"))
+    parser.add_argument("--gigabytes", type=float, default=8.0)
+    parser.add_argument("--distinct", type=int, default=64, help="synthetic examples to generate before copying")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--child", choices=["raw", "stats"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child == "raw":
+        print(json.dumps(child_raw_read(args.store)))
+        return
+    if args.child == "stats":
+        print(json.dumps(child_statistics(args.store, args.batch_size)))
+        return
+
+    ensure_store(args.store, args.gigabytes, args.distinct)
+    size = store_bytes(args.store)
+    cold = drop_page_cache()
+    raw = run_child("--store", str(args.store), "--child", "raw")
+    drop_page_cache()
+    computed = run_child("--store", str(args.store), "--child", "stats", "--batch-size", str(args.batch_size))
+
+    gb = 1e9
+    raw_speed, stats_speed = size / raw["seconds"] / gb, size / computed["seconds"] / gb
+    print(
+        f"store: {args.store} {size / gb:.2f} GB on disk, {computed['examples']} examples, "
+        f"{len(shard_paths(args.store))} shards ({'cold page cache' if cold else 'page cache not dropped'})"
+    )
+    print(
+        f"raw read (netCDF4, every attention chunk): {raw['seconds']:7.1f} s  {raw_speed:.3f} GB/s  "
+        f"peak RSS {raw['peak_rss'] / 2**30:.2f} GiB"
+    )
+    print(
+        f"head statistics (10 statistics, Dask):     {computed['seconds']:7.1f} s  {stats_speed:.3f} GB/s  "
+        f"peak RSS {computed['peak_rss'] / 2**30:.2f} GiB  "
+        f"({computed['examples'] / computed['seconds']:.1f} examples/s)"
+    )
+    print(f"ratio statistics / raw read: {stats_speed / raw_speed:.2f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
