@@ -1,0 +1,168 @@
+"""Train the built-in models on the synthetic scene world (CPU, seeded) and save their weights.
+
+Usage: ``python extract/train_models.py --model single_stream|dual_stream|dual_encoder|all``.
+Training examples come from per-example seeds below ``world.HELDOUT_SEED_START``; the
+held-out accuracy printed at the end uses seeds from it on, so the two never overlap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vlinterpret_panel.models import world
+from vlinterpret_panel.models.dual_encoder import DualEncoderModel
+from vlinterpret_panel.models.layers import BaseVLModel, ModelConfig
+from vlinterpret_panel.models.registry import (
+    BUILTIN_MODELS,
+    WEIGHTS_DIR,
+    build_model,
+    evaluate_retrieval,
+    evaluate_vqa,
+    images_to_pixels,
+    save_model,
+    texts_to_ids,
+    vqa_batch,
+)
+
+STEPS = {"single_stream": 1200, "dual_stream": 1200, "dual_encoder": 1200}
+BATCH_SIZE = 32
+LEARNING_RATE = 1e-3
+WARMUP_STEPS = 100
+EVAL_EXAMPLES = 2000
+
+
+def learning_rate(step: int, total: int) -> float:
+    """Linear warm-up, then cosine decay to zero."""
+    if step < WARMUP_STEPS:
+        return LEARNING_RATE * (step + 1) / WARMUP_STEPS
+    progress = (step - WARMUP_STEPS) / max(1, total - WARMUP_STEPS)
+    return LEARNING_RATE * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def hard_negative_caption(scene: world.Scene, rng: np.random.Generator) -> str:
+    """A caption of the scene with one object's colour or shape changed to an absent pair."""
+    present = {(o.color, o.shape) for o in scene.objects}
+    ordered = sorted(scene.objects, key=lambda o: (o.row, o.col))
+    index = int(rng.integers(len(ordered)))
+    target = ordered[index]
+    if rng.random() < 0.5:
+        options = [(c, target.shape) for c in world.COLOR_NAMES if (c, target.shape) not in present]
+    else:
+        options = [(target.color, s) for s in world.SHAPES if (target.color, s) not in present]
+    if not options:
+        options = [(c, s) for c in world.COLOR_NAMES for s in world.SHAPES if (c, s) not in present]
+    color, shape = options[int(rng.integers(len(options)))]
+    parts = [f"a {o.color} {o.shape}" for o in ordered]
+    parts[index] = f"a {color} {shape}"
+    return " and ".join(parts)
+
+
+def vqa_step(model: BaseVLModel, seeds: range) -> tuple[Tensor, float]:
+    """Cross-entropy loss and accuracy on one batch of training questions."""
+    text_ids, text_mask, pixels, answers = vqa_batch(seeds)
+    logits = model(text_ids, text_mask, pixels).logits
+    accuracy = float((logits.argmax(-1) == answers).float().mean())
+    return nn.functional.cross_entropy(logits, answers), accuracy
+
+
+def contrastive_step(model: DualEncoderModel, seeds: range) -> tuple[Tensor, float]:
+    """Symmetric InfoNCE over the batch, with one hard-negative caption per image added."""
+    scenes = [world.scene_for_seed(seed) for seed in seeds]
+    rng = np.random.default_rng(seeds.start)
+    captions = [world.make_caption(scene) for scene in scenes]
+    negatives = [hard_negative_caption(scene, rng) for scene in scenes]
+    text_ids, text_mask = texts_to_ids(captions + negatives)
+    positions = torch.arange(text_ids.shape[1]).expand_as(text_ids)
+    text_embeds, _, _ = model.encode_text(text_ids, text_mask, positions)
+    pixels = images_to_pixels([scene.image for scene in scenes])
+    patch_positions = torch.arange(model.config.num_patches).expand(len(scenes), -1)
+    image_embeds, _, _ = model.encode_image(pixels, patch_positions)
+    logits = model.similarity(image_embeds, text_embeds)
+    targets = torch.arange(len(scenes))
+    loss_images = nn.functional.cross_entropy(logits, targets)
+    loss_texts = nn.functional.cross_entropy(logits[:, : len(scenes)].T, targets)
+    accuracy = float((logits.argmax(-1) == targets).float().mean())
+    return (loss_images + loss_texts) / 2, accuracy
+
+
+def train(name: str, seed: int, steps: int) -> dict[str, float]:
+    """Train one model, evaluate it on held-out seeds and save it; return its metrics."""
+    torch.manual_seed(seed)
+    model = build_model(ModelConfig(name))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.01)
+    start = time.perf_counter()
+    cpu_start = time.process_time()
+    model.train()
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, steps)
+        seeds = range(
+            seed * 10_000_000 + step * BATCH_SIZE, seed * 10_000_000 + (step + 1) * BATCH_SIZE
+        )
+        if isinstance(model, DualEncoderModel):
+            loss, accuracy = contrastive_step(model, seeds)
+        else:
+            loss, accuracy = vqa_step(model, seeds)
+        optimizer.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if step % 250 == 0 or step == steps - 1:
+            elapsed = time.perf_counter() - start
+            print(
+                f"{name} step {step:5d} loss {loss.item():.4f} "
+                f"batch acc {accuracy:.3f} {elapsed:.0f}s",
+                flush=True,
+            )
+    train_seconds = time.perf_counter() - start
+    cpu_seconds = time.process_time() - cpu_start
+    model.eval()
+    if isinstance(model, DualEncoderModel):
+        metric_name = "heldout_top1_retrieval_of_8"
+        metric = evaluate_retrieval(model, EVAL_EXAMPLES)
+    else:
+        metric_name = "heldout_accuracy"
+        metric = evaluate_vqa(model, EVAL_EXAMPLES)
+    metrics = {
+        metric_name: metric,
+        "heldout_examples": EVAL_EXAMPLES,
+        "train_steps": steps,
+        "batch_size": BATCH_SIZE,
+        "train_seconds": round(train_seconds, 1),
+        "train_cpu_seconds": round(cpu_seconds, 1),
+        "seed": seed,
+    }
+    save_model(model, WEIGHTS_DIR, metrics)
+    print(
+        f"{name}: {metric_name} = {metric:.4f} on {EVAL_EXAMPLES} held-out examples "
+        f"(training {train_seconds:.0f}s wall, {cpu_seconds:.0f}s CPU)",
+        flush=True,
+    )
+    return metrics
+
+
+def main() -> None:
+    """Parse arguments and train the requested model(s)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=[*BUILTIN_MODELS, "all"], required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=None, help="override the step count")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    names = BUILTIN_MODELS if args.model == "all" else (args.model,)
+    for name in names:
+        train(name, args.seed, args.steps or STEPS[name])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Load the built-in models from the committed weights, and score them on held-out scenes."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from vlinterpret_panel.errors import VLIError
+from vlinterpret_panel.models import world
+from vlinterpret_panel.models.dual_encoder import DualEncoderModel
+from vlinterpret_panel.models.dual_stream import DualStreamModel
+from vlinterpret_panel.models.layers import BaseVLModel, ModelConfig, pixels_from_uint8
+from vlinterpret_panel.models.single_stream import SingleStreamModel
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+MODEL_CLASSES: dict[str, type[BaseVLModel]] = {
+    "single_stream": SingleStreamModel,
+    "dual_stream": DualStreamModel,
+    "dual_encoder": DualEncoderModel,
+}
+BUILTIN_MODELS: tuple[str, ...] = tuple(MODEL_CLASSES)
+
+
+class UnknownModelError(VLIError, ValueError):
+    """An unknown built-in model name (a ``ValueError`` and the project's ``VLIError``)."""
+
+
+def build_model(config: ModelConfig) -> BaseVLModel:
+    """A freshly initialised model of ``config.architecture``."""
+    if config.architecture not in MODEL_CLASSES:
+        raise UnknownModelError(_unknown_message(config.architecture))
+    return MODEL_CLASSES[config.architecture](config)
+
+
+def _unknown_message(name: str) -> str:
+    return f"unknown built-in model {name!r}; valid choices: {', '.join(BUILTIN_MODELS)}"
+
+
+def weight_paths(name: str, directory: Path = WEIGHTS_DIR) -> tuple[Path, Path]:
+    """The safetensors file and JSON config file of a built-in model."""
+    return directory / f"{name}.safetensors", directory / f"{name}.json"
+
+
+def save_model(
+    model: BaseVLModel, directory: Path = WEIGHTS_DIR, metrics: dict | None = None
+) -> None:
+    """Write the weights (safetensors) and a JSON config (plus training metrics) for a model."""
+    directory.mkdir(parents=True, exist_ok=True)
+    weights_path, config_path = weight_paths(model.config.architecture, directory)
+    state = {key: value.detach().contiguous() for key, value in model.state_dict().items()}
+    save_file(state, str(weights_path))
+    payload = {"config": asdict(model.config), "metrics": metrics or {}}
+    config_path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def load_builtin_model(name: str, directory: Path = WEIGHTS_DIR) -> tuple[BaseVLModel, ModelConfig]:
+    """Load a committed built-in model (offline) in eval mode, with its config."""
+    if name not in MODEL_CLASSES:
+        raise UnknownModelError(_unknown_message(name))
+    weights_path, config_path = weight_paths(name, directory)
+    if not weights_path.exists() or not config_path.exists():
+        raise VLIError(f"weights for built-in model {name!r} are missing in {directory}")
+    config = ModelConfig(**json.loads(config_path.read_text())["config"])
+    model = build_model(config)
+    model.load_state_dict(load_file(str(weights_path)))
+    model.eval()
+    return model, config
+
+
+def images_to_pixels(images: list[np.ndarray]) -> torch.Tensor:
+    """``[H, W, 3]`` uint8 images to the ``[B, 3, H, W]`` float pixels the models take."""
+    return pixels_from_uint8(torch.from_numpy(np.stack(images)))
+
+
+def texts_to_ids(
+    texts: list[str], max_length: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids ``[B, T]`` (int64) and validity mask ``[B, T]`` (bool) for texts."""
+    ids, mask = world.encode_batch(texts, max_length)
+    return torch.from_numpy(ids), torch.from_numpy(mask)
+
+
+def vqa_batch(
+    seeds: range | list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Question ids, mask, pixels and answer ids for the VQA examples of the given seeds."""
+    examples = [world.vqa_example_for_seed(seed) for seed in seeds]
+    text_ids, text_mask = texts_to_ids([example.question for _, example in examples])
+    pixels = images_to_pixels([scene.image for scene, _ in examples])
+    answers = torch.tensor([world.ANSWER_TO_ID[example.answer] for _, example in examples])
+    return text_ids, text_mask, pixels, answers
+
+
+@torch.no_grad()
+def evaluate_vqa(model: BaseVLModel, num_examples: int = 1000, batch_size: int = 250) -> float:
+    """Answer accuracy on the first ``num_examples`` held-out seeds."""
+    correct = 0
+    start = world.HELDOUT_SEED_START
+    for offset in range(0, num_examples, batch_size):
+        seeds = range(start + offset, start + min(offset + batch_size, num_examples))
+        text_ids, text_mask, pixels, answers = vqa_batch(seeds)
+        logits = model(text_ids, text_mask, pixels).logits
+        correct += int((logits.argmax(-1) == answers).sum())
+    return correct / num_examples
+
+
+@torch.no_grad()
+def evaluate_retrieval(
+    model: DualEncoderModel, num_examples: int = 1000, num_candidates: int = 8
+) -> float:
+    """Top-1 accuracy picking each held-out image's caption among ``num_candidates`` captions.
+
+    The distractors are captions of other held-out scenes, drawn with a fixed seed, skipping
+    scenes with the same set of (colour, shape) pairs (their captions name the same objects).
+    """
+    scenes = [world.scene_for_seed(world.HELDOUT_SEED_START + i) for i in range(num_examples)]
+    keys = [world.caption_key(scene) for scene in scenes]
+    text_ids, text_mask = texts_to_ids([world.make_caption(scene) for scene in scenes])
+    positions = torch.arange(text_ids.shape[1]).expand_as(text_ids)
+    text_embeds, _, _ = model.encode_text(text_ids, text_mask, positions)
+    pixels = images_to_pixels([scene.image for scene in scenes])
+    patch_positions = torch.arange(model.config.num_patches).expand(num_examples, -1)
+    image_embeds, _, _ = model.encode_image(pixels, patch_positions)
+    scores = (image_embeds @ text_embeds.T).numpy()
+    rng = np.random.default_rng(0)
+    correct = 0
+    for index in range(num_examples):
+        others = [j for j in rng.permutation(num_examples) if keys[j] != keys[index]]
+        candidates = [index, *others[: num_candidates - 1]]
+        correct += int(np.argmax(scores[index, candidates]) == 0)
+    return correct / num_examples
