@@ -29,7 +29,7 @@ DIRECTIONS: tuple[str, ...] = ("from", "to")
 _T = TypeVar("_T")
 
 
-class _LRU:
+class LRUCache:
     """A thread-safe least-recently-used cache of a bounded number of entries."""
 
     def __init__(self, size: int) -> None:
@@ -55,8 +55,8 @@ class _LRU:
 
 
 # A ViLT-sized (example, layer) chunk is 12 heads x 185 x 185 float32 = 1.6 MB: 48 of them is < 100 MB.
-_CHUNKS = _LRU(48)
-_EXAMPLES = _LRU(256)
+_CHUNKS = LRUCache(48)
+_EXAMPLES = LRUCache(256)
 
 
 def _store_key(ds: xr.Dataset) -> Hashable:

@@ -1,82 +1,98 @@
-"""The dashboard page over one store."""
+"""The dashboard: every view composed around one shared ``Selection``; built anew for each session."""
 
 from __future__ import annotations
 
 import os
 
-import holoviews as hv
-import numpy as np
 import panel as pn
 import param
 import xarray as xr
 
 from vlinterpret_panel.store import open_dataset
+from vlinterpret_panel.ui.attention import AttentionHeatmap
+from vlinterpret_panel.ui.common import ensure_extension, message_banner
+from vlinterpret_panel.ui.compare import HeadComparison
+from vlinterpret_panel.ui.embedding import EmbeddingView
+from vlinterpret_panel.ui.examples import ExampleBrowser
+from vlinterpret_panel.ui.export import ExportPanel
+from vlinterpret_panel.ui.head_summary import HeadSummary
+from vlinterpret_panel.ui.image import ImageView
+from vlinterpret_panel.ui.relevancy import RelevancyView
+from vlinterpret_panel.ui.selection import URL_PARAMETERS, Selection
+from vlinterpret_panel.ui.text import TextView
+from vlinterpret_panel.ui.tokens import TokenControls
 
-hv.extension("bokeh")
+ensure_extension()
+pn.extension(notifications=False)
+pn.config.loading_indicator = True
 
 
-class StoreOverview(pn.viewable.Viewer):
-    """Browse a store: pick an example and a layer, see its image and head-mean attention."""
+class Dashboard(pn.viewable.Viewer):
+    """All views of one dataset, linked through one ``Selection``; usable inline in JupyterLab."""
 
-    example = param.Integer(default=0, bounds=(0, 0), doc="index of the example shown")
-    layer = param.Integer(default=0, bounds=(0, 0), doc="attention module shown")
+    selection = param.ClassSelector(class_=Selection)
 
-    def __init__(self, ds: xr.Dataset, **params):
+    def __init__(self, ds: xr.Dataset, selection: Selection | None = None, **params) -> None:
+        super().__init__(selection=selection or Selection.for_dataset(ds), **params)
         self._ds = ds
-        super().__init__(**params)
-        self.param.example.bounds = (0, ds.sizes["example"] - 1)
-        self.param.layer.bounds = (0, ds.sizes["layer"] - 1)
+        selection = self.selection
+        self.examples = ExampleBrowser(ds, selection)
+        self.tokens = TokenControls(ds, selection)
+        self.head_summary = HeadSummary(ds, selection)
+        self.attention = AttentionHeatmap(ds, selection)
+        self.image = ImageView(ds, selection)
+        self.text = TextView(ds, selection)
+        self.embedding = EmbeddingView(ds, selection)
+        self.relevancy = RelevancyView(ds, selection)
+        self.comparison = HeadComparison(ds, selection)
+        self.export = ExportPanel(ds, selection)
 
-    @param.depends("example")
-    def _image(self) -> hv.RGB:
-        example = self._ds.isel(example=self.example)
-        height, width = int(example.image_height), int(example.image_width)
-        pixels = example["image"].isel(image_y=slice(0, height), image_x=slice(0, width)).values
-        return hv.RGB(pixels[::-1], bounds=(0, 0, width, height)).opts(
-            title=str(example.text.values), frame_width=320, aspect=width / height, xaxis=None, yaxis=None
+    def summary(self) -> str:
+        """One line naming the model and the store's sizes."""
+        ds = self._ds
+        return (
+            f"**{ds.attrs.get('model_name', '?')}** · {ds.sizes['example']} examples · "
+            f"{ds.sizes['layer']} layers × {ds.sizes['head']} heads · up to {ds.sizes['token']} tokens"
         )
 
-    @param.depends("example", "layer")
-    def _attention(self) -> hv.HeatMap:
-        example = self._ds.isel(example=self.example)
-        n_tokens = int(example.seq_len)
-        mean = example["attention"].isel(layer=self.layer, query=slice(0, n_tokens), key=slice(0, n_tokens))
-        matrix = mean.mean("head", skipna=True).values
-        labels = [f"{i}:{t}" for i, t in enumerate(example["token_text"].values[:n_tokens])]
-        query, key = np.meshgrid(np.arange(n_tokens), np.arange(n_tokens), indexing="ij")
-        table = {
-            "key": np.array(labels)[key.ravel()],
-            "query": np.array(labels)[query.ravel()],
-            "attention": matrix.ravel(),
-        }
-        return hv.HeatMap(table, ["key", "query"], "attention").opts(
-            cmap="viridis",
-            colorbar=True,
-            frame_width=420,
-            frame_height=420,
-            xaxis=None,
-            yaxis=None,
-            invert_yaxis=True,
-            tools=["hover"],
-            title=f"layer {self.layer}: mean over heads (rows: queries)",
+    def sidebar(self) -> list[pn.viewable.Viewable]:
+        """The controls: the example browser, token and head pickers, export."""
+        return [pn.pane.Markdown(self.summary()), self.examples, self.tokens, self.export]
+
+    def main(self) -> pn.viewable.Viewable:
+        """The views, in tabs rendered when first opened."""
+        attention = pn.Column(
+            message_banner(self.selection),
+            pn.Row(self.head_summary, self.attention),
+            pn.Row(self.image, self.text),
+        )
+        return pn.Tabs(
+            ("Attention", attention),
+            ("Embeddings", self.embedding),
+            ("Relevancy", self.relevancy),
+            ("Compare heads", self.comparison),
+            dynamic=True,
+            sizing_mode="stretch_width",
         )
 
     def __panel__(self) -> pn.viewable.Viewable:
-        ds = self._ds
-        summary = pn.pane.Markdown(
-            f"**{ds.attrs['model_name']}** · {ds.sizes['example']} examples · "
-            f"{ds.sizes['layer']} layers × {ds.sizes['head']} heads · up to {ds.sizes['token']} tokens"
-        )
-        controls = pn.Column(
-            summary,
-            pn.widgets.IntSlider.from_param(self.param.example),
-            pn.widgets.IntSlider.from_param(self.param.layer),
-            width=320,
-        )
-        return pn.Row(controls, pn.pane.HoloViews(self._image), pn.pane.HoloViews(self._attention))
+        return pn.Row(pn.Column(*self.sidebar(), width=330), self.main())
 
 
 def build_app(store: str | os.PathLike) -> pn.viewable.Viewable:
-    """The dashboard page for the store at ``store``."""
+    """The dashboard page for the store at ``store``, its selection synced with the URL."""
     ds = open_dataset(store)
-    return pn.template.FastListTemplate(title="vlinterpret-panel", main=[StoreOverview(ds)])
+    dashboard = Dashboard(ds)
+    if pn.state.location is not None:
+        pn.state.location.sync(dashboard.selection, URL_PARAMETERS)
+    busy = pn.indicators.LoadingSpinner(value=False, size=24, name="busy")
+    pn.state.sync_busy(busy)
+    template = pn.template.BootstrapTemplate(
+        title="vlinterpret-panel",
+        sidebar=dashboard.sidebar(),
+        main=[dashboard.main()],
+        header=[busy],
+        sidebar_width=340,
+        header_background="#1f3b57",
+    )
+    return template

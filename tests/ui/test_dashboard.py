@@ -1,0 +1,140 @@
+"""The dashboard in a real browser: loading, linked clicks, the embedding slider and shareable URLs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+import numpy as np
+import pytest
+
+from tests.ui.conftest import AppPage, changed_fraction
+from vlinterpret_panel import open_dataset
+from vlinterpret_panel.maps import example_tokens
+from vlinterpret_panel.schema import TEXT
+from vlinterpret_panel.ui.text import token_layout
+
+pytestmark = pytest.mark.browser
+
+SUMMARY = "cross_modal"  # the head summary's title starts with its statistic
+HEATMAP = "layer "
+IMAGE_OVERLAY_FRACTION = 0.05
+
+
+def _query(app: AppPage) -> dict[str, str]:
+    return {
+        key: values[0] for key, values in parse_qs(urlparse(app.page.evaluate("window.location.href")).query).items()
+    }
+
+
+def test_app_loads_every_view_without_console_errors(app: AppPage) -> None:
+    app.open()
+    for prefix in (SUMMARY, HEATMAP, "attention from"):
+        app.wait_for_figure(prefix)
+    app.page.wait_for_timeout(1000)
+    assert app.errors == []
+
+
+def test_tapping_a_head_summary_cell_updates_the_attention_heatmap(app: AppPage) -> None:
+    app.open()
+    app.wait_for_figure(SUMMARY)
+    before = app.pixels(HEATMAP)
+    app.click_data(SUMMARY, "1", "0")
+    app.wait_for_figure("layer 0, head 1")
+    app.wait_until(lambda: changed_fraction(before, app.pixels(HEATMAP)) > 0.05, what="the heatmap to change")
+    app.wait_until(lambda: _query(app).get("layer") == "0" and _query(app).get("head") == "1", what="the URL")
+    app.click_data(SUMMARY, "mean", "2")
+    app.wait_for_figure("layer 2, mean of heads")
+    assert app.errors == []
+
+
+def test_tapping_a_text_token_changes_the_image_overlay(app: AppPage, relevancy_store: Path) -> None:
+    ds = open_dataset(relevancy_store)
+    example = str(ds.example.values[0])
+    info = example_tokens(ds, example)
+    app.open(f"?example={example}")
+    title = info.text[:20]
+    app.wait_for_figure(title)
+    before = app.pixels(title)
+    layout = token_layout(info)
+    selected = int(info.tokens_of(TEXT)[0])
+    target = layout[(layout.token != selected) & np.isin(layout.token, info.tokens_of(TEXT))].iloc[-1]
+    app.click_data("attention from", float((target.x0 + target.x1) / 2), float((target.y0 + target.y1) / 2))
+    token = int(target.token)
+    app.wait_for_figure(f"attention from {token}:")
+    app.wait_until(
+        lambda: changed_fraction(before, app.pixels(title)) > IMAGE_OVERLAY_FRACTION, what="the overlay to change"
+    )
+    # The brightest patch on screen is where the token attends most (same row-0-at-top convention in both views).
+    app.page.wait_for_timeout(500)
+    after = app.pixels(title)
+    layer = ds.sizes["layer"] - 1
+    painted = ds.vli.token_attention_on_image(example, layer, None, token).values
+    patches = info.image_tokens()
+    values = [
+        painted[
+            int((info.token_box[p, 1] + info.token_box[p, 3]) / 2),
+            int((info.token_box[p, 0] + info.token_box[p, 2]) / 2),
+        ]
+        for p in patches
+    ]
+    height, width = info.image.shape[:2]
+
+    def brightness(position: int) -> float:
+        x0, y0, x1, y1 = info.token_box[position]
+        row = int((y0 + y1) / 2 / height * after.shape[0])
+        column = int((x0 + x1) / 2 / width * after.shape[1])
+        return float(after[row, column].sum())
+
+    assert brightness(patches[int(np.argmax(values))]) > brightness(patches[int(np.argmin(values))]) + 60
+    assert app.errors == []
+
+
+def test_tapping_an_image_patch_makes_it_the_query(app: AppPage, relevancy_store: Path) -> None:
+    ds = open_dataset(relevancy_store)
+    example = str(ds.example.values[1])
+    info = example_tokens(ds, example)
+    app.open(f"?example={example}")
+    title = info.text[:20]
+    app.wait_for_figure(title)
+    patch = int(info.image_tokens()[-1])  # bottom-right patch: row 0 is the top in every view
+    x0, y0, x1, y1 = info.token_box[patch]
+    app.click_data(title, float((x0 + x1) / 2), float((y0 + y1) / 2))
+    app.wait_for_figure(f"attention from {patch}:")
+    app.wait_until(lambda: _query(app).get("tokens") == f"[{patch}]", what="the URL to name the patch")
+
+
+def test_layer_slider_changes_the_embedding_view(app: AppPage) -> None:
+    app.open()
+    app.page.get_by_text("Embeddings", exact=True).click()
+    app.wait_for_figure("hidden layer")
+    title_before = app.figure("hidden layer")["title"]
+    before = app.pixels("hidden layer")
+    handle = app.page.locator(".bk-input-group").filter(has_text="hidden layer").locator(".noUi-handle").first
+    handle.focus()
+    handle.press("ArrowLeft")
+    app.wait_until(lambda: app.figure("hidden layer")["title"] != title_before, what="the layer in the title")
+    app.wait_until(lambda: changed_fraction(before, app.pixels("hidden layer")) > 0.01, what="the cloud to change")
+    assert app.errors == []
+
+
+def test_a_url_with_state_reopens_that_state(app: AppPage, relevancy_store: Path) -> None:
+    ds = open_dataset(relevancy_store)
+    example = str(ds.example.values[3])
+    token = int(example_tokens(ds, example).tokens_of(TEXT)[2])
+    app.open(f"?example={example}&layer=1&head=2&tokens=[{token}]")
+    app.wait_for_figure("layer 1, head 2")
+    app.wait_for_figure(f"attention from {token}:")
+    app.wait_for_figure(example_tokens(ds, example).text[:20])
+    assert app.page.get_by_text(example, exact=True).count() >= 1
+    query = _query(app)
+    assert (query["example"], query["layer"], query["head"], query["tokens"]) == (example, "1", "2", f"[{token}]")
+    assert app.errors == []
+
+
+def test_relevancy_view_shows_each_method(app: AppPage) -> None:
+    app.open()
+    app.page.get_by_text("Relevancy", exact=True).click()
+    app.wait_for_figure("rollout")
+    app.wait_for_figure("text relevancy for")
+    assert app.errors == []

@@ -1,0 +1,64 @@
+"""What all views share: plot defaults set once, and the way a user error reaches the page."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import TypeVar
+
+import holoviews as hv
+import panel as pn
+
+from vlinterpret_panel.errors import VLIError
+from vlinterpret_panel.ui.selection import Selection
+
+_Element = TypeVar("_Element")
+
+ATTENTION_CMAP = "inferno"
+OVERLAY_CMAP = "fire"
+TEXT_CMAP = "Oranges"
+SELECTED_COLOR = "#00e5ff"
+PLOT_SIZE = 360
+
+
+def ensure_extension() -> None:
+    """Load HoloViews' Bokeh backend once and set the plot defaults every view uses."""
+    if hv.Store.current_backend != "bokeh" or "bokeh" not in hv.Store.renderers:
+        hv.extension("bokeh", logo=False)
+    hv.opts.defaults(
+        hv.opts.Image(cmap=ATTENTION_CMAP, colorbar=True, tools=["hover"], toolbar="above"),
+        hv.opts.HeatMap(cmap=ATTENTION_CMAP, colorbar=True, tools=["hover", "tap"], toolbar="above"),
+        hv.opts.RGB(toolbar="above"),
+        hv.opts.Points(toolbar="above"),
+        hv.opts.Rectangles(toolbar="above"),
+    )
+
+
+def guarded(selection: Selection, fallback: Callable[[str], _Element]) -> Callable:
+    """Wrap a plot callback so a ``VLIError`` shows as the selection's message, not a traceback."""
+
+    def decorate(callback: Callable[..., _Element]) -> Callable[..., _Element]:
+        @functools.wraps(callback)
+        def wrapper(*args, **kwargs) -> _Element:
+            try:
+                return callback(*args, **kwargs)
+            except (VLIError, ImportError) as error:  # a user error, or an analysis module not installed
+                selection.message = str(error)
+                return fallback(str(error))
+
+        return wrapper
+
+    return decorate
+
+
+def message_banner(selection: Selection) -> pn.viewable.Viewable:
+    """An alert showing the selection's last user error; hidden when there is none."""
+    alert = pn.pane.Alert("", alert_type="warning", visible=False, sizing_mode="stretch_width")
+
+    def show(event: object = None) -> None:
+        alert.object = selection.message
+        alert.visible = bool(selection.message)
+
+    selection.param.watch(show, "message")
+    show()
+    return alert

@@ -1,0 +1,163 @@
+"""Embedding view: all tokens of all examples projected per hidden layer into one shared map.
+
+The cloud is datashaded (re-rasterised on zoom through RangeXY), coloured by modality, label or
+example; the current example's tokens are drawn on top with hover, the selected token starred and
+its nearest token of the other modality marked. A box selection lists the tokens inside it, and a
+table gives the selected token's nearest neighbours across the dataset in hidden space.
+"""
+
+from __future__ import annotations
+
+import colorcet
+import datashader
+import holoviews as hv
+import numpy as np
+import pandas as pd
+import panel as pn
+import param
+import xarray as xr
+from holoviews.operation.datashader import datashade, dynspread
+
+from vlinterpret_panel.errors import VLIError
+from vlinterpret_panel.maps import LRUCache
+from vlinterpret_panel.schema import IMAGE, TEXT
+from vlinterpret_panel.ui.common import PLOT_SIZE, SELECTED_COLOR, guarded
+from vlinterpret_panel.ui.selection import Selection
+
+COLOR_BY = ("modality", "label", "correct", "example")
+LISTED_POINTS = 200
+PLAY_INTERVAL_MS = 1500
+_PROJECTIONS = LRUCache(16)
+
+
+def projection_table(ds: xr.Dataset, hidden_layer: int) -> pd.DataFrame:
+    """The projection of one hidden layer as a table (one row per token), cached per store and layer."""
+
+    def load() -> pd.DataFrame:
+        projected = ds.vli.projection(hidden_layer)
+        table = pd.DataFrame({"x": projected["x"].values, "y": projected["y"].values})
+        for name in ("example", "token", "modality", "token_text", "label", "correct"):
+            if name in projected.variables:
+                table[name] = projected[name].values
+        table["example"] = table["example"].astype(str)
+        return table
+
+    return _PROJECTIONS.get((ds.attrs.get("store_signature") or id(ds), int(hidden_layer)), load)
+
+
+def other_modality(modality: str) -> str | None:
+    """The modality a token's cross-modal neighbour has (text ↔ image); None for others."""
+    return {TEXT: IMAGE, IMAGE: TEXT}.get(modality)
+
+
+class EmbeddingView(pn.viewable.Viewer):
+    """Hidden-state projection per layer, with play, colouring, point listing and nearest neighbours."""
+
+    color_by = param.Selector(default="modality", objects=list(COLOR_BY))
+
+    def __init__(self, ds: xr.Dataset, selection: Selection, **params) -> None:
+        super().__init__(**params)
+        self._ds, self.selection = ds, selection
+        self.param.color_by.objects = [name for name in COLOR_BY if name in ds or name in ("modality", "example")]
+        cloud = hv.DynamicMap(
+            self._cloud,
+            streams=[hv.streams.Params(selection, ["hidden_layer"]), hv.streams.Params(self, ["color_by"])],
+        )
+        self._cloud_plot = dynspread(
+            datashade(cloud, aggregator=datashader.count_cat("category"), color_key=list(colorcet.glasbey))
+        ).opts(tools=["box_select"], frame_width=PLOT_SIZE + 140, frame_height=PLOT_SIZE + 140)
+        self._current = hv.DynamicMap(
+            self._current_tokens, streams=[hv.streams.Params(selection, ["hidden_layer", "example", "tokens"])]
+        )
+        self.bounds = hv.streams.BoundsXY(source=self._cloud_plot, bounds=None)
+        self._listed = pn.pane.DataFrame(pd.DataFrame(), max_rows=LISTED_POINTS, sizing_mode="stretch_width")
+        self.bounds.add_subscriber(self._list_points)
+        self._play = pn.widgets.Player(
+            name="play layers", start=0, end=ds.sizes["hidden_layer"] - 1, interval=PLAY_INTERVAL_MS, width=300
+        )
+        self._play.link(selection, value="hidden_layer", bidirectional=True)
+
+    def _cloud(self, hidden_layer: int, color_by: str) -> hv.Points:
+        @guarded(self.selection, lambda message: hv.Points([], ["x", "y"], ["category"]).opts(title=message[:80]))
+        def draw() -> hv.Points:
+            table = projection_table(self._ds, hidden_layer)
+            categories = table[color_by].astype(str) if color_by in table else table["modality"].astype(str)
+            points = pd.DataFrame({"x": table["x"], "y": table["y"], "category": categories.astype("category")})
+            name = self._ds["hidden_layer_name"].values[hidden_layer] if "hidden_layer_name" in self._ds.coords else ""
+            return hv.Points(points, ["x", "y"], ["category"]).opts(
+                title=f"hidden layer {hidden_layer} {name} · {len(points)} tokens, coloured by {color_by}"
+            )
+
+        return draw()
+
+    def _current_tokens(self, hidden_layer: int, example: str, tokens: list[int]) -> hv.Overlay:
+        empty = hv.Points([], ["x", "y"], ["token", "token_text", "modality"])
+        try:
+            table = projection_table(self._ds, hidden_layer)
+        except (VLIError, ImportError):  # the cloud's callback reports the error once
+            return empty * empty.clone() * empty.clone()
+        mine = table[table["example"] == example]
+        current = hv.Points(mine, ["x", "y"], ["token", "token_text", "modality"]).opts(
+            color="white", line_color="black", size=6, tools=["hover"]
+        )
+        chosen = mine[mine["token"].isin(tokens)]
+        star = hv.Points(chosen, ["x", "y"], ["token", "token_text", "modality"]).opts(
+            marker="star", size=18, color=SELECTED_COLOR, line_color="black"
+        )
+        partner = self._nearest_other_modality(mine, chosen)
+        cross = hv.Points(partner, ["x", "y"], ["token", "token_text", "modality"]).opts(
+            marker="x", size=16, color="red", line_width=3
+        )
+        return current * star * cross
+
+    @staticmethod
+    def _nearest_other_modality(mine: pd.DataFrame, chosen: pd.DataFrame) -> pd.DataFrame:
+        """The current example's token of the other modality nearest the selected one, in the shared map."""
+        if len(chosen) != 1 or other_modality(str(chosen["modality"].iloc[0])) is None:
+            return mine.iloc[:0]
+        others = mine[mine["modality"] == other_modality(str(chosen["modality"].iloc[0]))]
+        if not len(others):
+            return others
+        distance = np.hypot(others["x"] - chosen["x"].iloc[0], others["y"] - chosen["y"].iloc[0])
+        return others.iloc[[int(np.argmin(distance.to_numpy()))]]
+
+    def _list_points(self, bounds: tuple[float, float, float, float] | None) -> None:
+        if bounds is None:
+            return
+        x0, y0, x1, y1 = bounds
+        table = projection_table(self._ds, self.selection.hidden_layer)
+        inside = table[table.x.between(min(x0, x1), max(x0, x1)) & table.y.between(min(y0, y1), max(y0, y1))]
+        self._listed.object = inside.drop(columns=["x", "y"]).head(LISTED_POINTS)
+
+    def neighbours(self, example: str, tokens: list[int], hidden_layer: int) -> pn.viewable.Viewable:
+        """The selected token's nearest tokens across the dataset, in hidden space (not in the 2-D map)."""
+        if len(tokens) != 1:
+            return pn.pane.Markdown("Select one token to see its nearest neighbours.")
+        try:
+            nearest = self._ds.vli.nearest_tokens(example, tokens[0], hidden_layer, k=10)
+        except (VLIError, ImportError) as error:
+            return pn.pane.Alert(str(error), alert_type="warning")
+        return pn.pane.DataFrame(nearest, index=False, sizing_mode="stretch_width")
+
+    def __panel__(self) -> pn.viewable.Viewable:
+        selection = self.selection
+        neighbours = pn.param.ParamFunction(
+            pn.bind(self.neighbours, selection.param.example, selection.param.tokens, selection.param.hidden_layer),
+            lazy=True,
+            loading_indicator=True,
+        )
+        controls = pn.Row(
+            pn.widgets.IntSlider.from_param(self.selection.param.hidden_layer, name="hidden layer", width=220),
+            self._play,
+            pn.widgets.Select.from_param(self.param.color_by, name="colour by", width=140),
+        )
+        tables = pn.Column(
+            "#### Nearest tokens across the dataset",
+            neighbours,
+            "#### Tokens in the box selection",
+            self._listed,
+            width=480,
+        )
+        return pn.Column(
+            controls, pn.Row(pn.pane.HoloViews(self._cloud_plot * self._current, linked_axes=False), tables)
+        )

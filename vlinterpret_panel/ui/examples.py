@@ -1,0 +1,132 @@
+"""Example browser: search the text, filter by label, prediction and correctness, step through examples."""
+
+from __future__ import annotations
+
+import threading
+
+import pandas as pd
+import panel as pn
+import param
+import xarray as xr
+
+from vlinterpret_panel.ui.selection import Selection, valid_tokens
+
+ANY = "any"
+CORRECT_NAMES = {1: "correct", 0: "incorrect", -1: "unknown"}
+_TABLES: dict[object, pd.DataFrame] = {}
+_TABLES_LOCK = threading.Lock()
+
+
+def example_table(ds: xr.Dataset) -> pd.DataFrame:
+    """One row per example (id, text, label, prediction, correct), read once per store."""
+    key = ds.attrs.get("store_signature") or id(ds)
+    with _TABLES_LOCK:
+        if key in _TABLES:
+            return _TABLES[key]
+    columns = [name for name in ("text", "label", "prediction", "correct") if name in ds]
+    table = ds[columns].compute().to_dataframe()[columns]
+    table.index = table.index.astype(str)
+    for name in ("text", "label", "prediction"):
+        if name in table:
+            table[name] = table[name].astype(str)
+    if "correct" in table:
+        table["correct"] = table["correct"].astype(int).map(CORRECT_NAMES)
+    with _TABLES_LOCK:
+        _TABLES[key] = table
+    return table
+
+
+class ExampleBrowser(pn.viewable.Viewer):
+    """Find examples by text, label, prediction and correctness; the chosen one sets ``selection.example``."""
+
+    search = param.String(default="", doc="words the example text must contain")
+    label = param.Selector(default=ANY, objects=[ANY])
+    prediction = param.Selector(default=ANY, objects=[ANY])
+    correct = param.Selector(default=ANY, objects=[ANY, *CORRECT_NAMES.values()])
+
+    def __init__(self, ds: xr.Dataset, selection: Selection, **params) -> None:
+        super().__init__(**params)
+        self._ds, self.selection = ds, selection
+        self._table = example_table(ds)
+        for name in ("label", "prediction"):
+            if name in self._table:
+                self.param[name].objects = [ANY, *sorted(self._table[name].unique())]
+        self._choice = pn.widgets.Select(name="example", options=self._options(self._table), size=8)
+        self._choice.value = selection.example
+        self._choice.param.watch(self._chosen, "value")
+        self._previous = pn.widgets.Button(name="◀ previous", width=90)
+        self._next = pn.widgets.Button(name="next ▶", width=90)
+        self._previous.on_click(lambda event: self.step(-1))
+        self._next.on_click(lambda event: self.step(+1))
+        self._count = pn.pane.Markdown("")
+        self._details = pn.pane.Markdown("", sizing_mode="stretch_width")
+        self.param.watch(self._filter, ["search", "label", "prediction", "correct"])
+        selection.param.watch(self._show_example, "example")
+        self._filter()
+        self._show_example()
+
+    @staticmethod
+    def _options(table: pd.DataFrame) -> dict[str, str]:
+        return {f"{example}: {row.text[:48]}": example for example, row in table.iterrows()}
+
+    def matching(self) -> pd.DataFrame:
+        """The rows of the example table that pass the current search and filters."""
+        table = self._table
+        keep = pd.Series(True, index=table.index)
+        for word in self.search.lower().split():
+            keep &= table["text"].str.lower().str.contains(word, regex=False)
+        for name in ("label", "prediction", "correct"):
+            value = getattr(self, name)
+            if value != ANY and name in table:
+                keep &= table[name] == value
+        return table[keep]
+
+    def _filter(self, *events: param.parameterized.Event) -> None:
+        matching = self.matching()
+        self._choice.options = self._options(matching)
+        self._count.object = f"{len(matching)} of {len(self._table)} examples"
+        self.selection.subset = list(matching.index)
+        if len(matching) and self.selection.example not in matching.index:
+            self.selection.example = matching.index[0]
+
+    def step(self, offset: int) -> None:
+        """Move to the next (or previous) matching example, wrapping around."""
+        ids = list(self.matching().index)
+        if not ids:
+            return
+        position = ids.index(self.selection.example) if self.selection.example in ids else -offset
+        self.selection.example = ids[(position + offset) % len(ids)]
+
+    def _chosen(self, event: param.parameterized.Event) -> None:
+        if event.new and event.new != self.selection.example:
+            self.selection.example = event.new
+
+    def _show_example(self, *events: param.parameterized.Event) -> None:
+        example = self.selection.example
+        if self._choice.value != example and example in self._choice.options.values():
+            self._choice.value = example
+        if events:  # keep the token positions the new example has (a shared link sets both at once)
+            self.selection.tokens = valid_tokens(self._ds, example, self.selection.tokens)
+        if example not in self._table.index:
+            return
+        row = self._table.loc[example]
+        facts = [f"**{example}**", f"*{row.text}*"]
+        facts += [f"{name}: **{row[name]}**" for name in ("label", "prediction", "correct") if name in row]
+        self._details.object = "  \n".join(facts)
+
+    def __panel__(self) -> pn.viewable.Viewable:
+        filters = [pn.widgets.TextInput.from_param(self.param.search, placeholder="search the text")]
+        filters += [
+            pn.widgets.Select.from_param(self.param[name], width=140)
+            for name in ("label", "prediction", "correct")
+            if name in self._table
+        ]
+        return pn.Column(
+            "### Examples",
+            *filters,
+            self._count,
+            self._choice,
+            pn.Row(self._previous, self._next),
+            self._details,
+            sizing_mode="stretch_width",
+        )

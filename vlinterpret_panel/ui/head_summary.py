@@ -1,0 +1,131 @@
+"""Head summary: a layer × head heatmap of one statistic, plus a per-layer Mean column; a tap picks the head."""
+
+from __future__ import annotations
+
+import holoviews as hv
+import numpy as np
+import pandas as pd
+import panel as pn
+import xarray as xr
+
+from vlinterpret_panel.stats import STATISTICS, available_statistics, layer_means
+from vlinterpret_panel.ui.common import PLOT_SIZE, SELECTED_COLOR, guarded
+from vlinterpret_panel.ui.selection import NORMALIZATIONS, SCOPES, Selection
+
+MEAN_COLUMN = "mean"
+
+
+def summary_table(
+    ds: xr.Dataset, statistic: str, scope: str, example: str, subset: list[str], normalize: str
+) -> pd.DataFrame:
+    """Rows (layer, head, value, raw) of the summary, the Mean column included (head ``"mean"``)."""
+    if scope == "example":
+        summary = ds.vli.head_summary(statistic, example=example, normalize=normalize)
+    else:
+        where = None
+        if scope == "filtered":
+            where = xr.DataArray(np.isin(ds.indexes["example"], subset), dims="example")
+        summary = ds.vli.head_summary(statistic, where=where, normalize=normalize)
+    raw = summary["raw"] if "raw" in summary.coords else summary
+    rows = []
+    heads_per_layer = ds["layer_heads"].values if "layer_heads" in ds.coords else None
+    for layer_position, layer in enumerate(summary["layer"].values):
+        n_heads = int(heads_per_layer[layer_position]) if heads_per_layer is not None else summary.sizes["head"]
+        for head in summary["head"].values[:n_heads]:
+            cell = {"layer": layer, "head": head}
+            rows.append(
+                {
+                    "layer": str(layer),
+                    "head": str(head),
+                    "value": float(summary.sel(cell)),
+                    "raw": float(raw.sel(cell)),
+                }
+            )
+    values, raws = (
+        layer_means(summary.drop_vars("raw", errors="ignore")),
+        layer_means(raw.drop_vars("raw", errors="ignore")),
+    )
+    for layer in summary["layer"].values:
+        rows.append(
+            {
+                "layer": str(layer),
+                "head": MEAN_COLUMN,
+                "value": float(values.sel(layer=layer)),
+                "raw": float(raws.sel(layer=layer)),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+class HeadSummary(pn.viewable.Viewer):
+    """Which heads do what: one statistic per (layer, head), for this example, the dataset or the filtered set."""
+
+    def __init__(self, ds: xr.Dataset, selection: Selection, **params) -> None:
+        super().__init__(**params)
+        self._ds, self.selection = ds, selection
+        self._statistics = available_statistics(ds)
+        if selection.statistic not in self._statistics:
+            selection.statistic = self._statistics[0]
+        summary_stream = hv.streams.Params(selection, ["statistic", "scope", "example", "subset", "normalize"])
+        self._heatmap = hv.DynamicMap(self._summary, streams=[summary_stream])
+        marker_stream = hv.streams.Params(selection, ["layer", "head"])
+        self._marker = hv.DynamicMap(self._selected_cell, streams=[marker_stream])
+        self.tap = hv.streams.Tap(source=self._heatmap, x=None, y=None)
+        self.tap.add_subscriber(self._tapped)
+
+    def _empty(self, message: str) -> hv.HeatMap:
+        return hv.HeatMap([], ["head", "layer"], ["value", "raw"]).opts(title=message[:80])
+
+    def _summary(self, statistic: str, scope: str, example: str, subset: list[str], normalize: str) -> hv.HeatMap:
+        @guarded(self.selection, self._empty)
+        def draw() -> hv.HeatMap:
+            table = summary_table(self._ds, statistic, scope, example, subset, normalize)
+            where = {"example": example, "dataset": "all examples", "filtered": f"{len(subset)} filtered examples"}
+            units = "z-score per head" if normalize == "zscore" else "raw"
+            return hv.HeatMap(table, ["head", "layer"], ["value", "raw"]).opts(
+                title=f"{statistic} · {where[scope]} ({units})",
+                xlabel="head",
+                ylabel="layer",
+                invert_yaxis=True,
+                frame_width=PLOT_SIZE,
+                frame_height=PLOT_SIZE,
+                hover_tooltips=[("layer", "@layer"), ("head", "@head"), ("value", "@value"), ("raw", "@raw")],
+                clim=(-3, 3) if normalize == "zscore" else (None, None),
+                cmap="RdBu_r" if normalize == "zscore" else "inferno",
+            )
+
+        return draw()
+
+    def _selected_cell(self, layer: int, head: int | None) -> hv.Points:
+        column = MEAN_COLUMN if head is None else str(head)
+        return hv.Points([(column, str(layer))], ["head", "layer"]).opts(
+            marker="square", size=22, fill_alpha=0, line_color=SELECTED_COLOR, line_width=3, tools=[]
+        )
+
+    def _tapped(self, x: object, y: object) -> None:
+        if x is None or y is None:
+            return
+        try:
+            layer = int(y)
+            head = None if str(x) == MEAN_COLUMN else int(x)
+        except (TypeError, ValueError):
+            return
+        self.selection.param.update(layer=layer, head=head)
+
+    def __panel__(self) -> pn.viewable.Viewable:
+        statistic = pn.widgets.Select.from_param(
+            self.selection.param.statistic, options=self._statistics, name="statistic", width=200
+        )
+        scope = pn.widgets.RadioButtonGroup.from_param(self.selection.param.scope, options=list(SCOPES))
+        normalize = pn.widgets.RadioButtonGroup.from_param(self.selection.param.normalize, options=list(NORMALIZATIONS))
+        help_text = pn.Card(
+            pn.pane.Markdown("\n".join(f"- **{name}**: {text}" for name, text in STATISTICS.items())),
+            title="what the statistics mean",
+            collapsed=True,
+            width=PLOT_SIZE + 120,
+        )
+        return pn.Column(
+            pn.Row(statistic, scope, normalize),
+            pn.pane.HoloViews(self._heatmap * self._marker, linked_axes=False),
+            help_text,
+        )

@@ -1,0 +1,126 @@
+"""Image view: the example's image with the selected token's attention over its patches or boxes.
+
+Plot coordinates are pixels with row 0 at the top (the schema's ``token_box`` convention), so a tap
+at ``(x, y)`` is looked up in the boxes directly. Tap a patch to make it the query; box- or
+lasso-select several to average them.
+"""
+
+from __future__ import annotations
+
+import holoviews as hv
+import numpy as np
+import panel as pn
+import xarray as xr
+
+from vlinterpret_panel.maps import example_tokens
+from vlinterpret_panel.ui.common import OVERLAY_CMAP, PLOT_SIZE, SELECTED_COLOR, guarded
+from vlinterpret_panel.ui.selection import Selection
+
+
+def image_element(pixels: np.ndarray) -> hv.RGB:
+    """An RGB image whose plot y is the pixel row (flip for row 0 = top; pair with ``invert_yaxis``)."""
+    height, width = pixels.shape[:2]
+    return hv.RGB(pixels[::-1], bounds=(0, 0, width, height), kdims=["x", "y"])
+
+
+def map_element(values: np.ndarray, label: str) -> hv.Image:
+    """A per-pixel map (row 0 = top) in the same coordinates as ``image_element``."""
+    height, width = values.shape
+    return hv.Image(values[::-1], bounds=(0, 0, width, height), kdims=["x", "y"], vdims=[label])
+
+
+def image_plot_size(pixels: np.ndarray) -> dict[str, int]:
+    """Frame size keeping the image's aspect ratio within the standard plot size."""
+    height, width = pixels.shape[:2]
+    scale = PLOT_SIZE / max(height, width)
+    return {"frame_width": max(1, round(width * scale)), "frame_height": max(1, round(height * scale))}
+
+
+class ImageView(pn.viewable.Viewer):
+    """The image with attention from (or to) the selected token(s) painted on it."""
+
+    def __init__(self, ds: xr.Dataset, selection: Selection, **params) -> None:
+        super().__init__(**params)
+        self._ds, self.selection = ds, selection
+        self.opacity = pn.widgets.FloatSlider(name="overlay opacity", start=0, end=1, step=0.05, value=0.7, width=180)
+        self._image = hv.DynamicMap(self._picture, streams=[hv.streams.Params(selection, ["example"])])
+        overlay_params = ["example", "layer", "head", "tokens", "direction", "smooth"]
+        self._overlay = hv.DynamicMap(self._attention, streams=[hv.streams.Params(selection, overlay_params)])
+        self._overlay = self._overlay.apply.opts(alpha=self.opacity.param.value)
+        self._patches = hv.DynamicMap(self._patch_centres, streams=[hv.streams.Params(selection, ["example"])])
+        self._selected = hv.DynamicMap(
+            self._selected_boxes, streams=[hv.streams.Params(selection, ["example", "tokens"])]
+        )
+        self.tap = hv.streams.Tap(source=self._image, x=None, y=None)
+        self.tap.add_subscriber(self._tapped)
+        self.lasso = hv.streams.Selection1D(source=self._patches)
+        self.lasso.add_subscriber(self._lassoed)
+
+    def _picture(self, example: str) -> hv.RGB:
+        tokens = example_tokens(self._ds, example)
+        return image_element(tokens.image).opts(
+            invert_yaxis=True, xaxis=None, yaxis=None, title=tokens.text[:60], **image_plot_size(tokens.image)
+        )
+
+    def _empty(self, message: str) -> hv.Image:
+        return map_element(np.full((1, 1), np.nan), "attention").opts(title=message[:80])
+
+    def _attention(
+        self, example: str, layer: int, head: int | None, tokens: list[int], direction: str, smooth: bool
+    ) -> hv.Image:
+        @guarded(self.selection, self._empty)
+        def draw() -> hv.Image:
+            painted = self._ds.vli.token_attention_on_image(example, layer, head, tokens, direction, smooth)
+            finite = painted.values[np.isfinite(painted.values)]
+            top = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+            return map_element(painted.values, "attention").opts(
+                cmap=OVERLAY_CMAP, clim=(0, top), colorbar=True, tools=["hover"], invert_yaxis=True
+            )
+
+        return draw()
+
+    def _patch_centres(self, example: str) -> hv.Points:
+        tokens = example_tokens(self._ds, example)
+        image_tokens = tokens.image_tokens()
+        boxes = tokens.token_box[image_tokens]
+        centres = {
+            "x": (boxes[:, 0] + boxes[:, 2]) / 2,
+            "y": (boxes[:, 1] + boxes[:, 3]) / 2,
+            "token": image_tokens,
+            "token_text": tokens.token_text[image_tokens],
+        }
+        return hv.Points(centres, ["x", "y"], ["token", "token_text"]).opts(
+            size=4,
+            color="white",
+            alpha=0.25,
+            nonselection_alpha=0.25,
+            selection_color=SELECTED_COLOR,
+            tools=["box_select", "lasso_select", "tap"],
+        )
+
+    def _selected_boxes(self, example: str, tokens: list[int]) -> hv.Rectangles:
+        info = example_tokens(self._ds, example)
+        boxes = [tuple(info.token_box[t]) for t in tokens if t < info.n_tokens and np.isfinite(info.token_box[t]).all()]
+        return hv.Rectangles(boxes).opts(fill_alpha=0, line_color=SELECTED_COLOR, line_width=2)
+
+    def _tapped(self, x: float | None, y: float | None) -> None:
+        if x is None or y is None:
+            return
+        token = example_tokens(self._ds, self.selection.example).token_at(x, y)
+        if token is not None:
+            self.selection.tokens = [token]
+
+    def _lassoed(self, index: list[int]) -> None:
+        if len(index) < 2:
+            return  # a single hit is a tap, handled by _tapped
+        image_tokens = example_tokens(self._ds, self.selection.example).image_tokens()
+        self.selection.tokens = sorted(int(image_tokens[i]) for i in index if i < len(image_tokens))
+
+    def __panel__(self) -> pn.viewable.Viewable:
+        plot = self._image * self._overlay * self._patches * self._selected
+        controls = pn.Row(
+            pn.widgets.RadioButtonGroup.from_param(self.selection.param.direction, name="attention"),
+            pn.widgets.Checkbox.from_param(self.selection.param.smooth, name="smooth"),
+            self.opacity,
+        )
+        return pn.Column(controls, pn.pane.HoloViews(plot, linked_axes=False))

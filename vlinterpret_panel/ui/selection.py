@@ -1,0 +1,63 @@
+"""The one shared selection every view watches and sets; its core lives in the URL."""
+
+from __future__ import annotations
+
+import numpy as np
+import param
+import xarray as xr
+
+from vlinterpret_panel.maps import DIRECTIONS, example_tokens
+from vlinterpret_panel.schema import TEXT
+
+NORMALIZATIONS = ("raw", "zscore")
+SCOPES = ("example", "dataset", "filtered")
+
+# selection parameter -> URL query name: what a shared link reopens.
+URL_PARAMETERS = {"example": "example", "layer": "layer", "head": "head", "tokens": "tokens", "hidden_layer": "hidden"}
+
+
+class Selection(param.Parameterized):
+    """What the user looks at: example, layer, head (None = mean of heads), token(s) and how to show them."""
+
+    example = param.String(default="", doc="id of the example shown")
+    layer = param.Integer(default=0, bounds=(0, None), doc="attention module")
+    head = param.Integer(default=None, allow_None=True, bounds=(0, None), doc="head; None = mean of the heads")
+    tokens = param.List(default=[], item_type=int, doc="selected token positions (several are averaged)")
+    direction = param.Selector(default="from", objects=list(DIRECTIONS), doc="attention from or to the token(s)")
+    smooth = param.Boolean(default=False, doc="bilinear smoothing of patch maps")
+    hidden_layer = param.Integer(default=0, bounds=(0, None), doc="hidden state shown in the embedding view")
+    statistic = param.String(default="cross_modal", doc="head-summary statistic")
+    normalize = param.Selector(default="raw", objects=list(NORMALIZATIONS), doc="head-summary normalisation")
+    scope = param.Selector(default="example", objects=list(SCOPES), doc="head summary of the example or a set")
+    subset = param.List(default=[], item_type=str, doc="ids of the examples the browser's filters keep")
+    relevancy_method = param.String(default="", doc="relevancy method shown")
+    message = param.String(default="", doc="the last user error, shown instead of a traceback")
+
+    @classmethod
+    def for_dataset(cls, ds: xr.Dataset, **params) -> Selection:
+        """A selection with bounds from ``ds``: first example, last layer, head mean, its first text token."""
+        ids = [str(i) for i in ds.indexes["example"]]
+        selection = cls(
+            example=ids[0], layer=ds.sizes["layer"] - 1, hidden_layer=ds.sizes["hidden_layer"] - 1, subset=ids
+        )
+        selection.param.layer.bounds = (0, ds.sizes["layer"] - 1)
+        selection.param.head.bounds = (0, ds.sizes["head"] - 1)
+        selection.param.hidden_layer.bounds = (0, ds.sizes["hidden_layer"] - 1)
+        if "relevancy" in ds:
+            selection.relevancy_method = str(ds.indexes["method"][0])
+        selection.tokens = default_tokens(ds, ids[0])
+        selection.param.update(**params)
+        return selection
+
+
+def default_tokens(ds: xr.Dataset, example: str) -> list[int]:
+    """The token selected when an example opens: its first text token (else its first token)."""
+    text_tokens = example_tokens(ds, example).tokens_of(TEXT)
+    return [int(text_tokens[0])] if len(text_tokens) else [0]
+
+
+def valid_tokens(ds: xr.Dataset, example: str, tokens: list[int]) -> list[int]:
+    """``tokens`` that exist in ``example``; the default token when none does."""
+    n_tokens = example_tokens(ds, example).n_tokens
+    kept = [int(t) for t in np.unique(tokens) if 0 <= t < n_tokens]
+    return kept or default_tokens(ds, example)

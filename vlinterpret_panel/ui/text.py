@@ -1,0 +1,121 @@
+"""Text view: the example's text and special tokens, coloured by attention (or relevancy); a tap selects a token.
+
+Tokens are shown as the tokenizer wrote them, found by ``modality`` (never by a literal [SEP]).
+"""
+
+from __future__ import annotations
+
+import holoviews as hv
+import numpy as np
+import pandas as pd
+import panel as pn
+import xarray as xr
+
+from vlinterpret_panel.maps import ExampleTokens, example_tokens, token_attention
+from vlinterpret_panel.schema import SPECIAL, TEXT
+from vlinterpret_panel.ui.common import PLOT_SIZE, SELECTED_COLOR, TEXT_CMAP, guarded
+from vlinterpret_panel.ui.selection import Selection
+
+CHARACTER_WIDTH = 1.0
+LINE_WIDTH = 48.0
+LINE_HEIGHT = 1.6
+
+
+def token_layout(tokens: ExampleTokens) -> pd.DataFrame:
+    """Boxes of the text and special tokens laid out in wrapped lines (y grows downwards)."""
+    rows, x, line = [], 0.0, 0
+    for position in tokens.tokens_of(TEXT, SPECIAL):
+        text = str(tokens.token_text[position])
+        width = max(2.0, len(text) * CHARACTER_WIDTH + 1.0)
+        if x + width > LINE_WIDTH and x > 0:
+            x, line = 0.0, line + 1
+        y0 = line * LINE_HEIGHT
+        rows.append(
+            {"x0": x, "y0": y0, "x1": x + width, "y1": y0 + LINE_HEIGHT * 0.85, "token": position, "text": text}
+        )
+        x += width + 0.4
+    return pd.DataFrame(rows, columns=["x0", "y0", "x1", "y1", "token", "text"])
+
+
+def coloured_tokens(layout: pd.DataFrame, values: np.ndarray, label: str, title: str) -> hv.Rectangles:
+    """Token boxes coloured by ``values`` (one per token position); ``token_labels`` writes the tokens on them."""
+    table = layout.assign(value=values[layout["token"].to_numpy()] if len(layout) else [])
+    lines = max(1.0, float(table["y1"].max()) if len(table) else 1.0)
+    finite = table["value"][np.isfinite(table["value"])]
+    top = float(finite.max()) if len(finite) and finite.max() > 0 else 1.0
+    boxes = hv.Rectangles(table, ["x0", "y0", "x1", "y1"], ["value", "token", "text"]).opts(
+        color="value",
+        cmap=TEXT_CMAP,
+        clim=(0, top),
+        line_color="#666",
+        colorbar=True,
+        clabel=label,
+        tools=["hover", "tap"],
+        title=title,
+        invert_yaxis=True,
+        xaxis=None,
+        yaxis=None,
+        frame_width=PLOT_SIZE + 80,
+        frame_height=int(max(60, 26 * lines / LINE_HEIGHT)),
+        nonselection_alpha=1.0,
+        selection_alpha=1.0,
+    )
+    return boxes
+
+
+def token_labels(layout: pd.DataFrame) -> hv.Labels:
+    """The token strings, centred on their boxes."""
+    centres = layout.assign(x=(layout["x0"] + layout["x1"]) / 2, y=(layout["y0"] + layout["y1"]) / 2)
+    return hv.Labels(centres, ["x", "y"], "text").opts(text_font_size="9pt", text_color="black")
+
+
+class TextView(pn.viewable.Viewer):
+    """The tokens of the text, coloured by the attention of the selected query; a tap makes a token the query."""
+
+    def __init__(self, ds: xr.Dataset, selection: Selection, **params) -> None:
+        super().__init__(**params)
+        self._ds, self.selection = ds, selection
+        streams = [hv.streams.Params(selection, ["example", "layer", "head", "tokens", "direction"])]
+        self._tokens = hv.DynamicMap(self._coloured, streams=streams)
+        self._labels = hv.DynamicMap(self._token_strings, streams=[hv.streams.Params(selection, ["example"])])
+        self._selected = hv.DynamicMap(
+            self._selected_boxes, streams=[hv.streams.Params(selection, ["example", "tokens"])]
+        )
+        self.tap = hv.streams.Tap(source=self._tokens, x=None, y=None)
+        self.tap.add_subscriber(self._tapped)
+
+    def _empty(self, message: str) -> hv.Rectangles:
+        info = example_tokens(self._ds, self.selection.example)
+        return coloured_tokens(token_layout(info), np.zeros(info.n_tokens), "", message)
+
+    def _coloured(self, example: str, layer: int, head: int | None, tokens: list[int], direction: str) -> hv.Rectangles:
+        @guarded(self.selection, self._empty)
+        def draw() -> hv.Rectangles:
+            info = example_tokens(self._ds, example)
+            values = token_attention(self._ds, example, layer, head, tokens, direction).values
+            names = ", ".join(f"{t}:{info.token_text[t]}" for t in tokens[:4]) + (" …" if len(tokens) > 4 else "")
+            title = f"attention {direction} {names}"
+            return coloured_tokens(token_layout(info), values, "attention", title)
+
+        return draw()
+
+    def _token_strings(self, example: str) -> hv.Labels:
+        return token_labels(token_layout(example_tokens(self._ds, example)))
+
+    def _selected_boxes(self, example: str, tokens: list[int]) -> hv.Rectangles:
+        layout = token_layout(example_tokens(self._ds, example))
+        chosen = layout[layout["token"].isin(tokens)]
+        return hv.Rectangles(chosen, ["x0", "y0", "x1", "y1"]).opts(
+            fill_alpha=0, line_color=SELECTED_COLOR, line_width=3
+        )
+
+    def _tapped(self, x: float | None, y: float | None) -> None:
+        if x is None or y is None:
+            return
+        layout = token_layout(example_tokens(self._ds, self.selection.example))
+        hit = layout[(layout.x0 <= x) & (x <= layout.x1) & (layout.y0 <= y) & (y <= layout.y1)]
+        if len(hit):
+            self.selection.tokens = [int(hit["token"].iloc[0])]
+
+    def __panel__(self) -> pn.viewable.Viewable:
+        return pn.pane.HoloViews(self._tokens * self._labels * self._selected, linked_axes=False)

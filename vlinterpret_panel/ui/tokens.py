@@ -1,0 +1,65 @@
+"""Token and head pickers: layer, head (or their mean), query token, and the token movie."""
+
+from __future__ import annotations
+
+import panel as pn
+import param
+import xarray as xr
+
+from vlinterpret_panel.maps import example_tokens
+from vlinterpret_panel.schema import TEXT
+from vlinterpret_panel.ui.selection import Selection
+
+MEAN = "mean"
+MOVIE_INTERVAL_MS = 2000
+
+
+class TokenControls(pn.viewable.Viewer):
+    """Pick layer, head and query token by name; play steps through the text tokens like VL-InterpreT's movie."""
+
+    def __init__(self, ds: xr.Dataset, selection: Selection, **params) -> None:
+        super().__init__(**params)
+        self._ds, self.selection = ds, selection
+        self._layer = pn.widgets.IntSlider.from_param(selection.param.layer, name="layer")
+        self._head = pn.widgets.Select(name="head", options=[MEAN, *map(str, range(ds.sizes["head"]))], width=100)
+        self._token = pn.widgets.Select(name="query token", width=200)
+        self._movie = pn.widgets.Player(
+            name="token movie", start=0, end=1, value=0, interval=MOVIE_INTERVAL_MS, loop_policy="loop", width=300
+        )
+        self._head.param.watch(self._head_chosen, "value")
+        self._token.param.watch(self._token_chosen, "value")
+        self._movie.param.watch(self._movie_step, "value")
+        selection.param.watch(self._show_head, "head")
+        selection.param.watch(self._show_tokens, ["example", "tokens"])
+        self._show_head()
+        self._show_tokens()
+
+    def _text_tokens(self) -> list[int]:
+        return [int(t) for t in example_tokens(self._ds, self.selection.example).tokens_of(TEXT)]
+
+    def _head_chosen(self, event: param.parameterized.Event) -> None:
+        self.selection.head = None if event.new == MEAN else int(event.new)
+
+    def _show_head(self, *events: param.parameterized.Event) -> None:
+        self._head.value = MEAN if self.selection.head is None else str(self.selection.head)
+
+    def _show_tokens(self, *events: param.parameterized.Event) -> None:
+        info = example_tokens(self._ds, self.selection.example)
+        options = {f"{t}: {info.token_text[t]} ({info.modality[t]})": t for t in range(info.n_tokens)}
+        if len(self.selection.tokens) > 1:
+            options = {f"{len(self.selection.tokens)} tokens (averaged)": -1, **options}
+        self._token.options = options
+        self._token.value = self.selection.tokens[0] if len(self.selection.tokens) == 1 else -1
+        self._movie.end = max(1, len(self._text_tokens()) - 1)
+
+    def _token_chosen(self, event: param.parameterized.Event) -> None:
+        if event.new is not None and event.new >= 0 and [event.new] != self.selection.tokens:
+            self.selection.tokens = [int(event.new)]
+
+    def _movie_step(self, event: param.parameterized.Event) -> None:
+        text_tokens = self._text_tokens()
+        if text_tokens:
+            self.selection.tokens = [text_tokens[event.new % len(text_tokens)]]
+
+    def __panel__(self) -> pn.viewable.Viewable:
+        return pn.Column("### Head and token", self._layer, self._head, self._token, self._movie)
