@@ -248,3 +248,37 @@ def test_written_shards_are_ordinary_readable_files(tmp_path: Path) -> None:
     finally:
         os.umask(previous)
     assert shard.stat().st_mode & 0o777 == 0o644
+
+
+def test_shard_index_is_a_cache_that_follows_the_shards(tmp_path: Path) -> None:
+    spec = SynthSpec(examples=4, layers=1, heads=1, tokens=12, hidden_size=4, image_size=16, seed=6)
+    store = tmp_path / "s"
+    (first, second) = write_synthetic_store(store, spec, examples_per_shard=2)
+    assert open_dataset(store).sizes["example"] == 4
+    index = store / ".index" / f"{first.name}.json"
+    assert index.exists()
+    index.write_text("{ not json")
+    assert open_dataset(store).sizes["example"] == 4  # a broken index is re-made, never trusted
+    replacement = records_to_dataset([synthetic_record(spec, 9)], spec.model_info())
+    write_shard(replacement, tmp_path / "other")
+    os.replace(shard_paths(tmp_path / "other")[0], second)  # same name, new content
+    ds = open_dataset(store)
+    assert ds.example.values.tolist() == ["synth-0000000", "synth-0000001", "synth-0000009"]
+    _assert_example_matches(ds, spec, 9)
+
+
+def test_store_whose_index_cannot_be_written_still_opens(
+    small_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = tmp_path / "readonly"
+    store.mkdir()
+    for shard in shard_paths(small_store):
+        (store / shard.name).write_bytes(shard.read_bytes())
+
+    def refuse(*args, **kwargs):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(shard_reader.tempfile, "mkstemp", refuse)
+    ds = open_dataset(store)
+    assert not list((store / ".index").glob("*.json"))
+    _assert_example_matches(ds, SMALL_SPEC, 7)

@@ -13,6 +13,9 @@ before any of this by ``validate``.
 from __future__ import annotations
 
 import itertools
+import json
+import os
+import tempfile
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -128,6 +131,101 @@ def read_shard_info(path: Path, coordinate_names: Sequence[str]) -> ShardInfo:
     return ShardInfo(Path(path), attrs, sizes, coords, variables, manager)
 
 
+INDEX_DIR = ".index"
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-friendly copy of a netCDF attribute or coordinate value."""
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()] if value.dtype == object else value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, bytes):
+        return value.decode()
+    return value
+
+
+def _info_to_json(info: ShardInfo, signature: list[int]) -> dict[str, Any]:
+    return {
+        "signature": signature,
+        "attrs": {k: _plain(v) for k, v in info.attrs.items()},
+        "sizes": info.sizes,
+        "coords": {
+            name: [list(dims), _plain(values), str(values.dtype), {k: _plain(v) for k, v in attrs.items()}]
+            for name, (dims, values, attrs) in info.coords.items()
+        },
+        "variables": {
+            name: {
+                "dims": list(var.dims),
+                "shape": list(var.shape),
+                "dtype": str(var.dtype),
+                "attrs": {k: _plain(v) for k, v in var.attrs.items()},
+                "scale_factor": var.scale_factor,
+                "fill_value": _plain(var.fill_value),
+            }
+            for name, var in info.variables.items()
+        },
+    }
+
+
+def _info_from_json(path: Path, data: dict[str, Any]) -> ShardInfo:
+    coords = {
+        name: (tuple(dims), np.array(values, dtype=np.dtype(dtype)), attrs)
+        for name, (dims, values, dtype, attrs) in data["coords"].items()
+    }
+    variables = {
+        name: VariableInfo(
+            dims=tuple(var["dims"]),
+            shape=tuple(var["shape"]),
+            dtype=np.dtype(var["dtype"]),
+            attrs=var["attrs"],
+            scale_factor=var["scale_factor"],
+            fill_value=var["fill_value"],
+        )
+        for name, var in data["variables"].items()
+    }
+    manager = CachingFileManager(netCDF4.Dataset, str(path), mode="r")  # opens on first read only
+    return ShardInfo(Path(path), data["attrs"], data["sizes"], coords, variables, manager)
+
+
+def _signature(path: Path) -> list[int]:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def _index_file(path: Path) -> Path:
+    return path.parent / INDEX_DIR / f"{path.name}.json"
+
+
+def load_index(path: Path, checked_by: str) -> ShardInfo | None:
+    """The shard's metadata from its JSON index, if the shard is unchanged since ``checked_by`` validated it.
+
+    Opening an HDF5 file and validating it costs tens of milliseconds; a store of many
+    shards opens in a fraction of that from the index. The index is only a cache.
+    """
+    try:
+        data = json.loads(_index_file(path).read_text())
+        if data["signature"] == _signature(path) and data["checked_by"] == checked_by:
+            return _info_from_json(path, data)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def save_index(info: ShardInfo, checked_by: str) -> None:
+    """Record a validated shard's metadata in the index (silently skipped on a read-only store)."""
+    index_file = _index_file(info.path)
+    try:
+        index_file.parent.mkdir(exist_ok=True)
+        data = {**_info_to_json(info, _signature(info.path)), "checked_by": checked_by}
+        handle, temporary = tempfile.mkstemp(dir=index_file.parent, prefix=".", suffix=".partial")
+        with os.fdopen(handle, "w") as out:
+            json.dump(data, out)
+        os.replace(temporary, index_file)
+    except (OSError, TypeError, ValueError):
+        pass
+
+
 def _public_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
     hidden = {"_FillValue", "scale_factor", "add_offset", "coordinates", "_Encoding", "dtype"}
     return {key: value for key, value in attrs.items() if key not in hidden}
@@ -207,6 +305,10 @@ def store_array(
     return dims, array, template.attrs
 
 
-def shard_array(name: str, shard: ShardInfo) -> tuple[tuple[str, ...], dask.array.Array, dict[str, Any]]:
-    """One shard's variable as a Dask array, unpadded (for validating the shard alone)."""
-    return store_array(name, [shard], {d: shard.sizes[d] for d in shard.sizes})
+def shard_skeleton(name: str, shard: ShardInfo) -> tuple[tuple[str, ...], np.ndarray, dict[str, Any]]:
+    """One shard's variable as a zero-stride placeholder of the right dims, shape and dtype.
+
+    Enough for the structural checks of ``validate``, at no memory and no I/O cost.
+    """
+    var = shard.variables[name]
+    return var.dims, np.broadcast_to(np.zeros((), dtype=var.dtype), var.shape), var.attrs

@@ -22,8 +22,16 @@ import numpy as np
 import xarray as xr
 
 from vlinterpret_panel.errors import VLIError
-from vlinterpret_panel.schema import COORDINATE_ATTRS, validate
-from vlinterpret_panel.shard_reader import PADDED_DIMS, ShardInfo, read_shard_info, shard_array, store_array
+from vlinterpret_panel.schema import COORDINATE_ATTRS, SCHEMA_VERSION, validate
+from vlinterpret_panel.shard_reader import (
+    PADDED_DIMS,
+    ShardInfo,
+    load_index,
+    read_shard_info,
+    save_index,
+    shard_skeleton,
+    store_array,
+)
 
 SHARD_SUFFIX = ".nc"
 SHARD_PREFIX = "shard-"
@@ -108,16 +116,20 @@ def write_shard(ds: xr.Dataset, store: str | os.PathLike, *, precision: Precisio
 
 
 def _shard_dataset(shard: ShardInfo) -> xr.Dataset:
-    """One shard as a Dataset of lazy arrays, unpadded, to validate it on its own."""
+    """One shard's layout as a Dataset of placeholders, to validate its structure on its own."""
     return xr.Dataset(
-        {name: shard_array(name, shard) for name in shard.variables},
+        {name: shard_skeleton(name, shard) for name in shard.variables},
         coords=shard.coords,
         attrs=shard.attrs,
     )
 
 
 def _open_shard(path: Path) -> ShardInfo:
-    """Read one shard's metadata and check its structure against the schema."""
+    """Read one shard's metadata and check its structure (once per shard version, then indexed)."""
+    checked_by = f"schema {SCHEMA_VERSION}"
+    indexed = load_index(path, checked_by)
+    if indexed is not None:
+        return indexed
     shard = read_shard_info(path, COORDINATE_NAMES)
     try:
         validate(_shard_dataset(shard), source=str(path))
@@ -125,6 +137,7 @@ def _open_shard(path: Path) -> ShardInfo:
         shard.manager.close()
         message = str(error) if isinstance(error, VLIError) else f"{path}: not a vlinterpret-panel shard ({error})"
         raise VLIError(message) from None
+    save_index(shard, checked_by)
     return shard
 
 
@@ -217,9 +230,7 @@ def example_ids(path: str | os.PathLike) -> set[str]:
         return set()
     ids: set[str] = set()
     for shard_path in _shard_paths(store):
-        shard = read_shard_info(shard_path, COORDINATE_NAMES)
-        ids.update(shard.coords["example"][1].tolist())
-        shard.manager.close()
+        ids.update(_open_shard(shard_path).coords["example"][1].tolist())
     return ids
 
 
