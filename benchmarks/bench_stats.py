@@ -40,7 +40,7 @@ def store_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in shard_paths(path))
 
 
-def _copy_shard(source: Path, store: Path, copy_number: int) -> None:
+def copy_shard(source: Path, store: Path, copy_number: int) -> None:
     """Copy a shard atomically under a new name, giving its examples new ids."""
     import netCDF4
 
@@ -63,7 +63,7 @@ def ensure_store(path: Path, gigabytes: float, distinct: int) -> None:
     originals = shard_paths(path)
     copy_number = len(shard_paths(path))
     while store_bytes(path) < gigabytes * 1e9:
-        _copy_shard(originals[copy_number % len(originals)], path, copy_number)
+        copy_shard(originals[copy_number % len(originals)], path, copy_number)
         copy_number += 1
 
 

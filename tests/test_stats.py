@@ -243,3 +243,15 @@ def test_cli_stats_precomputes_and_caches(store, capsys):
     assert names == ["head-statistics", "projection-pca"]
     assert main(["stats", str(store), "--hidden-layer", "99", "--quiet"]) == 2
     assert "hidden_layer" in capsys.readouterr().err
+
+
+def test_accessor_answers_the_same_as_the_functions(store):
+    ds = open_dataset(store)
+    assert ds.vli.statistics() == [*stats.STATISTICS, "custom:probe"]
+    xr.testing.assert_identical(ds.vli.head_summary("entropy", example=1), stats.head_summary(ds, "entropy", example=1))
+    lazy = ds.vli.head_stats(statistics=["to_special"])
+    np.testing.assert_allclose(lazy["to_special"].values, ds.vli.compute_stats()["to_special"].values, atol=1e-6)
+    points = ds.vli.projection(1, sample_size=30)
+    assert points.sizes["point"] == int(ds["seq_len"].sum())
+    near = ds.vli.nearest_tokens(0, 1, 1, k=2, modality="image")
+    assert len(near) == 2 and set(near["modality"]) == {"image"}
