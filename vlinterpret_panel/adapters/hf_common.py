@@ -93,7 +93,9 @@ def capture_attention_forward(
             scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
         else:
             scores = scores + attention_mask
-    probabilities = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    # Like eager: softmax in float32 for half precision; float64 models keep float64 (for exact checks).
+    softmax_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    probabilities = nn.functional.softmax(scores, dim=-1, dtype=softmax_dtype).to(query.dtype)
     probabilities = nn.functional.dropout(probabilities, p=dropout, training=module.training)
     tap = _ACTIVE_TAP.get()
     if tap is not None:

@@ -167,6 +167,7 @@ class LxmertAdapter(ModelAdapter):
             features, positions = features[:, kept_regions], positions[:, kept_regions]
             region_mask = region_mask[:, kept_regions]
             regions = [(f[kept_regions], b[kept_regions]) for f, b in regions]
+        region_ids = kept_regions if keep_tokens is not None else np.arange(n_regions)
         embeddings: dict[str, torch.Tensor] = {}
         with tapping(self._dropouts) as tap, self._embedding_hooks(kept_text, embeddings):
             outputs = self.model(
@@ -184,8 +185,11 @@ class LxmertAdapter(ModelAdapter):
             ids = encoded["input_ids"][example]
             ids = (ids[kept_text] if kept_text is not None else ids)[text_mask[example].bool()].tolist()
             box = regions[example][1] * np.array([image.shape[1], image.shape[0]] * 2, np.float32)
+            names = [f"<region_{i}>" for i in region_ids[: len(box)]]
             captures.append(
-                self._capture(outputs, tap, embeddings, example, ids, box, int(text_mask.shape[1]), n_regions)
+                self._capture(
+                    outputs, tap, embeddings, example, ids, box, names, (text_mask.shape[1], features.shape[1])
+                )
             )
         return captures
 
@@ -221,10 +225,12 @@ class LxmertAdapter(ModelAdapter):
         example: int,
         ids: list[int],
         boxes: np.ndarray,
-        text_length: int,
-        region_length: int,
+        region_names: list[str],
+        padded_lengths: tuple[int, int],
     ) -> ForwardCapture:
+        """One example's capture out of the padded batch: text tokens, then regions."""
         n_text, n_regions = len(ids), len(boxes)
+        text_length, region_length = padded_lengths
         text_at, image_at = range(n_text), range(n_text, n_text + n_regions)
 
         def block(call: int, queries: int, keys: int, query_length: int, key_length: int) -> torch.Tensor:
@@ -282,7 +288,7 @@ class LxmertAdapter(ModelAdapter):
             stages.append(HiddenCapture(f"lxmert.encoder.x_layers.{i}", states, list(text_at) + list(image_at)))
         tokens, modality = text_labels(self.tokenizer, ids)
         return ForwardCapture(
-            tokens=tokens + [f"<region_{i}>" for i in range(n_regions)],
+            tokens=tokens + region_names,
             modality=modality + [IMAGE] * n_regions,
             token_box=np.concatenate([np.full((n_text, 4), np.nan, np.float32), boxes]),
             attentions=attentions,
