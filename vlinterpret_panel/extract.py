@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import time
@@ -318,6 +319,8 @@ def extract(
     spec = adapter if isinstance(adapter, str) else f"{type(adapter).__module__}.{type(adapter).__name__}"
     provenance = _provenance(spec, options, batch_size, precision)
     chunks = [todo[i : i + examples_per_shard] for i in range(0, len(todo), examples_per_shard)]
+    if chunks and isinstance(adapter, str) and not (workers or scheduler):
+        adapter = _cached_adapter(adapter, options)  # load errors come before the progress bar
     report = ExtractionReport(str(store), len(sources), len(sources) - len(todo), 0)
     began = time.perf_counter()
     with tqdm(total=len(todo), unit="example", disable=not progress, desc="extract") as bar:
@@ -365,7 +368,13 @@ def _run_chunks(
             raise VLIError(f"--scheduler {scheduler}: cannot connect ({error})") from None
         threads = None
     else:
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+        cluster = LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
+        )
         client = Client(cluster)
         threads = max(1, (os.cpu_count() or 1) // workers)
     try:

@@ -125,6 +125,9 @@ def load_pretrained(loader: Callable[..., Any], name_or_path: str, what: str, **
 
     Honours ``HF_HUB_OFFLINE``: offline, only local paths and the local cache are used.
     """
+    looks_local = os.path.isabs(name_or_path) or name_or_path.startswith((".", "~"))
+    if looks_local and not os.path.exists(os.path.expanduser(name_or_path)):
+        raise VLIError(f"cannot load the {what} {name_or_path!r}: no such file or directory")
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         kwargs.setdefault("local_files_only", True)
     try:
