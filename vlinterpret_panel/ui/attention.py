@@ -102,7 +102,7 @@ class AttentionHeatmap(pn.viewable.Viewer):
         n_tokens = example_tokens(self._ds, self.selection.example).n_tokens
         position = int(np.floor(y if self.selection.direction == "from" else x))
         if 0 <= position < n_tokens:
-            self.selection.tokens = [position]
+            self.selection.select(tokens=[position])
 
     def __panel__(self) -> pn.viewable.Viewable:
         return pn.pane.HoloViews(self._matrix_plot * self._blocks * self._marker, linked_axes=False)

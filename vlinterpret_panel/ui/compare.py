@@ -86,4 +86,4 @@ class HeadComparison(pn.viewable.Viewer):
             selection.param.direction,
             selection.param.smooth,
         )
-        return pn.Column(pn.Row(chooser, self._add), pn.panel(view, loading_indicator=True))
+        return pn.Column(pn.Row(chooser, self._add), pn.param.ParamFunction(view, lazy=True, loading_indicator=True))

@@ -27,6 +27,7 @@ from vlinterpret_panel.ui.selection import Selection
 COLOR_BY = ("modality", "label", "correct", "example")
 LISTED_POINTS = 200
 PLAY_INTERVAL_MS = 1500
+NEIGHBOUR_TEXT_CHARACTERS = 32
 _PROJECTIONS = LRUCache(16)
 
 
@@ -66,6 +67,9 @@ class EmbeddingView(pn.viewable.Viewer):
         self._cloud_plot = dynspread(
             datashade(cloud, aggregator=datashader.count_cat("category"), color_key=list(colorcet.glasbey))
         ).opts(tools=["box_select"], frame_width=PLOT_SIZE + 140, frame_height=PLOT_SIZE + 140)
+        self._cloud_plot = self._cloud_plot.apply.opts(
+            title=pn.bind(self.title, selection.param.hidden_layer, self.param.color_by)
+        )
         self._current = hv.DynamicMap(
             self._current_tokens, streams=[hv.streams.Params(selection, ["hidden_layer", "example", "tokens"])]
         )
@@ -73,7 +77,13 @@ class EmbeddingView(pn.viewable.Viewer):
         self._listed = pn.pane.DataFrame(pd.DataFrame(), max_rows=LISTED_POINTS, sizing_mode="stretch_width")
         self.bounds.add_subscriber(self._list_points)
         self._play = pn.widgets.Player(
-            name="play layers", start=0, end=ds.sizes["hidden_layer"] - 1, interval=PLAY_INTERVAL_MS, width=300
+            name="play layers",
+            start=0,
+            end=ds.sizes["hidden_layer"] - 1,
+            value=selection.hidden_layer,
+            interval=PLAY_INTERVAL_MS,
+            show_loop_controls=False,
+            width=300,
         )
         self._play.link(selection, value="hidden_layer", bidirectional=True)
 
@@ -83,12 +93,15 @@ class EmbeddingView(pn.viewable.Viewer):
             table = projection_table(self._ds, hidden_layer)
             categories = table[color_by].astype(str) if color_by in table else table["modality"].astype(str)
             points = pd.DataFrame({"x": table["x"], "y": table["y"], "category": categories.astype("category")})
-            name = self._ds["hidden_layer_name"].values[hidden_layer] if "hidden_layer_name" in self._ds.coords else ""
-            return hv.Points(points, ["x", "y"], ["category"]).opts(
-                title=f"hidden layer {hidden_layer} {name} · {len(points)} tokens, coloured by {color_by}"
-            )
+            return hv.Points(points, ["x", "y"], ["category"])
 
         return draw()
+
+    def title(self, hidden_layer: int, color_by: str) -> str:
+        """The cloud's title: which hidden state, and how it is coloured."""
+        names = self._ds["hidden_layer_name"].values if "hidden_layer_name" in self._ds.coords else None
+        name = f" ({names[hidden_layer]})" if names is not None else ""
+        return f"hidden layer {hidden_layer}{name} · all examples' tokens · colour: {color_by}"
 
     def _current_tokens(self, hidden_layer: int, example: str, tokens: list[int]) -> hv.Overlay:
         empty = hv.Points([], ["x", "y"], ["token", "token_text", "modality"])
@@ -137,7 +150,8 @@ class EmbeddingView(pn.viewable.Viewer):
             nearest = self._ds.vli.nearest_tokens(example, tokens[0], hidden_layer, k=10)
         except (VLIError, ImportError) as error:
             return pn.pane.Alert(str(error), alert_type="warning")
-        return pn.pane.DataFrame(nearest, index=False, sizing_mode="stretch_width")
+        shown = nearest.assign(text=nearest["text"].str.slice(0, NEIGHBOUR_TEXT_CHARACTERS))
+        return pn.pane.DataFrame(shown, index=False, sizing_mode="stretch_width")
 
     def __panel__(self) -> pn.viewable.Viewable:
         selection = self.selection

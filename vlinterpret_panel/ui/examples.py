@@ -95,18 +95,18 @@ class ExampleBrowser(pn.viewable.Viewer):
         if not ids:
             return
         position = ids.index(self.selection.example) if self.selection.example in ids else -offset
-        self.selection.example = ids[(position + offset) % len(ids)]
+        self.selection.select(example=ids[(position + offset) % len(ids)])
 
     def _chosen(self, event: param.parameterized.Event) -> None:
         if event.new and event.new != self.selection.example:
-            self.selection.example = event.new
+            self.selection.select(example=event.new)
 
     def _show_example(self, *events: param.parameterized.Event) -> None:
         example = self.selection.example
         if self._choice.value != example and example in self._choice.options.values():
             self._choice.value = example
         if events:  # keep the token positions the new example has (a shared link sets both at once)
-            self.selection.tokens = valid_tokens(self._ds, example, self.selection.tokens)
+            self.selection.select(tokens=valid_tokens(self._ds, example, self.selection.tokens))
         if example not in self._table.index:
             return
         row = self._table.loc[example]

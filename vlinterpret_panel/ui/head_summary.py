@@ -110,7 +110,7 @@ class HeadSummary(pn.viewable.Viewer):
             head = None if str(x) == MEAN_COLUMN else int(x)
         except (TypeError, ValueError):
             return
-        self.selection.param.update(layer=layer, head=head)
+        self.selection.select(layer=layer, head=head)
 
     def __panel__(self) -> pn.viewable.Viewable:
         statistic = pn.widgets.Select.from_param(

@@ -17,6 +17,9 @@ from vlinterpret_panel.ui.common import OVERLAY_CMAP, PLOT_SIZE, SELECTED_COLOR,
 from vlinterpret_panel.ui.selection import Selection
 
 
+MAP_PIXELS = 128
+
+
 def image_element(pixels: np.ndarray) -> hv.RGB:
     """An RGB image whose plot y is the pixel row (flip for row 0 = top; pair with ``invert_yaxis``)."""
     height, width = pixels.shape[:2]
@@ -24,9 +27,15 @@ def image_element(pixels: np.ndarray) -> hv.RGB:
 
 
 def map_element(values: np.ndarray, label: str) -> hv.Image:
-    """A per-pixel map (row 0 = top) in the same coordinates as ``image_element``."""
+    """A per-pixel map (row 0 = top) in the same coordinates as ``image_element``.
+
+    Sent as float32 on a grid of at most ``MAP_PIXELS`` a side: maps are patch-level, so a finer
+    grid only makes every click's message to the browser larger (1 MB for a 384-pixel image).
+    """
     height, width = values.shape
-    return hv.Image(values[::-1], bounds=(0, 0, width, height), kdims=["x", "y"], vdims=[label])
+    stride = max(1, int(np.ceil(max(height, width) / MAP_PIXELS)))
+    sampled = values[stride // 2 :: stride, stride // 2 :: stride].astype(np.float32)
+    return hv.Image(sampled[::-1], bounds=(0, 0, width, height), kdims=["x", "y"], vdims=[label])
 
 
 def image_plot_size(pixels: np.ndarray) -> dict[str, int]:
@@ -45,12 +54,9 @@ class ImageView(pn.viewable.Viewer):
         self.opacity = pn.widgets.FloatSlider(name="overlay opacity", start=0, end=1, step=0.05, value=0.7, width=180)
         self._image = hv.DynamicMap(self._picture, streams=[hv.streams.Params(selection, ["example"])])
         overlay_params = ["example", "layer", "head", "tokens", "direction", "smooth"]
-        self._overlay = hv.DynamicMap(self._attention, streams=[hv.streams.Params(selection, overlay_params)])
-        self._overlay = self._overlay.apply.opts(alpha=self.opacity.param.value)
+        opacity = hv.streams.Params(self.opacity, ["value"], rename={"value": "opacity"})
+        self._overlay = hv.DynamicMap(self._attention, streams=[hv.streams.Params(selection, overlay_params), opacity])
         self._patches = hv.DynamicMap(self._patch_centres, streams=[hv.streams.Params(selection, ["example"])])
-        self._selected = hv.DynamicMap(
-            self._selected_boxes, streams=[hv.streams.Params(selection, ["example", "tokens"])]
-        )
         self.tap = hv.streams.Tap(source=self._image, x=None, y=None)
         self.tap.add_subscriber(self._tapped)
         self.lasso = hv.streams.Selection1D(source=self._patches)
@@ -62,20 +68,29 @@ class ImageView(pn.viewable.Viewer):
             invert_yaxis=True, xaxis=None, yaxis=None, title=tokens.text[:60], **image_plot_size(tokens.image)
         )
 
-    def _empty(self, message: str) -> hv.Image:
-        return map_element(np.full((1, 1), np.nan), "attention").opts(title=message[:80])
+    def _empty(self, message: str) -> hv.Overlay:
+        return map_element(np.full((1, 1), np.nan), "attention").opts(title=message[:80]) * hv.Rectangles([])
 
     def _attention(
-        self, example: str, layer: int, head: int | None, tokens: list[int], direction: str, smooth: bool
-    ) -> hv.Image:
+        self,
+        example: str,
+        layer: int,
+        head: int | None,
+        tokens: list[int],
+        direction: str,
+        smooth: bool,
+        opacity: float,
+    ) -> hv.Overlay:
+        """The token's attention on the image, with the selected patches outlined (one plot update per click)."""
+
         @guarded(self.selection, self._empty)
-        def draw() -> hv.Image:
+        def draw() -> hv.Overlay:
             painted = self._ds.vli.token_attention_on_image(example, layer, head, tokens, direction, smooth)
             finite = painted.values[np.isfinite(painted.values)]
             top = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
             return map_element(painted.values, "attention").opts(
-                cmap=OVERLAY_CMAP, clim=(0, top), colorbar=True, tools=["hover"], invert_yaxis=True
-            )
+                cmap=OVERLAY_CMAP, clim=(0, top), colorbar=True, tools=["hover"], invert_yaxis=True, alpha=opacity
+            ) * self._selected_boxes(example, tokens)
 
         return draw()
 
@@ -108,16 +123,16 @@ class ImageView(pn.viewable.Viewer):
             return
         token = example_tokens(self._ds, self.selection.example).token_at(x, y)
         if token is not None:
-            self.selection.tokens = [token]
+            self.selection.select(tokens=[token])
 
     def _lassoed(self, index: list[int]) -> None:
         if len(index) < 2:
             return  # a single hit is a tap, handled by _tapped
         image_tokens = example_tokens(self._ds, self.selection.example).image_tokens()
-        self.selection.tokens = sorted(int(image_tokens[i]) for i in index if i < len(image_tokens))
+        self.selection.select(tokens=sorted(int(image_tokens[i]) for i in index if i < len(image_tokens)))
 
     def __panel__(self) -> pn.viewable.Viewable:
-        plot = self._image * self._overlay * self._patches * self._selected
+        plot = self._image * self._overlay * self._patches
         controls = pn.Row(
             pn.widgets.RadioButtonGroup.from_param(self.selection.param.direction, name="attention"),
             pn.widgets.Checkbox.from_param(self.selection.param.smooth, name="smooth"),

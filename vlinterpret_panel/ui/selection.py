@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import param
 import xarray as xr
+from panel.io.document import hold
 
 from vlinterpret_panel.maps import DIRECTIONS, example_tokens
 from vlinterpret_panel.schema import TEXT
@@ -48,6 +49,15 @@ class Selection(param.Parameterized):
         selection.tokens = default_tokens(ds, ids[0])
         selection.param.update(**params)
         return selection
+
+    def select(self, **changes) -> None:
+        """Set several fields at once; linked plots update inside one held, frozen document change.
+
+        Freezing defers Bokeh's walk over every model of the page to the end of the update,
+        instead of once per plot that refreshes: the difference between ~100 ms and ~1 s per click.
+        """
+        with hold(freeze=True):
+            self.param.update(**changes)
 
 
 def default_tokens(ds: xr.Dataset, example: str) -> list[int]:

@@ -37,17 +37,27 @@ def token_layout(tokens: ExampleTokens) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["x0", "y0", "x1", "y1", "token", "text"])
 
 
-def coloured_tokens(layout: pd.DataFrame, values: np.ndarray, label: str, title: str) -> hv.Rectangles:
-    """Token boxes coloured by ``values`` (one per token position); ``token_labels`` writes the tokens on them."""
-    table = layout.assign(value=values[layout["token"].to_numpy()] if len(layout) else [])
+def coloured_tokens(
+    layout: pd.DataFrame, values: np.ndarray, label: str, title: str, selected: list[int] | None = None
+) -> hv.Rectangles:
+    """Token boxes coloured by ``values`` (one per token position), ``selected`` ones outlined.
+
+    ``token_labels`` writes the token strings on them.
+    """
+    table = layout.assign(
+        value=values[layout["token"].to_numpy()] if len(layout) else [],
+        selected=layout["token"].isin(selected or []).astype(int),
+    )
     lines = max(1.0, float(table["y1"].max()) if len(table) else 1.0)
     finite = table["value"][np.isfinite(table["value"])]
     top = float(finite.max()) if len(finite) and finite.max() > 0 else 1.0
-    boxes = hv.Rectangles(table, ["x0", "y0", "x1", "y1"], ["value", "token", "text"]).opts(
+    boxes = hv.Rectangles(table, ["x0", "y0", "x1", "y1"], ["value", "token", "text", "selected"]).opts(
         color="value",
         cmap=TEXT_CMAP,
         clim=(0, top),
-        line_color="#666",
+        line_color=hv.dim("selected").categorize({1: SELECTED_COLOR, 0: "#666"}),
+        line_width=hv.dim("selected") * 2 + 1,
+        hover_tooltips=[("token", "@token"), ("text", "@text"), (label or "value", "@value")],
         colorbar=True,
         clabel=label,
         tools=["hover", "tap"],
@@ -78,9 +88,6 @@ class TextView(pn.viewable.Viewer):
         streams = [hv.streams.Params(selection, ["example", "layer", "head", "tokens", "direction"])]
         self._tokens = hv.DynamicMap(self._coloured, streams=streams)
         self._labels = hv.DynamicMap(self._token_strings, streams=[hv.streams.Params(selection, ["example"])])
-        self._selected = hv.DynamicMap(
-            self._selected_boxes, streams=[hv.streams.Params(selection, ["example", "tokens"])]
-        )
         self.tap = hv.streams.Tap(source=self._tokens, x=None, y=None)
         self.tap.add_subscriber(self._tapped)
 
@@ -95,19 +102,12 @@ class TextView(pn.viewable.Viewer):
             values = token_attention(self._ds, example, layer, head, tokens, direction).values
             names = ", ".join(f"{t}:{info.token_text[t]}" for t in tokens[:4]) + (" …" if len(tokens) > 4 else "")
             title = f"attention {direction} {names}"
-            return coloured_tokens(token_layout(info), values, "attention", title)
+            return coloured_tokens(token_layout(info), values, "attention", title, selected=tokens)
 
         return draw()
 
     def _token_strings(self, example: str) -> hv.Labels:
         return token_labels(token_layout(example_tokens(self._ds, example)))
-
-    def _selected_boxes(self, example: str, tokens: list[int]) -> hv.Rectangles:
-        layout = token_layout(example_tokens(self._ds, example))
-        chosen = layout[layout["token"].isin(tokens)]
-        return hv.Rectangles(chosen, ["x0", "y0", "x1", "y1"]).opts(
-            fill_alpha=0, line_color=SELECTED_COLOR, line_width=3
-        )
 
     def _tapped(self, x: float | None, y: float | None) -> None:
         if x is None or y is None:
@@ -115,7 +115,7 @@ class TextView(pn.viewable.Viewer):
         layout = token_layout(example_tokens(self._ds, self.selection.example))
         hit = layout[(layout.x0 <= x) & (x <= layout.x1) & (layout.y0 <= y) & (y <= layout.y1)]
         if len(hit):
-            self.selection.tokens = [int(hit["token"].iloc[0])]
+            self.selection.select(tokens=[int(hit["token"].iloc[0])])
 
     def __panel__(self) -> pn.viewable.Viewable:
-        return pn.pane.HoloViews(self._tokens * self._labels * self._selected, linked_axes=False)
+        return pn.pane.HoloViews(self._tokens * self._labels, linked_axes=False)

@@ -38,7 +38,7 @@ class TokenControls(pn.viewable.Viewer):
         return [int(t) for t in example_tokens(self._ds, self.selection.example).tokens_of(TEXT)]
 
     def _head_chosen(self, event: param.parameterized.Event) -> None:
-        self.selection.head = None if event.new == MEAN else int(event.new)
+        self.selection.select(head=None if event.new == MEAN else int(event.new))
 
     def _show_head(self, *events: param.parameterized.Event) -> None:
         self._head.value = MEAN if self.selection.head is None else str(self.selection.head)
@@ -54,12 +54,12 @@ class TokenControls(pn.viewable.Viewer):
 
     def _token_chosen(self, event: param.parameterized.Event) -> None:
         if event.new is not None and event.new >= 0 and [event.new] != self.selection.tokens:
-            self.selection.tokens = [int(event.new)]
+            self.selection.select(tokens=[int(event.new)])
 
     def _movie_step(self, event: param.parameterized.Event) -> None:
         text_tokens = self._text_tokens()
         if text_tokens:
-            self.selection.tokens = [text_tokens[event.new % len(text_tokens)]]
+            self.selection.select(tokens=[text_tokens[event.new % len(text_tokens)]])
 
     def __panel__(self) -> pn.viewable.Viewable:
         return pn.Column("### Head and token", self._layer, self._head, self._token, self._movie)
