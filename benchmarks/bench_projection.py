@@ -5,7 +5,8 @@
 Builds the store once (hidden size 768, up to 185 tokens per example, one small attention
 layer so the store is mostly hidden states): ``--distinct`` synthetic examples, then copies
 of their shards under new example ids until the store holds ``--tokens`` real tokens.
-Each method then runs in a fresh process (no cache), so its time and peak memory are its own.
+Each method then runs in a fresh process (no cache), so its time and peak memory are its own,
+with a ``--chunk-cache``-byte netCDF chunk cache (see ``bench_stats.py``; 0 keeps netCDF's default).
 """
 
 from __future__ import annotations
@@ -51,7 +52,9 @@ def ensure_store(path: Path, tokens: int, distinct: int) -> None:
         copy_number += 1
 
 
-def child(store: Path, method: str, hidden_layer: int) -> dict:
+def child(store: Path, method: str, hidden_layer: int, chunk_cache: int) -> dict:
+    if chunk_cache > 0:
+        netCDF4.set_chunk_cache(chunk_cache, 1009, 0.75)
     from vlinterpret_panel.projection import project_hidden_states
     from vlinterpret_panel.store import open_dataset
 
@@ -78,16 +81,18 @@ def main() -> None:
     parser.add_argument("--distinct", type=int, default=600)
     parser.add_argument("--hidden-layer", type=int, default=1)
     parser.add_argument("--method", action="append", choices=["pca", "tsne", "umap"])
+    parser.add_argument("--chunk-cache", type=int, default=2**20, help="netCDF chunk cache bytes (0: default)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.store, args.child, args.hidden_layer)))
+        print(json.dumps(child(args.store, args.child, args.hidden_layer, args.chunk_cache)))
         return
 
     ensure_store(args.store, args.tokens, args.distinct)
     size = sum(p.stat().st_size for p in shard_paths(args.store))
     for method in args.method or ["pca"]:
         command = [sys.executable, __file__, "--store", str(args.store), "--hidden-layer", str(args.hidden_layer)]
+        command += ["--chunk-cache", str(args.chunk_cache)]
         output = subprocess.run([*command, "--child", method], check=True, capture_output=True, text=True)
         run = json.loads(output.stdout.strip().splitlines()[-1])
         print(
