@@ -180,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--seed", type=int, default=0, help="first scene seed")
     extract.add_argument("--option", action="append", default=[], help="KEY=VALUE for the adapter (JSON values)")
     extract.add_argument("--batch-size", type=int, default=8, help="examples per forward pass")
-    extract.add_argument("--examples-per-shard", type=int, default=64)
+    extract.add_argument(
+        "--examples-per-shard", type=int, default=16, help="examples per shard and per Dask task (memory: 2 shards)"
+    )
     extract.add_argument("--precision", choices=["float16", "float32"], default="float16")
     extract.add_argument("--workers", type=int, default=0, help="run on a local Dask cluster of N processes")
     extract.add_argument("--scheduler", help="address of an existing Dask distributed scheduler")

@@ -18,6 +18,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,6 +143,13 @@ class ChunkResult:
     failures: list[Failure]
     shard: str | None
     forward_seconds: float
+    pending: Future | None = None
+
+    def finish(self) -> ChunkResult:
+        """Wait for a shard being written in the background; its path becomes ``shard``."""
+        if self.pending is not None:
+            self.shard, self.pending = str(self.pending.result()), None
+        return self
 
 
 @dataclass
@@ -228,8 +236,13 @@ def extract_chunk(
     extraction: dict[str, Any] | None = None,
     threads: int | None = None,
     on_batch: Callable[[int], None] | None = None,
+    writer: ThreadPoolExecutor | None = None,
 ) -> ChunkResult:
-    """Extract ``sources`` and write the successful ones as one shard (the unit of a Dask task)."""
+    """Extract ``sources`` and write the successful ones as one shard (the unit of a Dask task).
+
+    With a ``writer`` thread the shard is written in the background (the result's ``finish``
+    waits for it), so the next chunk's forward passes overlap this chunk's compression and I/O.
+    """
     import torch
 
     if threads:
@@ -259,12 +272,19 @@ def extract_chunk(
                 info = info or result[1]
         if on_batch is not None:
             on_batch(len(batch))
-    shard = None
+    result = ChunkResult([r.example_id for r in records], failures, None, forward_seconds)
     if records:
         attrs = dict(extraction or {})
         attrs["failures"] = [asdict(f) for f in failures]
-        shard = str(write_shard(records_to_dataset(records, info, attrs), store, precision=precision))
-    return ChunkResult([r.example_id for r in records], failures, shard, forward_seconds)
+
+        def write() -> Path:
+            return write_shard(records_to_dataset(records, info, attrs), store, precision=precision)
+
+        if writer is None:
+            result.shard = str(write())
+        else:
+            result.pending = writer.submit(write)
+    return result
 
 
 def _provenance(adapter_spec: str, options: dict[str, Any], batch_size: int, precision: str) -> dict[str, Any]:
@@ -291,7 +311,7 @@ def extract(
     *,
     options: dict[str, Any] | None = None,
     batch_size: int = 8,
-    examples_per_shard: int = 64,
+    examples_per_shard: int = 16,
     precision: Precision = "float16",
     workers: int = 0,
     scheduler: str | None = None,
@@ -355,8 +375,16 @@ def _run_chunks(
     if not (workers or scheduler):
         if isinstance(adapter, str):
             adapter = _cached_adapter(adapter, options)
-        for chunk in chunks:
-            yield extract_chunk(adapter, chunk, store, on_batch=bar.update, **common)
+        # One background writer, at most one shard in flight: memory stays at two chunks.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vli-shard-writer") as writer:
+            previous: ChunkResult | None = None
+            for chunk in chunks:
+                current = extract_chunk(adapter, chunk, store, on_batch=bar.update, writer=writer, **common)
+                if previous is not None:
+                    yield previous.finish()
+                previous = current
+            if previous is not None:
+                yield previous.finish()
         return
     from distributed import Client, LocalCluster, as_completed
 

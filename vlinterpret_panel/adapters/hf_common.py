@@ -266,4 +266,4 @@ def example_maps(tap: AttentionTap, call: int, example: int, index: torch.Tensor
     maps = tap.calls[call][example]
     if index is None:
         return maps
-    return maps[:, index][:, :, index]
+    return maps.index_select(1, index).index_select(2, index)

@@ -1,0 +1,187 @@
+"""Extraction throughput and its overhead over the bare forward pass.
+
+For each model: the bare pass (preprocessing + forward, no attention capture, batches of
+``--batch-size``), the adapter's capture pass (same batches), and the whole extraction into
+a store (capture, records, padding, validation, compressed netCDF shards on disk). Overhead
+= time / bare time - 1. Models: a tiny ViLT (the tests' one), a ViLT of
+``dandelin/vilt-b32-finetuned-vqa``'s size with random weights (no download), and our
+built-in single-stream model once ``vlinterpret_panel.adapters.builtin`` registers it.
+
+    python benchmarks/bench_extract.py [--examples 32] [--batch-size 8] [--models tiny,base,builtin]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tests.hf_tiny import ANSWERS, bert_tokenizer, scene, tiny_vilt
+from vlinterpret_panel.adapters.base import ModelAdapter
+from vlinterpret_panel.adapters.hf_vilt import ViltAdapter
+from vlinterpret_panel.errors import VLIError
+from vlinterpret_panel.extract import ExampleSource, extract, scene_sources
+
+QUESTIONS = ["what color is the square ?", "how many shapes are there ?", "is the circle left of the square ?"]
+
+
+@dataclass
+class Case:
+    """A model to measure: its adapter, its inputs and its bare forward pass over a batch."""
+
+    name: str
+    adapter: ModelAdapter
+    sources: list[ExampleSource]
+    bare: Callable[[list[np.ndarray], list[str]], object]
+
+
+def _vilt_base(directory: Path) -> tuple[object, object]:
+    """ViLT-B/32 sizes (12 layers, 12 heads, 768 wide, 384-pixel images), random weights."""
+    import transformers
+
+    torch.manual_seed(0)
+    processor = transformers.ViltProcessor(
+        image_processor=transformers.ViltImageProcessor(), tokenizer=bert_tokenizer(directory)
+    )
+    config = transformers.ViltConfig(
+        vocab_size=len(processor.tokenizer),
+        num_labels=len(ANSWERS),
+        id2label=dict(enumerate(ANSWERS)),
+        label2id={a: i for i, a in enumerate(ANSWERS)},
+    )
+    return transformers.ViltForQuestionAnswering(config).eval(), processor
+
+
+def _image_sources(directory: Path, count: int, height: int, width: int) -> list[ExampleSource]:
+    sources = []
+    for index in range(count):
+        path = directory / f"image{index:04d}.png"
+        Image.fromarray(scene(height, width, index)).save(path)
+        sources.append(ExampleSource(f"ex{index:04d}", QUESTIONS[index % len(QUESTIONS)], str(path)))
+    return sources
+
+
+def _vilt_case(name: str, model: object, processor: object, sources: list[ExampleSource]) -> Case:
+    def bare(images: list[np.ndarray], texts: list[str]) -> object:
+        inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
+        return model(**inputs)
+
+    return Case(name, ViltAdapter(model, processor, name=name), sources, bare)
+
+
+def _builtin_case(count: int) -> Case | None:
+    """Our single-stream model, if its adapter is registered yet (``adapters/builtin.py``)."""
+    from vlinterpret_panel.adapters.registry import load_adapter
+    from vlinterpret_panel.models.registry import load_builtin_model, texts_to_ids
+
+    try:
+        adapter = load_adapter("single_stream")
+        model, _ = load_builtin_model("single_stream")
+    except VLIError as error:
+        print(f"builtin single_stream: not measured ({error})")
+        return None
+    from vlinterpret_panel.models.registry import images_to_pixels
+
+    def bare(images: list[np.ndarray], texts: list[str]) -> object:
+        ids, mask = texts_to_ids(texts)
+        return model(ids, mask, images_to_pixels(images))
+
+    return Case("builtin single_stream", adapter, scene_sources(count), bare)
+
+
+def _time_bare(case: Case, batch_size: int) -> float:
+    items = [source.load() for source in case.sources]
+    began = time.perf_counter()
+    with torch.no_grad():
+        for start in range(0, len(items), batch_size):
+            batch = items[start : start + batch_size]
+            case.bare([i.image for i in batch], [i.text for i in batch])
+    return time.perf_counter() - began
+
+
+def _time_capture(case: Case, batch_size: int) -> float:
+    items = [source.load() for source in case.sources]
+    forward_batch = getattr(case.adapter, "forward_batch", None)
+    began = time.perf_counter()
+    with torch.no_grad():
+        for start in range(0, len(items), batch_size):
+            batch = items[start : start + batch_size]
+            if forward_batch is not None:
+                forward_batch([i.image for i in batch], [i.text for i in batch])
+            else:
+                for item in batch:
+                    case.adapter.forward(item.image, item.text)
+    return time.perf_counter() - began
+
+
+def measure(case: Case, batch_size: int, repeats: int) -> None:
+    """Print throughput and overheads (best of ``repeats`` for each pass)."""
+    warm_up = [source.load() for source in case.sources[:batch_size]]
+    with torch.no_grad():
+        case.bare([i.image for i in warm_up], [i.text for i in warm_up])
+    bare = min(_time_bare(case, batch_size) for _ in range(repeats))
+    capture = min(_time_capture(case, batch_size) for _ in range(repeats))
+    reports = []
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory() as store:
+            reports.append(extract(case.adapter, case.sources, store, batch_size=batch_size, progress=False))
+            size = sum(p.stat().st_size for p in Path(store).glob("*.nc"))
+    n = len(case.sources)
+    best = min(reports, key=lambda r: r.seconds)
+    extraction = best.seconds
+    print(
+        f"{case.name}: {n} examples, batch {batch_size}, torch threads {torch.get_num_threads()}\n"
+        f"  bare forward     {bare:8.2f} s  {n / bare:8.1f} examples/s\n"
+        f"  adapter capture  {capture:8.2f} s  {n / capture:8.1f} examples/s  overhead {capture / bare - 1:+7.1%}\n"
+        f"  extract to store {extraction:8.2f} s  {n / extraction:8.1f} examples/s  "
+        f"overhead {extraction / bare - 1:+7.1%}  ({size / n / 1e6:.2f} MB/example on disk)\n"
+        f"    of which forward + capture + records {best.forward_seconds:6.2f} s, "
+        f"the rest (records to dataset, validation, compressed netCDF writes, overlapped) "
+        f"{extraction - best.forward_seconds:6.2f} s"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--examples", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--models", default="tiny,base,builtin")
+    args = parser.parse_args()
+    wanted = args.models.split(",")
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        cases: list[Case] = []
+        if "tiny" in wanted:
+            (scratch / "tiny").mkdir()
+            model, processor = tiny_vilt(scratch / "tiny" / "model")
+            cases.append(
+                _vilt_case("tiny ViLT", model, processor, _image_sources(scratch / "tiny", args.examples, 96, 128))
+            )
+        if "base" in wanted:
+            (scratch / "base").mkdir()
+            model, processor = _vilt_base(scratch / "base" / "model")
+            sources = _image_sources(scratch / "base", max(4, args.examples // 4), 384, 576)
+            cases.append(_vilt_case("ViLT-B/32-sized (random weights)", model, processor, sources))
+        if "builtin" in wanted:
+            builtin = _builtin_case(args.examples)
+            if builtin is not None:
+                cases.append(builtin)
+        for case in cases:
+            measure(case, args.batch_size, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
