@@ -320,6 +320,10 @@ def test_load_adapter_specs(tmp_path: Path) -> None:
     by_config = load_adapter(str(checkpoint), name="tiny")
     assert isinstance(by_family, ViltAdapter) and isinstance(by_config, ViltAdapter)
     assert by_config.name == "tiny" and by_family.name == str(checkpoint)
+    halved = load_adapter(f"vilt:{checkpoint}", dtype="bfloat16")
+    assert halved.model.dtype == torch.bfloat16
+    record, _ = halved.run(ModelInput("bf16", scene(48, 64, 0), "what color"))
+    assert np.isfinite(record.attention).all() and record.prediction in ANSWERS
     factory = load_adapter("py:tests.test_adapters_hf:_custom_adapter", directory=str(tmp_path / "custom"))
     assert isinstance(factory, LxmertAdapter)
     register_builtin("tiny_builtin", lambda **options: by_family)
@@ -330,9 +334,13 @@ def test_load_adapter_specs(tmp_path: Path) -> None:
         ("py:tests.hf_tiny:scene_does_not_exist", "has no 'scene_does_not_exist'"),
         ("py:tests.hf_tiny:scene", "not a ModelAdapter"),
         ("lxmert:" + str(checkpoint), "LXMERT"),
+        (f"vilt:{checkpoint}?dtype", "use a torch dtype name"),
     ]:
         with pytest.raises(VLIError, match=message):
-            load_adapter(spec, **({"height": 8, "width": 8, "seed": 0} if spec.endswith(":scene") else {}))
+            if spec.endswith("?dtype"):
+                load_adapter(spec.removesuffix("?dtype"), dtype="float33")
+            else:
+                load_adapter(spec, **({"height": 8, "width": 8, "seed": 0} if spec.endswith(":scene") else {}))
 
 
 def _custom_adapter(directory: str) -> LxmertAdapter:

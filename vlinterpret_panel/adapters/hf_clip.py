@@ -25,6 +25,7 @@ from vlinterpret_panel.adapters.hf_common import (
     image_token_labels,
     keep_index,
     load_pretrained,
+    model_options,
     tapping,
     token_labels,
     use_capture_attention,
@@ -71,7 +72,7 @@ class ClipAdapter(ModelAdapter):
         """Load model and processor from a Hub name or a local directory."""
         from transformers import CLIPModel, CLIPProcessor
 
-        model = load_pretrained(CLIPModel.from_pretrained, name_or_path, "CLIP model")
+        model = load_pretrained(CLIPModel.from_pretrained, name_or_path, "CLIP model", **model_options(options))
         processor = load_pretrained(CLIPProcessor.from_pretrained, name_or_path, "CLIP processor")
         return cls(model, processor, name=options.get("name", name_or_path))
 

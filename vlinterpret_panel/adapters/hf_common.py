@@ -137,6 +137,16 @@ def load_pretrained(loader: Callable[..., Any], name_or_path: str, what: str, **
         raise VLIError(f"cannot load the {what} {name_or_path!r}: {reason}") from None
 
 
+def model_options(options: dict[str, Any]) -> dict[str, Any]:
+    """``from_pretrained`` keywords from adapter options: ``dtype`` ("float32", "bfloat16", ...)."""
+    dtype = options.get("dtype")
+    if dtype is None:
+        return {}
+    if not isinstance(getattr(torch, str(dtype), None), torch.dtype):
+        raise VLIError(f"dtype={dtype!r}: use a torch dtype name such as float32, bfloat16 or float16")
+    return {"dtype": getattr(torch, str(dtype))}
+
+
 def token_labels(tokenizer: Any, ids: Sequence[int]) -> tuple[list[str], list[str]]:
     """Token strings and their modality (``special`` for the tokenizer's special ids, else ``text``)."""
     special_ids = set(tokenizer.all_special_ids)

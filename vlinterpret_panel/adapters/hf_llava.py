@@ -25,6 +25,7 @@ from vlinterpret_panel.adapters.hf_common import (
     example_maps,
     keep_index,
     load_pretrained,
+    model_options,
     tapping,
     token_labels,
     use_capture_attention,
@@ -75,7 +76,9 @@ class LlavaAdapter(ModelAdapter):
         """Load model and processor; ``prompt_template`` may be given as an option."""
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-        model = load_pretrained(LlavaForConditionalGeneration.from_pretrained, name_or_path, "LLaVA model")
+        model = load_pretrained(
+            LlavaForConditionalGeneration.from_pretrained, name_or_path, "LLaVA model", **model_options(options)
+        )
         processor = load_pretrained(AutoProcessor.from_pretrained, name_or_path, "LLaVA processor")
         return cls(
             model,

@@ -26,7 +26,14 @@ import numpy as np
 import torch
 
 from vlinterpret_panel.adapters.base import AttentionCapture, ForwardCapture, HiddenCapture, ModelAdapter
-from vlinterpret_panel.adapters.hf_common import AttentionTap, check_image, keep_index, load_pretrained, tapping
+from vlinterpret_panel.adapters.hf_common import (
+    AttentionTap,
+    check_image,
+    keep_index,
+    load_pretrained,
+    model_options,
+    tapping,
+)
 from vlinterpret_panel.adapters.hf_common import token_labels as text_labels
 from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.schema import IMAGE
@@ -110,7 +117,9 @@ class LxmertAdapter(ModelAdapter):
         """Load model and tokenizer; ``regions`` (required) and ``answers`` are passed on."""
         from transformers import AutoTokenizer, LxmertForQuestionAnswering
 
-        model = load_pretrained(LxmertForQuestionAnswering.from_pretrained, name_or_path, "LXMERT model")
+        model = load_pretrained(
+            LxmertForQuestionAnswering.from_pretrained, name_or_path, "LXMERT model", **model_options(options)
+        )
         tokenizer = load_pretrained(AutoTokenizer.from_pretrained, name_or_path, "LXMERT tokenizer")
         return cls(
             model,

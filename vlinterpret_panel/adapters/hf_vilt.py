@@ -26,6 +26,7 @@ from vlinterpret_panel.adapters.hf_common import (
     image_token_labels,
     keep_index,
     load_pretrained,
+    model_options,
     tapping,
     token_labels,
 )
@@ -57,7 +58,9 @@ class ViltAdapter(ModelAdapter):
         """Load model and processor from a Hub name or a local directory."""
         from transformers import ViltForQuestionAnswering, ViltProcessor
 
-        model = load_pretrained(ViltForQuestionAnswering.from_pretrained, name_or_path, "ViLT model")
+        model = load_pretrained(
+            ViltForQuestionAnswering.from_pretrained, name_or_path, "ViLT model", **model_options(options)
+        )
         processor = load_pretrained(ViltProcessor.from_pretrained, name_or_path, "ViLT processor")
         return cls(model, processor, name=options.get("name", name_or_path))
 
