@@ -81,7 +81,7 @@ def nearest_tokens(
     k: int = 10,
     *,
     modality: str | Sequence[str] | None = None,
-    batch_tokens: int = 200_000,
+    batch_tokens: int = 50_000,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
 ) -> pd.DataFrame:
     """The ``k`` tokens of the dataset nearest to one token's hidden state at ``hidden_layer``.

@@ -68,7 +68,8 @@ def hidden_vectors(ds: xr.Dataset, hidden_layer: int, examples: np.ndarray | sli
     tokens in the same space without inventing values.
     """
     block = ds["hidden_states"].isel(hidden_layer=hidden_layer, example=examples).values
-    return np.nan_to_num(block.astype(np.float32, copy=False), nan=0.0)
+    block = block.astype(np.float32, copy=False)
+    return np.nan_to_num(block, copy=False, nan=0.0)  # in place: the block is a fresh array
 
 
 def _sample(
@@ -155,7 +156,7 @@ def project_hidden_states(
     method: Method = "pca",
     sample_size: int | None = None,
     seed: int = 0,
-    batch_tokens: int = 200_000,
+    batch_tokens: int = 50_000,
     progress: bool = False,
     use_cache: bool = True,
 ) -> xr.Dataset:
