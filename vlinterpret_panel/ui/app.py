@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import os
+from pathlib import Path
 
+import dask
 import panel as pn
 import param
 import xarray as xr
 
-from vlinterpret_panel.store import open_dataset
+from vlinterpret_panel.store import open_dataset, shard_signature
 from vlinterpret_panel.ui.attention import AttentionHeatmap
 from vlinterpret_panel.ui.common import ensure_extension, message_banner
 from vlinterpret_panel.ui.compare import HeadComparison
@@ -79,9 +82,26 @@ class Dashboard(pn.viewable.Viewer):
         return pn.Row(pn.Column(*self.sidebar(), width=330), self.main())
 
 
+@functools.lru_cache(maxsize=4)
+def shared_store(path: Path, signature: str) -> xr.Dataset:
+    """The store opened once per server process and shared, read-only, by every session.
+
+    Sessions keep their own selection and views; only the lazy Dataset (file handles and
+    Dask graph) is shared. With a fresh copy per session the server segfaulted in libhdf5
+    after a few sessions in the browser tests; with one shared copy it has not.
+    ``signature`` changes when shards are added, so a grown store is reopened.
+    """
+    return open_dataset(path)
+
+
 def build_app(store: str | os.PathLike) -> pn.viewable.Viewable:
-    """The dashboard page for the store at ``store``, its selection synced with the URL."""
-    ds = open_dataset(store)
+    """The dashboard page for the store at ``store``, its selection synced with the URL.
+
+    The server computes Dask graphs in the calling thread: a click reads one chunk, so Dask's
+    thread pool gains nothing and would only add concurrent HDF5 access.
+    """
+    dask.config.set(scheduler="synchronous")
+    ds = shared_store(Path(store).resolve(), shard_signature(store) if Path(store).is_dir() else "")
     dashboard = Dashboard(ds)
     if pn.state.location is not None:
         pn.state.location.sync(dashboard.selection, URL_PARAMETERS)

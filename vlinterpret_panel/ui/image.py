@@ -16,7 +16,6 @@ from vlinterpret_panel.maps import example_tokens
 from vlinterpret_panel.ui.common import OVERLAY_CMAP, PLOT_SIZE, SELECTED_COLOR, guarded
 from vlinterpret_panel.ui.selection import Selection
 
-
 MAP_PIXELS = 128
 
 

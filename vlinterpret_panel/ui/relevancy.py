@@ -7,6 +7,7 @@ import numpy as np
 import panel as pn
 import xarray as xr
 
+from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.maps import example_index, example_tokens, values_on_image
 from vlinterpret_panel.ui.common import OVERLAY_CMAP, PLOT_SIZE, guarded
 from vlinterpret_panel.ui.image import image_element, image_plot_size, map_element
@@ -20,10 +21,12 @@ def relevancy_values(ds: xr.Dataset, example: str, method: str) -> tuple[np.ndar
     """The per-token relevancy of ``example`` by ``method`` (real tokens) and the output it explains."""
     index = example_index(ds, example)
     n_tokens = example_tokens(ds, example).n_tokens
-    values = ds["relevancy"].isel(example=index).sel(method=method).values[:n_tokens].astype(float)
-    target = (
-        str(ds["relevancy_target"].isel(example=index).sel(method=method).values) if "relevancy_target" in ds else ""
-    )
+    methods = [str(m) for m in ds.indexes["method"]]
+    if method not in methods:
+        raise VLIError(f"relevancy method {method!r} is not in this store ({', '.join(methods)})")
+    where = {"example": index, "method": methods.index(method)}  # by position: the index may hold objects
+    values = ds["relevancy"].isel(where).values[:n_tokens].astype(float)
+    target = str(ds["relevancy_target"].isel(where).values) if "relevancy_target" in ds else ""
     return values, target
 
 
