@@ -156,6 +156,25 @@ def test_two_workers_store_the_same_values_as_one(checkpoint: Path, inputs: tupl
         np.testing.assert_array_equal(two[name].values, one[name].values)
 
 
+def test_an_existing_dask_scheduler_stores_the_same_values(
+    checkpoint: Path, inputs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from distributed import LocalCluster
+
+    sources = [s for s in read_sources(*inputs) if s.example_id != "broken"][:3]
+    options = {"batch_size": 2, "examples_per_shard": 2, "progress": False}
+    single = extract(str(checkpoint), sources, tmp_path / "one", **options)
+    with LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cluster:
+        remote = extract(str(checkpoint), sources, tmp_path / "remote", scheduler=cluster.scheduler_address, **options)
+    assert not remote.failures, remote.failures
+    assert single.written == remote.written == 3 and len(remote.shards) == 2
+    with open_dataset(tmp_path / "one") as one, open_dataset(tmp_path / "remote") as other:
+        one, other = one.sortby("example").load(), other.sortby("example").load()
+    np.testing.assert_allclose(other.attention.values, one.attention.values, rtol=1e-6, atol=1e-7, equal_nan=True)
+    with pytest.raises(VLIError, match=r"--scheduler tcp://127\.0\.0\.1:9: cannot connect"):
+        extract(str(checkpoint), sources, tmp_path / "x", scheduler="tcp://127.0.0.1:9", **options)
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     return subprocess.run(

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -213,6 +214,14 @@ def run_batch(
 
 
 _ADAPTERS: dict[str, ModelAdapter] = {}
+_LOCKS: dict[int, threading.Lock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def _lock(adapter: ModelAdapter) -> threading.Lock:
+    """The lock serialising runs of ``adapter`` (Dask workers may run several tasks in threads)."""
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(id(adapter), threading.Lock())
 
 
 def _cached_adapter(spec: str, options: dict[str, Any]) -> ModelAdapter:
@@ -262,7 +271,8 @@ def extract_chunk(
             except Exception as error:  # an unreadable input is one failure
                 failures.append(Failure(source.example_id, _error_text(error)))
         began = time.perf_counter()
-        results = run_batch(adapter, items) if items else []
+        with _lock(adapter):  # adapters hook their models: one forward at a time per adapter
+            results = run_batch(adapter, items) if items else []
         forward_seconds += time.perf_counter() - began
         for item, result in zip(items, results, strict=True):
             if isinstance(result, BaseException):

@@ -62,7 +62,12 @@ def tapping(dropout_modules: Sequence[nn.Module] = ()) -> Iterator[AttentionTap]
     on the given attention-dropout modules (whose input is the post-softmax probabilities)."""
     tap = AttentionTap()
     token = _ACTIVE_TAP.set(tap)
-    handles = [m.register_forward_hook(lambda module, _i, output: tap.record(output, module)) for m in dropout_modules]
+
+    def hook(module: nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        # Hooks are shared by all threads; record only this thread's (context's) calls.
+        return tap.record(output, module) if _ACTIVE_TAP.get() is tap else output
+
+    handles = [m.register_forward_hook(hook) for m in dropout_modules]
     try:
         yield tap
     finally:

@@ -105,7 +105,13 @@ def load_adapter(spec: str, **options: Any) -> ModelAdapter:
     if sep and prefix in HF_FAMILIES:
         family, name_or_path = prefix, rest
     else:
-        family, name_or_path = _model_type(spec), spec
+        try:
+            family, name_or_path = _model_type(spec), spec
+        except VLIError as error:
+            if "/" in spec or sep:
+                raise
+            known = ", ".join(builtin_names()) or "none registered yet"
+            raise VLIError(f"{spec!r} is no built-in model ({known}) and {error}") from None
         if family not in HF_FAMILIES:
             raise VLIError(
                 f"adapter spec {spec!r}: model type {family!r} has no adapter; "
