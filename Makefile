@@ -28,8 +28,8 @@ browser:
 		else echo "browser tests need Debian's chromium: sudo apt-get install chromium"; fi; }
 
 lint: $(STAMP)
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+	$(BIN)/ruff check vlinterpret_panel tests extract benchmarks dashboards
+	$(BIN)/ruff format --check vlinterpret_panel tests extract benchmarks dashboards
 
 test: $(STAMP) browser lint
 	$(BIN)/python -m pytest
