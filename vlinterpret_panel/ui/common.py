@@ -17,6 +17,7 @@ _Element = TypeVar("_Element")
 ATTENTION_CMAP = "inferno"
 OVERLAY_CMAP = "fire"
 TEXT_CMAP = "Oranges"
+OVERLAY_ALPHA = 0.55
 SELECTED_COLOR = "#00e5ff"
 PLOT_SIZE = 360
 

@@ -11,7 +11,7 @@ import xarray as xr
 from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.maps import example_tokens
 from vlinterpret_panel.ui.attention import matrix_image
-from vlinterpret_panel.ui.common import OVERLAY_CMAP
+from vlinterpret_panel.ui.common import OVERLAY_ALPHA, OVERLAY_CMAP
 from vlinterpret_panel.ui.image import image_element, map_element
 from vlinterpret_panel.ui.selection import Selection
 
@@ -39,7 +39,7 @@ class HeadComparison(pn.viewable.Viewer):
             for head in [None, *range(int(heads[layer]))]
         }
         self.heads = [head_name(selection.layer, selection.head)]
-        self._add = pn.widgets.Button(name="add the selected head", width=180)
+        self._add = pn.widgets.Button(label="add the selected head", width=180)
         self._add.on_click(self._add_selected)
 
     def _add_selected(self, event: object = None) -> None:
@@ -59,7 +59,7 @@ class HeadComparison(pn.viewable.Viewer):
             painted = self._ds.vli.token_attention_on_image(example, layer, head, tokens, direction, smooth).values
             top = float(np.nanmax(painted)) if np.isfinite(painted).any() else 1.0
             picture = image_element(info.image).opts(invert_yaxis=True, xaxis=None, yaxis=None, **size)
-            heat = map_element(painted, "attention").opts(cmap=OVERLAY_CMAP, clim=(0, top or 1.0), alpha=0.7)
+            heat = map_element(painted, "attention").opts(cmap=OVERLAY_CMAP, clim=(0, top or 1.0), alpha=OVERLAY_ALPHA)
             maps.append((picture * heat).opts(title=f"{name}, token {direction}"))
         return hv.Layout(matrices + maps).cols(max(1, len(matrices))).opts(shared_axes=False)
 
@@ -75,7 +75,7 @@ class HeadComparison(pn.viewable.Viewer):
 
     def __panel__(self) -> pn.viewable.Viewable:
         chooser = pn.widgets.MultiChoice.from_param(
-            self.param.heads, options=list(self._pairs), name="heads to compare", max_items=MAX_HEADS, width=500
+            self.param.heads, options=list(self._pairs), label="heads to compare", max_items=MAX_HEADS, width=500
         )
         selection = self.selection
         view = pn.bind(

@@ -77,7 +77,7 @@ class EmbeddingView(pn.viewable.Viewer):
         self._listed = pn.pane.DataFrame(pd.DataFrame(), max_rows=LISTED_POINTS, sizing_mode="stretch_width")
         self.bounds.add_subscriber(self._list_points)
         self._play = pn.widgets.Player(
-            name="play layers",
+            label="play layers",
             start=0,
             end=ds.sizes["hidden_layer"] - 1,
             value=selection.hidden_layer,
@@ -161,9 +161,9 @@ class EmbeddingView(pn.viewable.Viewer):
             loading_indicator=True,
         )
         controls = pn.Row(
-            pn.widgets.IntSlider.from_param(self.selection.param.hidden_layer, name="hidden layer", width=220),
+            pn.widgets.IntSlider.from_param(self.selection.param.hidden_layer, label="hidden layer", width=220),
             self._play,
-            pn.widgets.Select.from_param(self.param.color_by, name="colour by", width=140),
+            pn.widgets.Select.from_param(self.param.color_by, label="colour by", width=140),
         )
         tables = pn.Column(
             "#### Nearest tokens across the dataset",

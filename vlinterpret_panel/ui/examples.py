@@ -51,11 +51,11 @@ class ExampleBrowser(pn.viewable.Viewer):
         for name in ("label", "prediction"):
             if name in self._table:
                 self.param[name].objects = [ANY, *sorted(self._table[name].unique())]
-        self._choice = pn.widgets.Select(name="example", options=self._options(self._table), size=8)
+        self._choice = pn.widgets.Select(label="example", options=self._options(self._table), size=8)
         self._choice.value = selection.example
         self._choice.param.watch(self._chosen, "value")
-        self._previous = pn.widgets.Button(name="◀ previous", width=90)
-        self._next = pn.widgets.Button(name="next ▶", width=90)
+        self._previous = pn.widgets.Button(label="◀ previous", width=90)
+        self._next = pn.widgets.Button(label="next ▶", width=90)
         self._previous.on_click(lambda event: self.step(-1))
         self._next.on_click(lambda event: self.step(+1))
         self._count = pn.pane.Markdown("")

@@ -114,7 +114,7 @@ class HeadSummary(pn.viewable.Viewer):
 
     def __panel__(self) -> pn.viewable.Viewable:
         statistic = pn.widgets.Select.from_param(
-            self.selection.param.statistic, options=self._statistics, name="statistic", width=200
+            self.selection.param.statistic, options=self._statistics, label="statistic", width=200
         )
         scope = pn.widgets.RadioButtonGroup.from_param(self.selection.param.scope, options=list(SCOPES))
         normalize = pn.widgets.RadioButtonGroup.from_param(self.selection.param.normalize, options=list(NORMALIZATIONS))

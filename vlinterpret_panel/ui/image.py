@@ -13,7 +13,7 @@ import panel as pn
 import xarray as xr
 
 from vlinterpret_panel.maps import example_tokens
-from vlinterpret_panel.ui.common import OVERLAY_CMAP, PLOT_SIZE, SELECTED_COLOR, guarded
+from vlinterpret_panel.ui.common import OVERLAY_ALPHA, OVERLAY_CMAP, PLOT_SIZE, SELECTED_COLOR, guarded
 from vlinterpret_panel.ui.selection import Selection
 
 MAP_PIXELS = 128
@@ -50,7 +50,9 @@ class ImageView(pn.viewable.Viewer):
     def __init__(self, ds: xr.Dataset, selection: Selection, **params) -> None:
         super().__init__(**params)
         self._ds, self.selection = ds, selection
-        self.opacity = pn.widgets.FloatSlider(name="overlay opacity", start=0, end=1, step=0.05, value=0.7, width=180)
+        self.opacity = pn.widgets.FloatSlider(
+            label="overlay opacity", start=0, end=1, step=0.05, value=OVERLAY_ALPHA, width=180
+        )
         self._image = hv.DynamicMap(self._picture, streams=[hv.streams.Params(selection, ["example"])])
         overlay_params = ["example", "layer", "head", "tokens", "direction", "smooth"]
         opacity = hv.streams.Params(self.opacity, ["value"], rename={"value": "opacity"})
@@ -133,8 +135,8 @@ class ImageView(pn.viewable.Viewer):
     def __panel__(self) -> pn.viewable.Viewable:
         plot = self._image * self._overlay * self._patches
         controls = pn.Row(
-            pn.widgets.RadioButtonGroup.from_param(self.selection.param.direction, name="attention"),
-            pn.widgets.Checkbox.from_param(self.selection.param.smooth, name="smooth"),
+            pn.widgets.RadioButtonGroup.from_param(self.selection.param.direction, label="attention"),
+            pn.widgets.Checkbox.from_param(self.selection.param.smooth, label="smooth"),
             self.opacity,
         )
         return pn.Column(controls, pn.pane.HoloViews(plot, linked_axes=False))

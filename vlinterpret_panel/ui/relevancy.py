@@ -9,7 +9,7 @@ import xarray as xr
 
 from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.maps import example_index, example_tokens, values_on_image
-from vlinterpret_panel.ui.common import OVERLAY_CMAP, PLOT_SIZE, guarded
+from vlinterpret_panel.ui.common import OVERLAY_ALPHA, OVERLAY_CMAP, PLOT_SIZE, guarded
 from vlinterpret_panel.ui.image import image_element, image_plot_size, map_element
 from vlinterpret_panel.ui.selection import Selection
 from vlinterpret_panel.ui.text import coloured_tokens, token_labels, token_layout
@@ -61,7 +61,7 @@ class RelevancyView(pn.viewable.Viewer):
         size = size or image_plot_size(tokens.image)
         picture = image_element(tokens.image).opts(invert_yaxis=True, xaxis=None, yaxis=None, title=method, **size)
         heat = map_element(painted, "relevancy").opts(
-            cmap=OVERLAY_CMAP, clim=(0, top), alpha=0.7, invert_yaxis=True, tools=["hover"]
+            cmap=OVERLAY_CMAP, clim=(0, top), alpha=OVERLAY_ALPHA, invert_yaxis=True, tools=["hover"]
         )
         return (picture * heat).opts(title=f"{method} → {target}" if target else method)
 
@@ -94,7 +94,7 @@ class RelevancyView(pn.viewable.Viewer):
                 width=PLOT_SIZE * 2,
             )
         method = pn.widgets.Select.from_param(
-            self.selection.param.relevancy_method, options=self.methods, name="method"
+            self.selection.param.relevancy_method, options=self.methods, label="method"
         )
         return pn.Column(
             method,

@@ -20,11 +20,11 @@ class TokenControls(pn.viewable.Viewer):
     def __init__(self, ds: xr.Dataset, selection: Selection, **params) -> None:
         super().__init__(**params)
         self._ds, self.selection = ds, selection
-        self._layer = pn.widgets.IntSlider.from_param(selection.param.layer, name="layer")
-        self._head = pn.widgets.Select(name="head", options=[MEAN, *map(str, range(ds.sizes["head"]))], width=100)
-        self._token = pn.widgets.Select(name="query token", width=200)
+        self._layer = pn.widgets.IntSlider.from_param(selection.param.layer, label="layer")
+        self._head = pn.widgets.Select(label="head", options=[MEAN, *map(str, range(ds.sizes["head"]))], width=100)
+        self._token = pn.widgets.Select(label="query token", width=200)
         self._movie = pn.widgets.Player(
-            name="token movie", start=0, end=1, value=0, interval=MOVIE_INTERVAL_MS, loop_policy="loop", width=300
+            label="token movie", start=0, end=1, value=0, interval=MOVIE_INTERVAL_MS, loop_policy="loop", width=300
         )
         self._head.param.watch(self._head_chosen, "value")
         self._token.param.watch(self._token_chosen, "value")

@@ -1,0 +1,116 @@
+"""The views without a browser: linked selection, one coordinate convention, filters, summary table, export."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+
+from vlinterpret_panel import open_dataset
+from vlinterpret_panel.maps import example_tokens
+from vlinterpret_panel.schema import IMAGE, TEXT
+from vlinterpret_panel.ui.app import Dashboard
+from vlinterpret_panel.ui.export import current_view_table
+from vlinterpret_panel.ui.head_summary import MEAN_COLUMN, summary_table
+from vlinterpret_panel.ui.text import token_layout
+
+
+@pytest.fixture(scope="module")
+def ds(relevancy_store: Path) -> xr.Dataset:
+    return open_dataset(relevancy_store)
+
+
+@pytest.fixture
+def dashboard(ds: xr.Dataset) -> Dashboard:
+    return Dashboard(ds)
+
+
+def test_default_selection_fits_the_store_with_no_hard_coded_head(dashboard: Dashboard, ds: xr.Dataset) -> None:
+    selection = dashboard.selection
+    assert selection.layer == ds.sizes["layer"] - 1 and selection.head is None
+    first = example_tokens(ds, selection.example)
+    assert first.modality[selection.tokens[0]] == TEXT
+
+
+def test_every_view_maps_a_tap_to_the_same_token_with_row_zero_at_the_top(dashboard: Dashboard, ds: xr.Dataset) -> None:
+    info = example_tokens(dashboard._ds, dashboard.selection.example)
+    for patch in info.image_tokens()[[0, -1]]:
+        x0, y0, x1, y1 = info.token_box[patch]
+        dashboard.image.tap.event(x=(x0 + x1) / 2, y=(y0 + y1) / 2)
+        assert dashboard.selection.tokens == [patch]
+        dashboard.attention.tap.event(x=0.5, y=patch + 0.5)  # the heatmap's row of that query
+        assert dashboard.selection.tokens == [patch]
+    layout = token_layout(info)
+    word = layout[np.isin(layout.token, info.tokens_of(TEXT))].iloc[-1]
+    dashboard.text.tap.event(x=(word.x0 + word.x1) / 2, y=(word.y0 + word.y1) / 2)
+    assert dashboard.selection.tokens == [int(word.token)]
+    top_left = info.image_tokens()[np.argmin(info.token_box[info.image_tokens(), :2].sum(axis=1))]
+    assert info.token_at(0.5, 0.5) == top_left
+
+
+def test_head_summary_tap_selects_a_head_or_the_mean(dashboard: Dashboard) -> None:
+    dashboard.head_summary.tap.event(x="1", y="0")
+    assert (dashboard.selection.layer, dashboard.selection.head) == (0, 1)
+    dashboard.head_summary.tap.event(x=MEAN_COLUMN, y="2")
+    assert (dashboard.selection.layer, dashboard.selection.head) == (2, None)
+
+
+def test_summary_table_has_a_mean_column_and_raw_values_beside_zscores(ds: xr.Dataset) -> None:
+    example = str(ds.example.values[0])
+    table = summary_table(ds, "cross_modal", "example", example, [], "zscore")
+    assert set(table["head"]) == {*map(str, range(ds.sizes["head"])), MEAN_COLUMN}
+    assert table["value"].abs().max() <= 3.0
+    raw = ds.vli.head_summary("cross_modal", example=example)
+    cell = table[(table.layer == "1") & (table["head"] == "2")].iloc[0]
+    assert cell.raw == pytest.approx(float(raw.sel(layer=1, head=2)))
+    means = table[table["head"] == MEAN_COLUMN].set_index("layer")["raw"]
+    assert means["1"] == pytest.approx(float(raw.sel(layer=1).mean()))
+    subset = list(ds.example.values[:3])
+    filtered = summary_table(ds, "cross_modal", "filtered", example, subset, "raw")
+    assert not np.allclose(filtered["value"], summary_table(ds, "cross_modal", "dataset", example, [], "raw")["value"])
+
+
+def test_example_browser_filters_and_steps_through_matches(dashboard: Dashboard, ds: xr.Dataset) -> None:
+    browser = dashboard.examples
+    word = str(ds.text.values[2]).split()[0]
+    browser.search = word
+    matching = browser.matching()
+    assert len(matching) >= 1 and all(word in text for text in matching["text"])
+    assert dashboard.selection.subset == list(matching.index)
+    browser.search, browser.correct = "", "correct"
+    assert set(browser.matching()["correct"]) == {"correct"}
+    ids = list(browser.matching().index)
+    dashboard.selection.example = ids[0]
+    browser.step(+1)
+    assert dashboard.selection.example == ids[1 % len(ids)]
+
+
+def test_export_holds_the_data_behind_the_view(dashboard: Dashboard, ds: xr.Dataset, tmp_path: Path) -> None:
+    selection = dashboard.selection
+    selection.param.update(layer=1, head=0)
+    downloaded = tmp_path / "view.nc"
+    downloaded.write_bytes(dashboard.export._netcdf().getvalue())
+    data = xr.open_dataset(downloaded)
+    np.testing.assert_allclose(data["attention"].values, ds.vli.attention_map(selection.example, 1, 0).values)
+    assert data.attrs["example"] == selection.example and data.attrs["head"] == 0
+    table = pd.read_csv(io.BytesIO(dashboard.export._csv().getvalue()))
+    assert len(table) == example_tokens(ds, selection.example).n_tokens
+    expected = current_view_table(ds, selection)
+    pd.testing.assert_frame_equal(table, expected, check_dtype=False, rtol=1e-6)
+
+
+def test_a_bad_selection_shows_a_message_not_a_traceback(dashboard: Dashboard) -> None:
+    dashboard.selection.relevancy_method = "no-such-method"
+    dashboard.relevancy._on_image(dashboard.selection.example, "no-such-method", False)
+    assert "no-such-method" in dashboard.selection.message
+
+
+def test_lasso_of_patches_selects_them_all(dashboard: Dashboard) -> None:
+    info = example_tokens(dashboard._ds, dashboard.selection.example)
+    dashboard.image.lasso.event(index=[0, 1, 2])
+    assert dashboard.selection.tokens == sorted(info.image_tokens()[:3].tolist())
+    assert all(info.modality[t] == IMAGE for t in dashboard.selection.tokens)
