@@ -349,24 +349,44 @@ def _custom_adapter(directory: str) -> LxmertAdapter:
     return LxmertAdapter(model, tokenizer, regions="tests.hf_tiny:grid_regions")
 
 
-@pytest.mark.parametrize("family", ["clip", "llava"])
-def test_capturing_attention_matches_transformers_eager(family: str, tmp_path: Path) -> None:
-    model, processor = (tiny_clip if family == "clip" else tiny_llava)(tmp_path)
+def _captured_and_returned(family: str, directory: Path, image: np.ndarray, text: str) -> tuple:
+    """(captured maps, maps transformers returns, captured output, transformers' output) for one pair."""
+    if family == "lxmert":
+        model, tokenizer = tiny_lxmert(directory)
+        features, boxes = grid_regions(image)
+        reference = model(
+            **tokenizer([text], return_tensors="pt"),
+            visual_feats=torch.from_numpy(features)[None],
+            visual_pos=torch.from_numpy(boxes)[None],
+            output_attentions=True,
+        )
+        capture = LxmertAdapter(model, tokenizer, regions=grid_regions).forward(image, text)
+        # transformers returns the language and relational layers and one direction of each cross layer.
+        self_layers = model.config.l_layers + model.config.r_layers
+        captured = capture.attentions[:self_layers] + capture.attentions[self_layers::4]
+        assert {c.kind for c in captured[self_layers:]} == {"cross_text_to_image"}
+        returned = reference.language_attentions + reference.vision_attentions + reference.cross_encoder_attentions
+        return captured, returned, capture.output, reference.question_answering_score[0]
+    model, processor = (tiny_clip if family == "clip" else tiny_llava)(directory)
     model.set_attn_implementation("eager")
-    image, text = scene(48, 64, 3), "what color is the square ?"
+    if family == "clip":
+        reference = model(**processor(images=[image], text=[text], return_tensors="pt"), output_attentions=True)
+        capture = ClipAdapter(model, processor).forward(image, text)
+        returned = reference.text_model_output.attentions + reference.vision_model_output.attentions
+        return capture.attentions, returned, capture.output, reference.logits_per_image[0, 0]
+    prompt = f"USER: <image>\n{text} ASSISTANT:"
+    reference = model(**processor(images=[image], text=[prompt], return_tensors="pt"), output_attentions=True)
+    capture = LlavaAdapter(model, processor).forward(image, text)
+    return capture.attentions, reference.attentions, capture.output, reference.logits[0, -1]
+
+
+@pytest.mark.parametrize("family", ["clip", "llava", "lxmert"])
+def test_captured_attention_equals_what_transformers_returns(family: str, tmp_path: Path) -> None:
     with torch.no_grad():
-        if family == "clip":
-            inputs = processor(images=[image], text=[text], return_tensors="pt")
-            reference = model(**inputs, output_attentions=True)
-            eager_maps = reference.text_model_output.attentions + reference.vision_model_output.attentions
-            eager_output = reference.logits_per_image[0, 0]
-            capture = ClipAdapter(model, processor).forward(image, text)
-        else:
-            inputs = processor(images=[image], text=[f"USER: <image>\n{text} ASSISTANT:"], return_tensors="pt")
-            reference = model(**inputs, output_attentions=True)
-            eager_maps, eager_output = reference.attentions, reference.logits[0, -1]
-            capture = LlavaAdapter(model, processor).forward(image, text)
-    torch.testing.assert_close(capture.output, eager_output)
-    assert len(capture.attentions) == len(eager_maps)
-    for captured, eager in zip(capture.attentions, eager_maps, strict=True):
-        torch.testing.assert_close(captured.probabilities, eager[0])
+        captured, returned, output, reference_output = _captured_and_returned(
+            family, tmp_path, scene(48, 64, 3), "what color is the square ?"
+        )
+    torch.testing.assert_close(output, reference_output)
+    assert len(captured) == len(returned)
+    for mine, theirs in zip(captured, returned, strict=True):
+        torch.testing.assert_close(mine.probabilities, theirs[0])
