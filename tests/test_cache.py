@@ -78,3 +78,25 @@ def test_damaged_entry_is_recomputed_and_clear_removes_all(tmp_path):
     assert float(cache.cached(ds, "thing", {}, lambda: _result(6.0))["v"][0]) == 6.0
     assert cache.clear(ds) == 1
     assert cache.load(ds, "thing", {}) is None
+
+
+def test_large_arrays_are_cached_memory_mapped_and_dropped_with_old_versions(tmp_path):
+    old = _store_ds(tmp_path / "store", "shard-a.nc:1:1")
+    calls = []
+
+    def write(path):
+        calls.append(path)
+        np.save(path, np.arange(6, dtype=np.float32).reshape(2, 3))
+
+    first = cache.cached_array(old, "matrix", {"layer": 1}, write)
+    again = cache.cached_array(old, "matrix", {"layer": 1}, write)
+    assert len(calls) == 1 and isinstance(again, np.memmap)
+    np.testing.assert_array_equal(first, again)
+    assert cache.cached_array(xr.Dataset(), "matrix", {}, write) is None
+
+    cache.save(old, "table", {}, _result(1.0))
+    new = _store_ds(tmp_path / "store", "shard-a.nc:1:1|shard-b.nc:2:2")
+    cache.cached_array(new, "matrix", {"layer": 1}, write)
+    names = sorted(p.suffix for p in (tmp_path / "store" / cache.CACHE_DIRECTORY).iterdir())
+    assert names == [".npy"] and len(calls) == 2
+    assert cache.clear(new) == 1

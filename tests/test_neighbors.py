@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vlinterpret_panel import neighbors
+from vlinterpret_panel import cache, neighbors
 from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.schema import records_to_dataset
 from vlinterpret_panel.store import open_dataset
@@ -51,10 +51,21 @@ def test_matches_brute_force(ds, modality):
     assert result["token_text"].tolist() == [tokens[e, t] for _, e, t in expected]
 
 
-def test_streaming_search_equals_in_memory_search(ds):
+def test_large_layers_are_searched_from_the_store_or_a_cached_copy_with_the_same_answer(ds):
     in_memory = neighbors.nearest_tokens(ds, "synth-0000004", 3, 2, k=5)
-    streamed = neighbors.nearest_tokens(ds, "synth-0000004", 3, 2, k=5, batch_tokens=30, memory_budget=0)
+    streamed = neighbors.nearest_tokens(
+        ds, "synth-0000004", 3, 2, k=5, batch_tokens=30, memory_budget=0, use_cache=False
+    )
     assert in_memory.equals(streamed)
+    copies = cache.cache_directory(ds).glob(f"{neighbors.CACHE_KIND}-2-*.npy")
+    assert not list(copies)
+    neighbors._layers.clear()  # forget the layer the first search kept in memory
+    from_copy = neighbors.nearest_tokens(ds, "synth-0000004", 3, 2, k=5, batch_tokens=30, memory_budget=0)
+    assert in_memory.equals(from_copy)
+    (copy,) = cache.cache_directory(ds).glob(f"{neighbors.CACHE_KIND}-2-*.npy")
+    assert np.load(copy, mmap_mode="r").shape == (int(ds["seq_len"].sum()), ds.sizes["feature"])
+    again = neighbors.nearest_tokens(ds, 0, 1, 2, k=3, memory_budget=0)  # read from the copy
+    assert again.equals(neighbors.nearest_tokens(ds, 0, 1, 2, k=3, memory_budget=0, use_cache=False))
 
 
 def test_identical_token_in_another_example_is_found_at_distance_zero():

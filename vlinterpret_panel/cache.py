@@ -1,6 +1,6 @@
 """Analysis results cached beside a store, so a dashboard or notebook computes them once.
 
-A result is a small netCDF file under ``<store>/.cache/`` (``<dir>/.<file>.cache/`` for a
+A result is a netCDF file (a ``.npy`` file for large arrays) under ``<store>/.cache/`` (``<dir>/.<file>.cache/`` for a
 single-file store), named by what was computed (``kind`` and its parameters) and by the
 store's ``store_signature``. The signature changes whenever a shard is added, removed or
 rewritten, so a changed store never serves an old result; saving a result deletes every
@@ -19,9 +19,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import xarray as xr
 
 CACHE_DIRECTORY = ".cache"
+_SUFFIXES = (".nc", ".npy")
 _MEMORY_ENTRIES = 16
 _memory: OrderedDict[tuple[str, int], xr.Dataset] = OrderedDict()
 
@@ -40,12 +42,20 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def cache_path(ds: xr.Dataset, kind: str, params: Mapping[str, Any]) -> Path | None:
+def cache_path(ds: xr.Dataset, kind: str, params: Mapping[str, Any], *, suffix: str = ".nc") -> Path | None:
     """The file holding result ``kind`` computed with ``params`` on this version of the store."""
     directory = cache_directory(ds)
     if directory is None:
         return None
-    return directory / f"{kind}-{_digest(dict(params))}-{_digest(ds.attrs['store_signature'])}.nc"
+    return directory / f"{kind}-{_digest(dict(params))}-{_digest(ds.attrs['store_signature'])}{suffix}"
+
+
+def _drop_other_versions(path: Path) -> None:
+    """Delete every cached file made for another store signature than ``path``'s."""
+    current = path.name.rsplit("-", 1)[1].split(".")[0]
+    for entry in path.parent.iterdir():
+        if entry.suffix in _SUFFIXES and entry.name.rsplit("-", 1)[-1].split(".")[0] != current:
+            entry.unlink(missing_ok=True)
 
 
 def load(ds: xr.Dataset, kind: str, params: Mapping[str, Any]) -> xr.Dataset | None:
@@ -89,11 +99,41 @@ def save(ds: xr.Dataset, kind: str, params: Mapping[str, Any], result: xr.Datase
     except OSError as error:
         warnings.warn(f"could not cache {kind} beside the store ({error}); it will be recomputed", stacklevel=2)
         return None
-    current = path.name.rsplit("-", 1)[1]
-    for entry in path.parent.glob("*.nc"):
-        if entry.name.rsplit("-", 1)[-1] != current:
-            entry.unlink(missing_ok=True)
+    _drop_other_versions(path)
     return path
+
+
+def cached_array(
+    ds: xr.Dataset, kind: str, params: Mapping[str, Any], write: Callable[[Path], None]
+) -> np.ndarray | None:
+    """A large array cached beside the store as ``.npy``, opened memory-mapped (read-only).
+
+    ``write(path)`` creates it on a miss (e.g. with ``numpy.lib.format.open_memmap``); it is
+    written under a temporary name and renamed, like every cache entry. Returns None for
+    datasets without a store path or when the cache cannot be written (with a warning).
+    """
+    path = cache_path(ds, kind, params, suffix=".npy")
+    if path is None:
+        return None
+    if not path.exists():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = path.with_name(f".{path.name}.{os.getpid()}.partial.npy")
+            try:
+                write(temporary)
+                os.replace(temporary, path)
+            except BaseException:
+                temporary.unlink(missing_ok=True)
+                raise
+        except OSError as error:
+            warnings.warn(f"could not cache {kind} beside the store ({error})", stacklevel=2)
+            return None
+        _drop_other_versions(path)
+    try:
+        return np.load(path, mmap_mode="r")
+    except (OSError, ValueError):
+        path.unlink(missing_ok=True)
+        return None
 
 
 def cached(
@@ -116,8 +156,9 @@ def clear(ds: xr.Dataset) -> int:
     if directory is None or not directory.exists():
         return 0
     removed = 0
-    for entry in directory.glob("*.nc"):
-        entry.unlink(missing_ok=True)
-        removed += 1
+    for entry in directory.iterdir():
+        if entry.suffix in _SUFFIXES:
+            entry.unlink(missing_ok=True)
+            removed += 1
     _memory.clear()
     return removed

@@ -4,19 +4,22 @@ VL-InterpreT looked up "nearest tokens" in independent per-example t-SNE maps, w
 compares unrelated coordinates. Here distances are Euclidean distances between hidden
 states at one layer, found exactly with scikit-learn. A layer whose real tokens fit in
 ``memory_budget`` bytes is held in memory after the first query (dashboard clicks are then
-one search); a larger one is searched batch by batch, keeping the best candidates.
+one search); a larger one is copied once into a contiguous matrix cached beside the store
+and searched block by block, keeping the best candidates.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import xarray as xr
 from sklearn.neighbors import NearestNeighbors
 
+from vlinterpret_panel import cache
 from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.projection import check_hidden_layer, hidden_vectors, real_tokens
 from vlinterpret_panel.schema import IMAGE, PAD, SPECIAL, TEXT
@@ -24,6 +27,7 @@ from vlinterpret_panel.stats import example_position, examples_digest
 
 COLUMNS = ("example", "token", "token_text", "modality", "text", "distance")
 DEFAULT_MEMORY_BUDGET = 512 * 2**20
+CACHE_KIND = "neighbors-layer"
 _LAYERS_IN_MEMORY = 4
 _layers: OrderedDict[tuple, np.ndarray] = OrderedDict()
 
@@ -35,32 +39,65 @@ def _layer_key(ds: xr.Dataset, hidden_layer: int) -> tuple | None:
     return (ds.attrs.get("store_path"), ds.attrs["store_signature"], examples_digest(ds), hidden_layer)
 
 
-def _batches(
-    ds: xr.Dataset, hidden_layer: int, example_index: np.ndarray, token: np.ndarray, batch_tokens: int, budget: int
+def _scan(
+    ds: xr.Dataset, hidden_layer: int, example_index: np.ndarray, token: np.ndarray, batch_tokens: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield ``(point positions, vectors)`` covering every real token of the layer."""
-    n_features = ds.sizes["feature"]
-    key = _layer_key(ds, hidden_layer)
-    if key is not None and key in _layers:
-        _layers.move_to_end(key)
-        yield np.arange(len(token)), _layers[key]
-        return
-    keep = key is not None and len(token) * n_features * 4 <= budget
-    kept = []
+    """Yield ``(point positions, vectors)`` of every real token of the layer, read from the store in batches."""
     n_examples = ds.sizes["example"]
     starts = np.searchsorted(example_index, np.arange(n_examples + 1))
     examples_per_batch = max(1, batch_tokens // max(1, ds.sizes["token"]))
     for first in range(0, n_examples, examples_per_batch):
         last = min(n_examples, first + examples_per_batch)
         points = np.arange(starts[first], starts[last])
-        vectors = hidden_vectors(ds, hidden_layer, slice(first, last))[example_index[points] - first, token[points]]
-        if keep:
+        yield points, hidden_vectors(ds, hidden_layer, slice(first, last))[example_index[points] - first, token[points]]
+
+
+def _batches(
+    ds: xr.Dataset,
+    hidden_layer: int,
+    example_index: np.ndarray,
+    token: np.ndarray,
+    batch_tokens: int,
+    budget: int,
+    use_cache: bool,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield ``(point positions, vectors)`` covering every real token of the layer, from the fastest source.
+
+    A layer within ``budget`` bytes is kept in memory after its first scan. A larger one is
+    copied once into a contiguous float32 matrix in the store's cache (one scan), which later
+    queries read memory-mapped, block by block; without a cache every query scans the store.
+    """
+    key = _layer_key(ds, hidden_layer)
+    if key is not None and key in _layers:
+        _layers.move_to_end(key)
+        yield np.arange(len(token)), _layers[key]
+        return
+    n_features = ds.sizes["feature"]
+    if key is not None and len(token) * n_features * 4 <= budget:
+        kept = []
+        for points, vectors in _scan(ds, hidden_layer, example_index, token, batch_tokens):
             kept.append(vectors)
-        yield points, vectors
-    if keep:
+            yield points, vectors
         _layers[key] = np.concatenate(kept) if kept else np.empty((0, n_features), np.float32)
         while len(_layers) > _LAYERS_IN_MEMORY:
             _layers.popitem(last=False)
+        return
+
+    def write(path: Path) -> None:
+        matrix = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(len(token), n_features))
+        for points, vectors in _scan(ds, hidden_layer, example_index, token, batch_tokens):
+            matrix[points] = vectors
+        matrix.flush()
+        del matrix
+
+    params = {"hidden_layer": hidden_layer, "examples": examples_digest(ds), "points": len(token)}
+    matrix = cache.cached_array(ds, f"{CACHE_KIND}-{hidden_layer}", params, write) if use_cache else None
+    if matrix is None:
+        yield from _scan(ds, hidden_layer, example_index, token, batch_tokens)
+        return
+    for start in range(0, len(token), batch_tokens):
+        points = np.arange(start, min(len(token), start + batch_tokens))
+        yield points, np.asarray(matrix[start : points[-1] + 1])
 
 
 def _check_modality(modality: str | Sequence[str] | None) -> set[str] | None:
@@ -83,6 +120,7 @@ def nearest_tokens(
     modality: str | Sequence[str] | None = None,
     batch_tokens: int = 50_000,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    use_cache: bool = True,
 ) -> pd.DataFrame:
     """The ``k`` tokens of the dataset nearest to one token's hidden state at ``hidden_layer``.
 
@@ -90,6 +128,8 @@ def nearest_tokens(
     restricts the candidates. The query token itself is excluded; other tokens at distance 0
     are kept. Returns one row per neighbour, nearest first, with columns ``example`` (id),
     ``token``, ``token_text``, ``modality``, ``text`` (the example's text) and ``distance``.
+    ``use_cache=False`` never writes the layer copy beside the store (large layers are then
+    scanned from the store on every query).
     """
     position = example_position(ds, example)
     hidden_layer = check_hidden_layer(ds, hidden_layer)
@@ -109,7 +149,8 @@ def nearest_tokens(
 
     best_points = np.empty(0, dtype=np.int64)
     best_distances = np.empty(0, dtype=np.float64)
-    for points, vectors in _batches(ds, hidden_layer, example_index, token_index, batch_tokens, memory_budget):
+    layer = _batches(ds, hidden_layer, example_index, token_index, batch_tokens, memory_budget, use_cache)
+    for points, vectors in layer:
         usable = candidate[points]
         if not usable.any():
             continue
