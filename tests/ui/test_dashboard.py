@@ -129,6 +129,9 @@ def test_a_url_with_state_reopens_that_state(app: AppPage, relevancy_store: Path
     assert app.page.get_by_text(example, exact=True).count() >= 1
     query = _query(app)
     assert (query["example"], query["layer"], query["head"], query["tokens"]) == (example, "1", "2", f"[{token}]")
+    app.open(f"?example={example}&layer=2&head=null&tokens=[{token}]&hidden=1")  # head null: the mean of heads
+    app.wait_for_figure("layer 2, mean of heads")
+    app.wait_for_figure(f"attention from {token}:")
     assert app.errors == []
 
 

@@ -13,7 +13,7 @@ import xarray as xr
 from holoviews.operation.datashader import rasterize
 
 from vlinterpret_panel.maps import example_tokens
-from vlinterpret_panel.ui.common import PLOT_SIZE, SELECTED_COLOR, guarded
+from vlinterpret_panel.ui.common import PLOT_SIZE, SELECTED_COLOR, dynamic_map, guarded
 from vlinterpret_panel.ui.selection import Selection
 
 RASTERIZE_ABOVE_TOKENS = 400
@@ -44,12 +44,12 @@ class AttentionHeatmap(pn.viewable.Viewer):
     def __init__(self, ds: xr.Dataset, selection: Selection, **params) -> None:
         super().__init__(**params)
         self._ds, self.selection = ds, selection
-        matrix = hv.DynamicMap(self._matrix, streams=[hv.streams.Params(selection, ["example", "layer", "head"])])
+        matrix = dynamic_map(self._matrix, streams=[hv.streams.Params(selection, ["example", "layer", "head"])])
         if ds.sizes["query"] > RASTERIZE_ABOVE_TOKENS:
             matrix = rasterize(matrix, aggregator="mean").opts(cmap="inferno", colorbar=True, tools=["hover"])
         self._matrix_plot = matrix
-        self._blocks = hv.DynamicMap(self._block_edges, streams=[hv.streams.Params(selection, ["example"])])
-        self._marker = hv.DynamicMap(
+        self._blocks = dynamic_map(self._block_edges, streams=[hv.streams.Params(selection, ["example"])])
+        self._marker = dynamic_map(
             self._selected_rows, streams=[hv.streams.Params(selection, ["example", "tokens", "direction"])]
         )
         self.tap = hv.streams.Tap(source=matrix, x=None, y=None)

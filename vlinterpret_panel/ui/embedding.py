@@ -19,15 +19,17 @@ import xarray as xr
 from holoviews.operation.datashader import datashade, dynspread
 
 from vlinterpret_panel.errors import VLIError
-from vlinterpret_panel.maps import LRUCache
+from vlinterpret_panel.maps import LRUCache, example_tokens
 from vlinterpret_panel.schema import IMAGE, TEXT
-from vlinterpret_panel.ui.common import PLOT_SIZE, SELECTED_COLOR, guarded
+from vlinterpret_panel.ui.common import PLOT_SIZE, SELECTED_COLOR, dynamic_map, guarded
+from vlinterpret_panel.ui.image import image_element
 from vlinterpret_panel.ui.selection import Selection
 
 COLOR_BY = ("modality", "label", "correct", "example")
 LISTED_POINTS = 200
 PLAY_INTERVAL_MS = 1500
 NEIGHBOUR_TEXT_CHARACTERS = 32
+PREVIEW_SIZE = 200
 _PROJECTIONS = LRUCache(16)
 
 
@@ -60,22 +62,25 @@ class EmbeddingView(pn.viewable.Viewer):
         super().__init__(**params)
         self._ds, self.selection = ds, selection
         self.param.color_by.objects = [name for name in COLOR_BY if name in ds or name in ("modality", "example")]
-        cloud = hv.DynamicMap(
+        cloud = dynamic_map(
             self._cloud,
             streams=[hv.streams.Params(selection, ["hidden_layer"]), hv.streams.Params(self, ["color_by"])],
         )
         self._cloud_plot = dynspread(
             datashade(cloud, aggregator=datashader.count_cat("category"), color_key=list(colorcet.glasbey))
-        ).opts(tools=["box_select"], frame_width=PLOT_SIZE + 140, frame_height=PLOT_SIZE + 140)
+        ).opts(tools=["box_select", "tap"], frame_width=PLOT_SIZE + 140, frame_height=PLOT_SIZE + 140)
         self._cloud_plot = self._cloud_plot.apply.opts(
             title=pn.bind(self.title, selection.param.hidden_layer, self.param.color_by)
         )
-        self._current = hv.DynamicMap(
+        self._current = dynamic_map(
             self._current_tokens, streams=[hv.streams.Params(selection, ["hidden_layer", "example", "tokens"])]
         )
         self.bounds = hv.streams.BoundsXY(source=self._cloud_plot, bounds=None)
         self._listed = pn.pane.DataFrame(pd.DataFrame(), max_rows=LISTED_POINTS, sizing_mode="stretch_width")
         self.bounds.add_subscriber(self._list_points)
+        self.tap = hv.streams.Tap(source=self._cloud_plot, x=None, y=None)
+        self.tap.add_subscriber(self._tapped)
+        self._preview = dynamic_map(self._patch_preview, streams=[hv.streams.Params(selection, ["example", "tokens"])])
         self._play = pn.widgets.Player(
             label="play layers",
             start=0,
@@ -134,6 +139,27 @@ class EmbeddingView(pn.viewable.Viewer):
         distance = np.hypot(others["x"] - chosen["x"].iloc[0], others["y"] - chosen["y"].iloc[0])
         return others.iloc[[int(np.argmin(distance.to_numpy()))]]
 
+    def _tapped(self, x: float | None, y: float | None) -> None:
+        """Select the current example's token nearest the tap in the map."""
+        if x is None or y is None:
+            return
+        table = projection_table(self._ds, self.selection.hidden_layer)
+        mine = table[table["example"] == self.selection.example]
+        if len(mine):
+            nearest = int(np.argmin(np.hypot(mine["x"] - x, mine["y"] - y).to_numpy()))
+            self.selection.select(tokens=[int(mine["token"].iloc[nearest])])
+
+    def _patch_preview(self, example: str, tokens: list[int]) -> hv.Overlay:
+        """The example's image with the selected image tokens outlined (VL-InterpreT's hover preview)."""
+        info = example_tokens(self._ds, example)
+        boxes = [tuple(info.token_box[t]) for t in tokens if t < info.n_tokens and np.isfinite(info.token_box[t]).all()]
+        names = ", ".join(str(info.token_text[t]) for t in tokens[:3] if t < info.n_tokens)
+        picture = image_element(info.image).opts(
+            invert_yaxis=True, xaxis=None, yaxis=None, frame_width=PREVIEW_SIZE, frame_height=PREVIEW_SIZE
+        )
+        outline = hv.Rectangles(boxes).opts(fill_alpha=0, line_color=SELECTED_COLOR, line_width=3)
+        return (picture * outline).opts(title=f"selected: {names}"[:40])
+
     def _list_points(self, bounds: tuple[float, float, float, float] | None) -> None:
         if bounds is None:
             return
@@ -166,6 +192,7 @@ class EmbeddingView(pn.viewable.Viewer):
             pn.widgets.Select.from_param(self.param.color_by, label="colour by", width=140),
         )
         tables = pn.Column(
+            pn.pane.HoloViews(self._preview, linked_axes=False),
             "#### Nearest tokens across the dataset",
             neighbours,
             "#### Tokens in the box selection",

@@ -9,7 +9,7 @@ import panel as pn
 import xarray as xr
 
 from vlinterpret_panel.stats import STATISTICS, available_statistics, layer_means
-from vlinterpret_panel.ui.common import PLOT_SIZE, SELECTED_COLOR, guarded
+from vlinterpret_panel.ui.common import PLOT_SIZE, SELECTED_COLOR, dynamic_map, guarded
 from vlinterpret_panel.ui.selection import NORMALIZATIONS, SCOPES, Selection
 
 MEAN_COLUMN = "mean"
@@ -67,9 +67,9 @@ class HeadSummary(pn.viewable.Viewer):
         if selection.statistic not in self._statistics:
             selection.statistic = self._statistics[0]
         summary_stream = hv.streams.Params(selection, ["statistic", "scope", "example", "subset", "normalize"])
-        self._heatmap = hv.DynamicMap(self._summary, streams=[summary_stream])
+        self._heatmap = dynamic_map(self._summary, streams=[summary_stream])
         marker_stream = hv.streams.Params(selection, ["layer", "head"])
-        self._marker = hv.DynamicMap(self._selected_cell, streams=[marker_stream])
+        self._marker = dynamic_map(self._selected_cell, streams=[marker_stream])
         self.tap = hv.streams.Tap(source=self._heatmap, x=None, y=None)
         self.tap.add_subscriber(self._tapped)
 

@@ -13,7 +13,7 @@ import panel as pn
 import xarray as xr
 
 from vlinterpret_panel.maps import example_tokens
-from vlinterpret_panel.ui.common import OVERLAY_ALPHA, OVERLAY_CMAP, PLOT_SIZE, SELECTED_COLOR, guarded
+from vlinterpret_panel.ui.common import OVERLAY_ALPHA, OVERLAY_CMAP, PLOT_SIZE, SELECTED_COLOR, dynamic_map, guarded
 from vlinterpret_panel.ui.selection import Selection
 
 MAP_PIXELS = 128
@@ -53,11 +53,11 @@ class ImageView(pn.viewable.Viewer):
         self.opacity = pn.widgets.FloatSlider(
             label="overlay opacity", start=0, end=1, step=0.05, value=OVERLAY_ALPHA, width=180
         )
-        self._image = hv.DynamicMap(self._picture, streams=[hv.streams.Params(selection, ["example"])])
+        self._image = dynamic_map(self._picture, streams=[hv.streams.Params(selection, ["example"])])
         overlay_params = ["example", "layer", "head", "tokens", "direction", "smooth"]
         opacity = hv.streams.Params(self.opacity, ["value"], rename={"value": "opacity"})
-        self._overlay = hv.DynamicMap(self._attention, streams=[hv.streams.Params(selection, overlay_params), opacity])
-        self._patches = hv.DynamicMap(self._patch_centres, streams=[hv.streams.Params(selection, ["example"])])
+        self._overlay = dynamic_map(self._attention, streams=[hv.streams.Params(selection, overlay_params), opacity])
+        self._patches = dynamic_map(self._patch_centres, streams=[hv.streams.Params(selection, ["example"])])
         self.tap = hv.streams.Tap(source=self._image, x=None, y=None)
         self.tap.add_subscriber(self._tapped)
         self.lasso = hv.streams.Selection1D(source=self._patches)

@@ -9,7 +9,7 @@ import xarray as xr
 
 from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.maps import example_index, example_tokens, values_on_image
-from vlinterpret_panel.ui.common import OVERLAY_ALPHA, OVERLAY_CMAP, PLOT_SIZE, guarded
+from vlinterpret_panel.ui.common import OVERLAY_ALPHA, OVERLAY_CMAP, PLOT_SIZE, dynamic_map, guarded
 from vlinterpret_panel.ui.image import image_element, image_plot_size, map_element
 from vlinterpret_panel.ui.selection import Selection
 from vlinterpret_panel.ui.text import coloured_tokens, token_labels, token_layout
@@ -40,13 +40,9 @@ class RelevancyView(pn.viewable.Viewer):
         if not self.methods:
             return
         streams = [hv.streams.Params(selection, ["example", "relevancy_method", "smooth"])]
-        self._image = hv.DynamicMap(self._on_image, streams=streams)
-        self._text = hv.DynamicMap(
-            self._on_text, streams=[hv.streams.Params(selection, ["example", "relevancy_method"])]
-        )
-        self._all_methods = hv.DynamicMap(
-            self._comparison, streams=[hv.streams.Params(selection, ["example", "smooth"])]
-        )
+        self._image = dynamic_map(self._on_image, streams=streams)
+        self._text = dynamic_map(self._on_text, streams=[hv.streams.Params(selection, ["example", "relevancy_method"])])
+        self._all_methods = dynamic_map(self._comparison, streams=[hv.streams.Params(selection, ["example", "smooth"])])
 
     def _empty_image(self, message: str) -> hv.Overlay:
         blank = np.zeros((1, 1, 3), dtype=np.uint8)

@@ -13,7 +13,7 @@ import xarray as xr
 
 from vlinterpret_panel.maps import ExampleTokens, example_tokens, token_attention
 from vlinterpret_panel.schema import SPECIAL, TEXT
-from vlinterpret_panel.ui.common import PLOT_SIZE, SELECTED_COLOR, TEXT_CMAP, guarded
+from vlinterpret_panel.ui.common import PLOT_SIZE, SELECTED_COLOR, TEXT_CMAP, dynamic_map, guarded
 from vlinterpret_panel.ui.selection import Selection
 
 CHARACTER_WIDTH = 1.0
@@ -86,8 +86,8 @@ class TextView(pn.viewable.Viewer):
         super().__init__(**params)
         self._ds, self.selection = ds, selection
         streams = [hv.streams.Params(selection, ["example", "layer", "head", "tokens", "direction"])]
-        self._tokens = hv.DynamicMap(self._coloured, streams=streams)
-        self._labels = hv.DynamicMap(self._token_strings, streams=[hv.streams.Params(selection, ["example"])])
+        self._tokens = dynamic_map(self._coloured, streams=streams)
+        self._labels = dynamic_map(self._token_strings, streams=[hv.streams.Params(selection, ["example"])])
         self.tap = hv.streams.Tap(source=self._tokens, x=None, y=None)
         self.tap.add_subscriber(self._tapped)
 

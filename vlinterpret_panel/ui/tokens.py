@@ -26,6 +26,7 @@ class TokenControls(pn.viewable.Viewer):
         self._movie = pn.widgets.Player(
             label="token movie", start=0, end=1, value=0, interval=MOVIE_INTERVAL_MS, loop_policy="loop", width=300
         )
+        self._options_for: tuple | None = None
         self._head.param.watch(self._head_chosen, "value")
         self._token.param.watch(self._token_chosen, "value")
         self._movie.param.watch(self._movie_step, "value")
@@ -44,13 +45,18 @@ class TokenControls(pn.viewable.Viewer):
         self._head.value = MEAN if self.selection.head is None else str(self.selection.head)
 
     def _show_tokens(self, *events: param.parameterized.Event) -> None:
+        """Keep the token picker in step; its option list is rebuilt only when it has to change."""
         info = example_tokens(self._ds, self.selection.example)
-        options = {f"{t}: {info.token_text[t]} ({info.modality[t]})": t for t in range(info.n_tokens)}
-        if len(self.selection.tokens) > 1:
-            options = {f"{len(self.selection.tokens)} tokens (averaged)": -1, **options}
-        self._token.options = options
-        self._token.value = self.selection.tokens[0] if len(self.selection.tokens) == 1 else -1
-        self._movie.end = max(1, len(self._text_tokens()) - 1)
+        several = len(self.selection.tokens) > 1
+        key = (self.selection.example, several and len(self.selection.tokens))
+        if key != self._options_for:
+            options = {f"{t}: {info.token_text[t]} ({info.modality[t]})": t for t in range(info.n_tokens)}
+            if several:
+                options = {f"{len(self.selection.tokens)} tokens (averaged)": -1, **options}
+            self._token.options = options
+            self._movie.end = max(1, len(self._text_tokens()) - 1)
+            self._options_for = key
+        self._token.value = -1 if several else self.selection.tokens[0]
 
     def _token_chosen(self, event: param.parameterized.Event) -> None:
         if event.new is not None and event.new >= 0 and [event.new] != self.selection.tokens:
