@@ -103,14 +103,12 @@ def save(ds: xr.Dataset, kind: str, params: Mapping[str, Any], result: xr.Datase
     return path
 
 
-def cached_array(
-    ds: xr.Dataset, kind: str, params: Mapping[str, Any], write: Callable[[Path], None]
-) -> np.ndarray | None:
-    """A large array cached beside the store as ``.npy``, opened memory-mapped (read-only).
+def cached_array(ds: xr.Dataset, kind: str, params: Mapping[str, Any], write: Callable[[Path], None]) -> Path | None:
+    """The ``.npy`` file of a large array cached beside the store, written on a miss.
 
-    ``write(path)`` creates it on a miss (e.g. with ``numpy.lib.format.open_memmap``); it is
-    written under a temporary name and renamed, like every cache entry. Returns None for
-    datasets without a store path or when the cache cannot be written (with a warning).
+    ``write(path)`` creates it (e.g. with ``numpy.lib.format.open_memmap``) under a temporary
+    name that is then renamed, like every cache entry; read it with ``read_rows``. Returns
+    None for datasets without a store path or when the cache cannot be written (with a warning).
     """
     path = cache_path(ds, kind, params, suffix=".npy")
     if path is None:
@@ -129,11 +127,21 @@ def cached_array(
             warnings.warn(f"could not cache {kind} beside the store ({error})", stacklevel=2)
             return None
         _drop_other_versions(path)
-    try:
-        return np.load(path, mmap_mode="r")
-    except (OSError, ValueError):
-        path.unlink(missing_ok=True)
-        return None
+    return path
+
+
+def read_rows(path: Path, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` of a 2-D ``.npy`` file, read into memory (no mapping, so memory stays bounded)."""
+    with open(path, "rb") as handle:
+        version = np.lib.format.read_magic(handle)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(handle)
+        if fortran_order or len(shape) != 2:
+            raise ValueError(f"{path}: expected a C-ordered 2-D array")
+        stop = min(stop, shape[0])
+        handle.seek(handle.tell() + start * shape[1] * dtype.itemsize)
+        rows = np.fromfile(handle, dtype=dtype, count=max(0, stop - start) * shape[1])
+    return rows.reshape(-1, shape[1])
 
 
 def cached(
