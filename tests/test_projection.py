@@ -69,6 +69,7 @@ def test_tsne_is_seeded_and_works_on_fewer_than_30_tokens(ds):
     assert first.attrs["perplexity"] < 20
 
 
+@pytest.mark.slow  # with umap-learn installed, numba compiles UMAP first (about 30 s)
 def test_umap_is_optional(ds):
     try:
         import umap  # noqa: F401

@@ -114,7 +114,9 @@ def _fit(method: str, sample: np.ndarray, seed: int) -> tuple[Transform, dict]:
         import umap
     except ImportError:
         raise VLIError("method='umap' needs the optional package umap-learn: pip install umap-learn") from None
-    model = umap.UMAP(n_components=2, n_neighbors=min(15, len(sample) - 1), random_state=seed).fit(reduced)
+    # A seed makes UMAP single-threaded; it is what makes the map reproducible.
+    model = umap.UMAP(n_components=2, n_neighbors=min(15, len(sample) - 1), random_state=seed, n_jobs=1)
+    model.fit(reduced)
     return (lambda vectors: model.transform(reducer.transform(vectors))), {}
 
 
