@@ -128,9 +128,14 @@ def _import_vlinterpret(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
+    import netCDF4
+
     from vlinterpret_panel.stats import precompute
     from vlinterpret_panel.store import open_dataset
 
+    # netCDF's default chunk cache, 64 MiB per variable of every open shard, would grow with
+    # every shard this scan reads; each chunk is read once here, so 1 MiB is plenty.
+    netCDF4.set_chunk_cache(2**20, 1009, 0.75)
     ds = open_dataset(args.store)
     methods = [] if args.no_projections else (args.method or ["pca"])
     for line in precompute(
