@@ -34,7 +34,7 @@ from vlinterpret_panel.models.registry import (
     vqa_batch,
 )
 
-STEPS = {"single_stream": 1200, "dual_stream": 1200, "dual_encoder": 1200}
+STEPS = {"single_stream": 6000, "dual_stream": 6000, "dual_encoder": 3000}
 BATCH_SIZE = 32
 LEARNING_RATE = 1e-3
 WARMUP_STEPS = 100
@@ -157,8 +157,14 @@ def main() -> None:
     parser.add_argument("--model", choices=[*BUILTIN_MODELS, "all"], required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=None, help="override the step count")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="torch CPU threads (1 is faster when other jobs share the two cores)",
+    )
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     names = BUILTIN_MODELS if args.model == "all" else (args.model,)
     for name in names:
         train(name, args.seed, args.steps or STEPS[name])

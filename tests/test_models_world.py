@@ -35,7 +35,8 @@ def test_masks_match_object_pixels(seed: int) -> None:
         assert np.abs(colors[0] - np.array(world.COLORS[obj.color])).max() <= world.COLOR_JITTER
         top, left, bottom, right = obj.bbox
         rows, cols = np.nonzero(mask)
-        assert rows.min() >= top and rows.max() < bottom and cols.min() >= left and cols.max() < right
+        assert rows.min() >= top and rows.max() < bottom
+        assert cols.min() >= left and cols.max() < right
     assert (scene.image[~union] == np.array(world.BACKGROUND)).all()
     assert len({(o.row, o.col) for o in scene.objects}) == len(scene.objects)
     assert len({(o.color, o.shape) for o in scene.objects}) == len(scene.objects)
@@ -53,7 +54,8 @@ def _expected(scene: world.Scene, question: str) -> tuple[str, np.ndarray]:
         assert len(hits) == 1, "question refers to a unique object"
         return scene.objects[hits[0]].shape, scene.masks[hits[0]]
     if match := re.fullmatch(r"is there a (\w+) (\w+)\?", question):
-        hits = [i for i, o in enumerate(scene.objects) if (o.color, o.shape) == (match[1], match[2])]
+        pair = (match[1], match[2])
+        hits = [i for i, o in enumerate(scene.objects) if (o.color, o.shape) == pair]
         return ("yes", scene.masks[hits[0]]) if hits else ("no", empty)
     match = re.fullmatch(r"where is the (\w+) (\w+)\?", question)
     assert match, question

@@ -304,6 +304,8 @@ class BaseVLModel(nn.Module):
 def init_weights(module: nn.Module) -> None:
     """BERT-style initialisation: small normal weights, zero biases (use with ``Module.apply``).
 
+    Patch position embeddings start from 2-D sine/cosine codes (see ``grid_position_table``).
+
     Small embeddings keep position codes from drowning the patch and word content early in
     training, which makes the tiny models learn much faster.
     """
@@ -313,3 +315,27 @@ def init_weights(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Embedding):
         nn.init.trunc_normal_(module.weight, std=0.02)
+    elif isinstance(module, PatchEmbedding):
+        with torch.no_grad():
+            module.positions.weight.copy_(
+                grid_position_table(module.grid_size, module.positions.weight.shape[1])
+            )
+
+
+def grid_position_table(grid_size: int, hidden_size: int, scale: float = 0.5) -> Tensor:
+    """2-D sine/cosine codes ``[grid_size**2, hidden_size]`` for row-major patch positions.
+
+    Half of the channels encode the row, half the column. Starting the (still learned) patch
+    position embeddings here makes "where is ...?" learnable in a few thousand steps.
+    """
+    quarter = hidden_size // 4
+    frequencies = 1.0 / (grid_size ** (torch.arange(quarter) / max(1, quarter)))
+    coordinates = torch.arange(grid_size, dtype=torch.float32)
+    angles = coordinates[:, None] * frequencies[None, :] * math.pi / 2
+    codes = torch.cat([angles.sin(), angles.cos()], dim=1)
+    rows = codes[:, None, :].expand(grid_size, grid_size, -1)
+    cols = codes[None, :, :].expand(grid_size, grid_size, -1)
+    table = torch.cat([rows, cols], dim=-1).reshape(grid_size * grid_size, -1)
+    padded = torch.zeros(grid_size * grid_size, hidden_size)
+    padded[:, : table.shape[1]] = table
+    return padded * scale

@@ -145,7 +145,7 @@ def make_scene(
     for pair_index, cell_index in zip(chosen_pairs, cells, strict=True):
         color, shape = pairs[int(pair_index)]
         row, col = divmod(int(cell_index), GRID_SIZE)
-        size = int(rng.integers(cell * 5 // 8, cell * 7 // 8 + 1))
+        size = cell * 3 // 4
         top = row * cell + int(rng.integers(0, cell - size + 1))
         left = col * cell + int(rng.integers(0, cell - size + 1))
         mask = np.zeros((image_size, image_size), dtype=bool)
