@@ -485,54 +485,61 @@ def validate(ds: xr.Dataset, *, source: str | None = None, check_values: bool = 
         _check_values(ds, source)
 
 
-def _first_bad(flags: xr.DataArray) -> dict[str, Any] | None:
-    """Return the coordinates of the first True in ``flags`` (computed lazily), or None."""
-    flags = flags.compute()
-    if not bool(flags.any()):
-        return None
-    index = np.unravel_index(int(np.argmax(flags.values)), flags.shape)
-    where = {}
-    for dim, i in zip(flags.dims, index, strict=True):
-        value = flags[dim].values[i] if dim in flags.coords else int(i)
-        where[dim] = value.item() if isinstance(value, np.generic) else value
-    return where
+def _where(ds: xr.Dataset, example: int, dims: Sequence[str], index: Sequence[int]) -> dict[str, Any]:
+    """Readable coordinates of a flagged element of one example's array."""
+    labels = {"example": ds["example"].values[example] if "example" in ds.coords else example}
+    for dim, i in zip(dims, index, strict=True):
+        labels[dim] = ds[dim].values[i] if dim in ds.coords else i
+    return {dim: value.item() if isinstance(value, np.generic) else value for dim, value in labels.items()}
 
 
 def _check_values(ds: xr.Dataset, source: str | None) -> None:
-    """Value checks of ``validate``; each reduces a chunk to flags before any compute."""
-    seq_len = ds["seq_len"].compute()
-    if bool(((seq_len < 1) | (seq_len > ds.sizes["token"])).any()):
-        _fail(source, f"seq_len must lie between 1 and {ds.sizes['token']}")
-    modality = ds["modality"].compute()
-    bad = sorted(set(np.unique(modality.values).tolist()) - set(MODALITIES))
-    if bad:
-        _fail(source, f"unknown modality value(s) {bad}; use one of {list(MODALITIES)}")
-    valid_token = ds["token"] < seq_len
-    where = _first_bad((modality == PAD) == valid_token)
-    if where:
-        _fail(source, f"padding is not explicit: modality 'pad' must mark exactly the tokens past seq_len, see {where}")
-    valid_query = ds["query"] < seq_len
-    valid_key = ds["key"] < seq_len
-    valid_head = ds["head"] < ds["layer_heads"]
-    attention = ds["attention"]
-    real = valid_query & valid_key & valid_head
-    where = _first_bad(attention.isnull() & real)
-    if where:
-        _fail(source, f"attention has NaN outside padding at {where}")
-    row_sum = attention.where(real).sum("key")
+    """Value checks of ``validate``, one example at a time so memory stays bounded.
+
+    NumPy on one example's arrays: a writer checks every shard it writes, so this is on
+    the extraction's hot path.
+    """
+    n_tokens = ds.sizes["token"]
+    seq_lens = np.asarray(ds["seq_len"].values)
+    if ((seq_lens < 1) | (seq_lens > n_tokens)).any():
+        _fail(source, f"seq_len must lie between 1 and {n_tokens}")
+    layer_heads = np.asarray(ds["layer_heads"].values)
+    real_head = np.arange(ds.sizes["head"])[None, :] < layer_heads[:, None]  # (layer, head)
     tolerance = 2e-2
-    bad_rows = (abs(row_sum - 1) > tolerance) & (abs(row_sum) > tolerance) & valid_query & valid_head
-    where = _first_bad(bad_rows)
-    if where:
-        total = float(row_sum.sel({k: v for k, v in where.items()}).compute())
-        _fail(
-            source,
-            f"attention rows must sum to 1 (or 0 for tokens that are not queries of a layer); "
-            f"the row at {where} sums to {total:.3f}",
-        )
-    hidden_nan = ds["hidden_states"].isnull()
-    # Narrower towers pad trailing features with NaN; anything else is a hole in the data.
-    not_suffix = (hidden_nan.astype("int8").diff("feature") < 0).any("feature")
-    where = _first_bad((not_suffix | hidden_nan.all("feature")) & valid_token)
-    if where:
-        _fail(source, f"hidden_states has NaN outside padding at {where}")
+    for example in range(ds.sizes["example"]):
+        one = ds.isel(example=example)
+        seq_len = int(seq_lens[example])
+        modality = np.asarray(one["modality"].values)
+        bad = sorted(set(np.unique(modality).tolist()) - set(MODALITIES))
+        if bad:
+            _fail(source, f"unknown modality value(s) {bad}; use one of {list(MODALITIES)}")
+        valid_token = np.arange(n_tokens) < seq_len
+        wrong = np.flatnonzero((modality == PAD) == valid_token)
+        if wrong.size:
+            where = _where(ds, example, ["token"], [wrong[0]])
+            _fail(
+                source,
+                f"padding is not explicit: modality 'pad' must mark exactly the tokens past seq_len, see {where}",
+            )
+        attention = np.asarray(one["attention"].values)[..., :seq_len, :seq_len]  # (layer, head, q, k)
+        holes = np.isnan(attention) & real_head[:, :, None, None]
+        if holes.any():
+            where = _where(ds, example, ["layer", "head", "query", "key"], np.argwhere(holes)[0])
+            _fail(source, f"attention has NaN outside padding at {where}")
+        row_sum = np.where(real_head[:, :, None], np.nansum(attention, axis=-1), 0.0)
+        bad_rows = (np.abs(row_sum - 1) > tolerance) & (np.abs(row_sum) > tolerance)
+        if bad_rows.any():
+            index = np.argwhere(bad_rows)[0]
+            where = _where(ds, example, ["layer", "head", "query"], index)
+            _fail(
+                source,
+                "attention rows must sum to 1 (or 0 for tokens that are not queries of a layer); "
+                f"the row at {where} sums to {row_sum[tuple(index)]:.3f}",
+            )
+        hidden_nan = np.isnan(np.asarray(one["hidden_states"].values)[:, :seq_len])  # (hidden_layer, token, feature)
+        # Narrower towers pad trailing features with NaN; anything else is a hole in the data.
+        not_suffix = (np.diff(hidden_nan.astype(np.int8), axis=-1) < 0).any(axis=-1)
+        holes = not_suffix | hidden_nan.all(axis=-1)
+        if holes.any():
+            where = _where(ds, example, ["hidden_layer", "token"], np.argwhere(holes)[0])
+            _fail(source, f"hidden_states has NaN outside padding at {where}")

@@ -50,7 +50,7 @@ _HIDDEN_FLOAT16_LIKE = {"dtype": "float32", "quantize_mode": "BitRound", "signif
 
 def _encoding(ds: xr.Dataset, precision: Precision) -> dict[str, dict]:
     """netCDF encoding: compression, and chunks that make one (example, layer) one read."""
-    compress = {"zlib": True, "complevel": 1, "shuffle": True}
+    compress = {"compression": "zstd", "complevel": 1, "shuffle": True}
     sizes = ds.sizes
     encoding: dict[str, dict] = {}
     for name, var in ds.data_vars.items():
