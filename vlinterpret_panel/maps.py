@@ -56,7 +56,7 @@ class LRUCache:
 
 # A ViLT-sized (example, layer) chunk is 12 heads x 185 x 185 float32 = 1.6 MB: 48 of them is < 100 MB.
 _CHUNKS = LRUCache(48)
-_EXAMPLES = LRUCache(256)
+_EXAMPLES = LRUCache(64)
 
 
 def _store_key(ds: xr.Dataset) -> Hashable:

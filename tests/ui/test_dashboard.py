@@ -45,6 +45,7 @@ def test_tapping_a_head_summary_cell_updates_the_attention_heatmap(app: AppPage)
     app.wait_until(lambda: _query(app).get("layer") == "0" and _query(app).get("head") == "1", what="the URL")
     app.click_data(SUMMARY, "mean", "2")
     app.wait_for_figure("layer 2, mean of heads")
+    app.wait_until(lambda: _query(app).get("head") == "mean", what="the URL to say head=mean")
     assert app.errors == []
 
 
@@ -129,7 +130,7 @@ def test_a_url_with_state_reopens_that_state(app: AppPage, relevancy_store: Path
     assert app.page.get_by_text(example, exact=True).count() >= 1
     query = _query(app)
     assert (query["example"], query["layer"], query["head"], query["tokens"]) == (example, "1", "2", f"[{token}]")
-    app.open(f"?example={example}&layer=2&head=null&tokens=[{token}]&hidden=1")  # head null: the mean of heads
+    app.open(f"?example={example}&layer=2&head=mean&tokens=[{token}]&hidden=1")
     app.wait_for_figure("layer 2, mean of heads")
     app.wait_for_figure(f"attention from {token}:")
     assert app.errors == []
@@ -140,4 +141,10 @@ def test_relevancy_view_shows_each_method(app: AppPage) -> None:
     app.page.get_by_text("Relevancy", exact=True).click()
     app.wait_for_figure("rollout")
     app.wait_for_figure("text relevancy for")
+    assert app.errors == []
+
+
+def test_a_link_to_an_unknown_example_shows_a_message_and_the_defaults(app: AppPage) -> None:
+    app.open("?example=not-in-this-store&layer=1")
+    app.wait_until(lambda: app.page.get_by_text("does not fit this store").count() > 0, what="the message")
     assert app.errors == []

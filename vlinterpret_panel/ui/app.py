@@ -104,7 +104,12 @@ def build_app(store: str | os.PathLike) -> pn.viewable.Viewable:
     ds = shared_store(Path(store).resolve(), shard_signature(store) if Path(store).is_dir() else "")
     dashboard = Dashboard(ds)
     if pn.state.location is not None:
-        pn.state.location.sync(dashboard.selection, URL_PARAMETERS)
+        selection = dashboard.selection
+
+        def refuse(values: dict) -> None:
+            selection.message = f"the link's state {values} does not fit this store; showing the defaults"
+
+        pn.state.location.sync(selection, URL_PARAMETERS, on_error=refuse)
     busy = pn.indicators.LoadingSpinner(value=False, size=24, name="busy")
     pn.state.sync_busy(busy)
     template = pn.template.BootstrapTemplate(

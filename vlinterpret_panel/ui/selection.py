@@ -17,12 +17,29 @@ SCOPES = ("example", "dataset", "filtered")
 URL_PARAMETERS = {"example": "example", "layer": "layer", "head": "head", "tokens": "tokens", "hidden_layer": "hidden"}
 
 
+MEAN_HEAD = "mean"
+
+
+class HeadParameter(param.Integer):
+    """A head index, or None for the mean of the heads; written ``mean`` in the URL."""
+
+    @classmethod
+    def serialize(cls, value: int | None) -> int | str:
+        return MEAN_HEAD if value is None else value
+
+    @classmethod
+    def deserialize(cls, value: object) -> int | None:
+        if value is None or str(value) in (MEAN_HEAD, "null", ""):
+            return None
+        return int(value)
+
+
 class Selection(param.Parameterized):
     """What the user looks at: example, layer, head (None = mean of heads), token(s) and how to show them."""
 
-    example = param.String(default="", doc="id of the example shown")
+    example = param.Selector(default=None, objects=[], check_on_set=True, doc="id of the example shown")
     layer = param.Integer(default=0, bounds=(0, None), doc="attention module")
-    head = param.Integer(default=None, allow_None=True, bounds=(0, None), doc="head; None = mean of the heads")
+    head = HeadParameter(default=None, allow_None=True, bounds=(0, None), doc="head; None = mean of the heads")
     tokens = param.List(default=[], item_type=int, doc="selected token positions (several are averaged)")
     direction = param.Selector(default="from", objects=list(DIRECTIONS), doc="attention from or to the token(s)")
     smooth = param.Boolean(default=False, doc="bilinear smoothing of patch maps")
@@ -38,9 +55,9 @@ class Selection(param.Parameterized):
     def for_dataset(cls, ds: xr.Dataset, **params) -> Selection:
         """A selection with bounds from ``ds``: first example, last layer, head mean, its first text token."""
         ids = [str(i) for i in ds.indexes["example"]]
-        selection = cls(
-            example=ids[0], layer=ds.sizes["layer"] - 1, hidden_layer=ds.sizes["hidden_layer"] - 1, subset=ids
-        )
+        selection = cls(layer=ds.sizes["layer"] - 1, hidden_layer=ds.sizes["hidden_layer"] - 1, subset=ids)
+        selection.param.example.objects = ids  # a link naming another store's example is refused
+        selection.example = ids[0]
         selection.param.layer.bounds = (0, ds.sizes["layer"] - 1)
         selection.param.head.bounds = (0, ds.sizes["head"] - 1)
         selection.param.hidden_layer.bounds = (0, ds.sizes["hidden_layer"] - 1)
