@@ -93,3 +93,26 @@ def test_smoothing_interpolates_between_patch_centres(ds: xr.Dataset) -> None:
 def test_bad_selections_raise_one_readable_error(ds: xr.Dataset, call, message: str) -> None:
     with pytest.raises(VLIError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         call(ds)
+
+
+def test_region_boxes_that_are_not_a_grid_paint_blur_and_pick_the_tightest_box() -> None:
+    from vlinterpret_panel.schema import IMAGE, records_to_dataset
+    from vlinterpret_panel.synth import SynthSpec, synthetic_record
+
+    spec = SynthSpec(examples=1, layers=1, heads=1, tokens=20, image_size=40, vary_length=False)
+    record = synthetic_record(spec, 0)
+    regions = np.flatnonzero(np.asarray(record.modality) == IMAGE)
+    boxes = np.full_like(record.token_box, np.nan)
+    # the whole-image box comes after the small one: painting must still show the small one on top
+    boxes[regions] = [(5, 5, 15, 15), *[(20, 20, 30 + i, 30 + i) for i in range(len(regions) - 2)], (0, 0, 40, 40)]
+    record.token_box = boxes
+    record.patch_position = None
+    ds = records_to_dataset([record], spec.model_info())
+    tokens = example_tokens(ds, 0)
+    assert tokens.token_at(10, 10) == regions[0]  # inside the whole-image box too, but this one is tighter
+    assert tokens.token_at(35, 2) == regions[-1]
+    values = np.zeros(tokens.n_tokens)
+    values[regions[0]] = 1.0
+    assert values_on_image(ds, 0, values).values[10, 10] == 1.0
+    smooth = values_on_image(ds, 0, values, smooth=True).values
+    assert np.isfinite(smooth).all() and 0 < smooth[10, 10] < 1.0 and smooth[10, 10] > smooth[35, 35]

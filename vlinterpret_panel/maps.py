@@ -242,7 +242,8 @@ def values_on_image(
     height, width = tokens.image.shape[:2]
     painted = np.full((height, width), np.nan)
     image_tokens = tokens.image_tokens()
-    for position in image_tokens:
+    widths, heights = (tokens.token_box[image_tokens, 2:] - tokens.token_box[image_tokens, :2]).T
+    for position in image_tokens[np.argsort(-widths * heights, kind="stable")]:  # tightest boxes painted last
         x0, y0, x1, y1 = tokens.token_box[position]
         rows = slice(max(0, int(np.floor(y0))), min(height, int(np.ceil(y1))))
         cols = slice(max(0, int(np.floor(x0))), min(width, int(np.ceil(x1))))

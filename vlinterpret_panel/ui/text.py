@@ -54,7 +54,7 @@ def coloured_tokens(
     boxes = hv.Rectangles(table, ["x0", "y0", "x1", "y1"], ["value", "token", "text", "selected"]).opts(
         color="value",
         cmap=TEXT_CMAP,
-        clim=(0, top),
+        clim=(0, top * 1.5),  # the darkest cells stay light enough for black token text
         line_color=hv.dim("selected").categorize({1: SELECTED_COLOR, 0: "#666"}),
         line_width=hv.dim("selected") * 2 + 1,
         hover_tooltips=[("token", "@token"), ("text", "@text"), (label or "value", "@value")],
