@@ -7,8 +7,10 @@ Token layout of a capture, whatever the model's internal streams: the question's
 caption's) tokens ``[CLS] words [SEP]`` first, then for the dual encoder the image's own
 ``[CLS]``, then the 16 image patches in row-major order (row 0 at the top). ``[CLS]``,
 ``[SEP]`` and ``[UNK]`` are ``special`` (as Hugging Face tokenizers treat them), the image
-``[CLS]`` too (without a box). The models take 64×64 RGB images; other sizes are resized
-(bilinear) for the model, and each patch's ``token_box`` is mapped back to the caller's pixels.
+``[CLS]`` too (without a box). The models take 64×64 RGB images; other sizes are resized for
+the model by area averaging (PIL's box filter: each model pixel is the mean of the caller's
+pixels it covers, so nothing bleeds across a patch border), and each patch's ``token_box`` is
+mapped back to the caller's pixels.
 
 Gradients: the models compute ``probs = softmax(scores)`` and multiply it with the values in
 the same function, so a slice of ``probs`` is not on the path to the output. With grad
@@ -118,7 +120,7 @@ class BuiltinAdapter(ModelAdapter):
             image = check_image(image, self.name)
             height, width = image.shape[:2]
             if (height, width) != (size, size):
-                image = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
+                image = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BOX))
             resized.append(image)
             maps.append(PixelMap(width / size, height / size, 0.0, 0.0, width, height))
         return images_to_pixels(resized), maps
