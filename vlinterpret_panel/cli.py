@@ -92,6 +92,7 @@ def _extract(args: argparse.Namespace) -> int:
         workers=args.workers,
         scheduler=args.scheduler,
         progress=not args.quiet,
+        relevancy=args.relevancy.split(",") if args.relevancy else (),
     )
     print(
         f"{args.output}: wrote {report.written} example(s) in {len(report.shards)} shard(s), "
@@ -145,6 +146,23 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from vlinterpret_panel.adapters.registry import load_adapter
+    from vlinterpret_panel.relevancy.evaluate import evaluate_to_directory
+
+    if args.examples < 1:
+        raise VLIError("--examples must be at least 1")
+    torch.manual_seed(args.seed)
+    paths, result = evaluate_to_directory(
+        load_adapter(args.model), args.examples, Path(args.out), seed=args.seed, progress=not args.quiet
+    )
+    written = ", ".join(map(str, paths))
+    print(f"{args.model}: evaluated {result.examples} examples in {result.seconds:.0f} s; wrote {written}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``vlinterpret`` and all its subcommands."""
     parser = argparse.ArgumentParser(prog="vlinterpret", description=__doc__.splitlines()[0])
@@ -191,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--precision", choices=["float16", "float32"], default="float16")
     extract.add_argument("--workers", type=int, default=0, help="run on a local Dask cluster of N processes")
     extract.add_argument("--scheduler", help="address of an existing Dask distributed scheduler")
+    extract.add_argument(
+        "--relevancy",
+        help="relevancy methods to store, comma-separated (e.g. generic,rollout,raw_attention,attention_gradcam)",
+    )
     extract.add_argument("--allow-failures", action="store_true", help="exit 0 even if some examples failed")
     extract.add_argument("--quiet", action="store_true", help="no progress bar")
     extract.set_defaults(handler=_extract)
@@ -221,6 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--batch-size", type=int, default=32, help="examples per statistics batch")
     stats.add_argument("--quiet", action="store_true", help="no progress bars")
     stats.set_defaults(handler=_stats)
+    evaluate = commands.add_parser(
+        "evaluate", help="perturbation and localisation tests of the relevancy methods on the built-in world"
+    )
+    evaluate.add_argument("model", help="adapter spec, e.g. single_stream, dual_stream, dual_encoder")
+    evaluate.add_argument("--examples", type=int, default=200, help="held-out examples of the built-in world")
+    evaluate.add_argument("--out", required=True, help="directory for results.md, results.csv and accuracy.png")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
+    evaluate.set_defaults(handler=_evaluate)
     return parser
 
 

@@ -32,6 +32,8 @@ from vlinterpret_panel.schema import ExampleRecord, ModelInfo, records_to_datase
 from vlinterpret_panel.store import Precision, example_ids, write_shard
 
 FAILURES_FILE = "failures.json"
+# Relevancy methods that need only the attention maps; every other method gets attention gradients.
+ATTENTION_ONLY_METHODS = frozenset({"raw_attention", "rollout"})
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 TEXT_COLUMNS = ("text", "question", "caption")
 
@@ -70,7 +72,9 @@ def _scene_input(source: ExampleSource) -> ModelInput:
 
     scene, vqa = world.vqa_example_for_seed(int(source.seed))
     if source.scene_text == "caption":
-        return ModelInput(source.example_id, scene.image, world.make_caption(scene))
+        # A caption names every object, so its target is all of them.
+        every_object = np.logical_or.reduce(scene.masks)
+        return ModelInput(source.example_id, scene.image, world.make_caption(scene), target_mask=every_object)
     return ModelInput(source.example_id, scene.image, vqa.question, label=vqa.answer, target_mask=vqa.target_mask)
 
 
@@ -186,30 +190,69 @@ def _error_text(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
+def check_relevancy_methods(methods: Sequence[str]) -> list[str]:
+    """The requested relevancy method names, each known to ``vlinterpret_panel.relevancy`` (else ``VLIError``)."""
+    from vlinterpret_panel.relevancy import get_method
+
+    methods = [m.strip() for m in methods if m.strip()]
+    if len(set(methods)) != len(methods):
+        raise VLIError(f"relevancy methods listed twice: {methods}")
+    for method in methods:
+        get_method(method)
+    return methods
+
+
+def needs_gradients(methods: Sequence[str]) -> bool:
+    """Whether any of ``methods`` needs d(target)/d(attention), i.e. one gradient run per example."""
+    return any(m not in ATTENTION_ONLY_METHODS for m in methods)
+
+
+def add_relevancy(record: ExampleRecord, info: ModelInfo, methods: Sequence[str]) -> None:
+    """Compute each method's relevancy for ``record``'s target into ``record.relevancy``; drop the gradients."""
+    from vlinterpret_panel.relevancy import Captured, compute_relevancy
+
+    captured = Captured.from_record(record, info)
+    record.relevancy = {method: compute_relevancy(captured, method).values for method in methods}
+    record.attention_gradient = None
+
+
 def run_batch(
-    adapter: ModelAdapter, items: Sequence[ModelInput]
+    adapter: ModelAdapter, items: Sequence[ModelInput], relevancy: Sequence[str] = ()
 ) -> list[tuple[ExampleRecord, ModelInfo] | BaseException]:
     """Run ``items`` through ``adapter``, several per forward pass when it has ``forward_batch``.
 
     Returns one (record, info) or the exception per item, so one bad example never costs
-    the others: a batch that fails is rerun one example at a time.
+    the others: a batch that fails is rerun one example at a time. With ``relevancy``
+    methods, each record gets their values; methods needing gradients run one example at a
+    time with autograd (``ModelAdapter.run(..., gradients=True)``).
     """
     import torch
 
+    gradients = needs_gradients(relevancy)
     forward_batch: Callable[..., list[ForwardCapture]] | None = getattr(adapter, "forward_batch", None)
-    if forward_batch is not None and len(items) > 1:
+    results: list[tuple[ExampleRecord, ModelInfo] | BaseException] | None = None
+    if forward_batch is not None and len(items) > 1 and not gradients:
         try:
             with torch.no_grad():
                 captures = forward_batch([i.image for i in items], [i.text for i in items])
-            return [_Replay(adapter, c).run(item) for item, c in zip(items, captures, strict=True)]
+            results = [_Replay(adapter, c).run(item) for item, c in zip(items, captures, strict=True)]
         except Exception:  # isolate the failing example(s) below
-            pass
-    results: list[tuple[ExampleRecord, ModelInfo] | BaseException] = []
-    for item in items:
-        try:
-            results.append(adapter.run(item))
-        except Exception as error:  # reported per example, never dropped
-            results.append(error)
+            results = None
+    if results is None:
+        results = []
+        for item in items:
+            try:
+                results.append(adapter.run(item, gradients=gradients))
+            except Exception as error:  # reported per example, never dropped
+                results.append(error)
+    if relevancy:
+        for index, result in enumerate(results):
+            if isinstance(result, BaseException):
+                continue
+            try:
+                add_relevancy(*result, relevancy)
+            except Exception as error:  # a method that fails on an example fails that example
+                results[index] = error
     return results
 
 
@@ -246,6 +289,7 @@ def extract_chunk(
     threads: int | None = None,
     on_batch: Callable[[int], None] | None = None,
     writer: ThreadPoolExecutor | None = None,
+    relevancy: Sequence[str] = (),
 ) -> ChunkResult:
     """Extract ``sources`` and write the successful ones as one shard (the unit of a Dask task).
 
@@ -272,7 +316,7 @@ def extract_chunk(
                 failures.append(Failure(source.example_id, _error_text(error)))
         began = time.perf_counter()
         with _lock(adapter):  # adapters hook their models: one forward at a time per adapter
-            results = run_batch(adapter, items) if items else []
+            results = run_batch(adapter, items, relevancy) if items else []
         forward_seconds += time.perf_counter() - began
         for item, result in zip(items, results, strict=True):
             if isinstance(result, BaseException):
@@ -297,7 +341,9 @@ def extract_chunk(
     return result
 
 
-def _provenance(adapter_spec: str, options: dict[str, Any], batch_size: int, precision: str) -> dict[str, Any]:
+def _provenance(
+    adapter_spec: str, options: dict[str, Any], batch_size: int, precision: str, relevancy: Sequence[str]
+) -> dict[str, Any]:
     import torch
     import transformers
 
@@ -308,6 +354,7 @@ def _provenance(adapter_spec: str, options: dict[str, Any], batch_size: int, pre
         "options": options,
         "batch_size": batch_size,
         "precision": precision,
+        "relevancy": list(relevancy),
         "vlinterpret_panel": __version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -326,12 +373,15 @@ def extract(
     workers: int = 0,
     scheduler: str | None = None,
     progress: bool = True,
+    relevancy: Sequence[str] = (),
 ) -> ExtractionReport:
     """Extract ``sources`` with ``adapter`` (a spec for ``load_adapter``, or an adapter) into ``store``.
 
     ``workers`` > 0 starts a local Dask cluster of that many processes; ``scheduler`` uses an
     existing Dask distributed scheduler. Both need ``adapter`` as a spec string, which each
-    worker loads once. Examples already in the store are skipped.
+    worker loads once. Examples already in the store are skipped. ``relevancy`` names methods
+    of ``vlinterpret_panel.relevancy`` whose values are stored per example (``relevancy``,
+    ``relevancy_target``: the prediction, or the score of a dual encoder).
     """
     from tqdm.auto import tqdm
 
@@ -347,7 +397,8 @@ def extract(
     done = example_ids(store)
     todo = [s for s in sources if s.example_id not in done]
     spec = adapter if isinstance(adapter, str) else f"{type(adapter).__module__}.{type(adapter).__name__}"
-    provenance = _provenance(spec, options, batch_size, precision)
+    relevancy = check_relevancy_methods(relevancy)
+    provenance = _provenance(spec, options, batch_size, precision, relevancy)
     chunks = [todo[i : i + examples_per_shard] for i in range(0, len(todo), examples_per_shard)]
     if chunks and isinstance(adapter, str) and not (workers or scheduler):
         adapter = _cached_adapter(adapter, options)  # load errors come before the progress bar
@@ -355,7 +406,7 @@ def extract(
     began = time.perf_counter()
     with tqdm(total=len(todo), unit="example", disable=not progress, desc="extract") as bar:
         results = _run_chunks(
-            adapter, chunks, str(store), options, batch_size, precision, provenance, workers, scheduler, bar
+            adapter, chunks, str(store), options, batch_size, precision, provenance, workers, scheduler, bar, relevancy
         )
         for result in results:
             report.written += len(result.written)
@@ -379,9 +430,16 @@ def _run_chunks(
     workers: int,
     scheduler: str | None,
     bar: Any,
+    relevancy: Sequence[str],
 ) -> Iterable[ChunkResult]:
     """Yield each chunk's result: in this process, or as Dask tasks (one shard each)."""
-    common = {"options": options, "batch_size": batch_size, "precision": precision, "extraction": provenance}
+    common = {
+        "options": options,
+        "batch_size": batch_size,
+        "precision": precision,
+        "extraction": provenance,
+        "relevancy": relevancy,
+    }
     if not (workers or scheduler):
         if isinstance(adapter, str):
             adapter = _cached_adapter(adapter, options)
