@@ -9,6 +9,7 @@ from __future__ import annotations
 import holoviews as hv
 import numpy as np
 import panel as pn
+import param
 import xarray as xr
 from holoviews.operation.datashader import rasterize
 
@@ -41,6 +42,8 @@ def modality_boundaries(modality: np.ndarray) -> list[float]:
 class AttentionHeatmap(pn.viewable.Viewer):
     """The attention matrix of the selected layer and head, with the selected token's row outlined."""
 
+    show_mean = param.Boolean(default=False, doc="show the layer's head mean beside the selected head")
+
     def __init__(self, ds: xr.Dataset, selection: Selection, **params) -> None:
         super().__init__(**params)
         self._ds, self.selection = ds, selection
@@ -54,6 +57,17 @@ class AttentionHeatmap(pn.viewable.Viewer):
         )
         self.tap = hv.streams.Tap(source=matrix, x=None, y=None)
         self.tap.add_subscriber(self._tapped)
+        mean = dynamic_map(self._head_mean, streams=[hv.streams.Params(selection, ["example", "layer"])])
+        if ds.sizes["query"] > RASTERIZE_ABOVE_TOKENS:
+            mean = rasterize(mean, aggregator="mean").opts(cmap="inferno", colorbar=True, tools=["hover"])
+        self._mean_plot = mean * self._blocks
+
+    def _head_mean(self, example: str, layer: int) -> hv.Image:
+        return self._matrix(example, layer, None).opts(frame_width=PLOT_SIZE - 60, frame_height=PLOT_SIZE - 60)
+
+    def _beside(self, show_mean: bool) -> pn.viewable.Viewable | None:
+        """The head mean's plot, built only while it is shown (so hidden it costs no click anything)."""
+        return pn.pane.HoloViews(self._mean_plot, linked_axes=False) if show_mean else None
 
     def _empty(self, message: str) -> hv.Image:
         return hv.Image(np.zeros((1, 1)), kdims=["key", "query"], vdims=["attention"]).opts(title=message[:80])
@@ -105,4 +119,11 @@ class AttentionHeatmap(pn.viewable.Viewer):
             self.selection.select(tokens=[position])
 
     def __panel__(self) -> pn.viewable.Viewable:
-        return pn.pane.HoloViews(self._matrix_plot * self._blocks * self._marker, linked_axes=False)
+        toggle = pn.widgets.Checkbox.from_param(self.param.show_mean, label="show the head mean beside")
+        return pn.Column(
+            toggle,
+            pn.Row(
+                pn.pane.HoloViews(self._matrix_plot * self._blocks * self._marker, linked_axes=False),
+                pn.bind(self._beside, self.param.show_mean),
+            ),
+        )
