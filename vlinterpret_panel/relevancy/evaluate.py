@@ -1,0 +1,410 @@
+"""Evaluation of relevancy methods: perturbation tests and localisation against ground-truth masks.
+
+Follows the protocol of Chefer et al. (``/work/shared/RELEVANCY-REFERENCE.md``):
+
+- each example is explained once, for the model's **predicted** output on the clean input;
+- perturbation: tokens are *deleted* from the sequence through the adapter's
+  ``forward(..., keep_tokens=...)`` (kept tokens keep their original positions), image
+  tokens and text tokens separately; special tokens ([CLS], [SEP], the image [CLS]) are never
+  removed. Positive test: the most relevant tokens go first (lower AUC is better); negative
+  test: the least relevant first (higher AUC is better). At fraction f the ``floor((1 - f) n)``
+  tokens of the modality ranked last (positive) or first (negative) are kept, for f = 0, 0.1, …, 0.9;
+- accuracy is measured against the ground-truth label (VQA), or, for a similarity model (dual
+  encoder), as retrieval top-1: the true caption must score above 7 distractor captions of
+  other scenes (the perturbed image is scored against every caption; when text is deleted, only
+  the true caption is perturbed);
+- AUC: trapezoid area of accuracy (%) over the fraction removed, the unperturbed point included
+  (so at most 90 for these steps);
+- localisation, on examples whose target mask is not empty: pointing game (the top image patch
+  covers a mask pixel), IoU of the patch map upsampled to pixels and thresholded at its mean,
+  and average precision of the soft pixel map (scikit-learn).
+
+``random`` gives every token a seeded uniform value: the floor every method must beat.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vlinterpret_panel.adapters.base import ModelAdapter, ModelInput
+from vlinterpret_panel.errors import VLIError
+from vlinterpret_panel.models import world
+from vlinterpret_panel.relevancy.inputs import Captured
+from vlinterpret_panel.relevancy.registry import compute_relevancy
+from vlinterpret_panel.schema import IMAGE, TEXT
+
+FRACTIONS: tuple[float, ...] = tuple(step / 10 for step in range(10))
+METHODS: tuple[str, ...] = (
+    "random",
+    "raw_attention",
+    "rollout",
+    "attention_gradcam",
+    "generic",
+    "transformer_attribution",
+)
+MODALITIES: tuple[str, ...] = (IMAGE, TEXT)
+TESTS: tuple[str, ...] = ("positive", "negative")
+NUM_CANDIDATES = 8
+
+
+@dataclass
+class EvalExample:
+    """One example to explain, with the distractor captions of a similarity model (empty for VQA)."""
+
+    item: ModelInput
+    distractors: list[str] = field(default_factory=list)
+
+
+def world_examples(count: int, *, captions: bool, start: int = world.HELDOUT_SEED_START) -> list[EvalExample]:
+    """Held-out examples of the built-in world: VQA questions, or captions with 7 distractors each.
+
+    Caption examples take the union of all object masks as target (the caption names every
+    object); distractors are captions of other scenes naming a different set of objects,
+    drawn with a fixed seed.
+    """
+    if not captions:
+        examples = []
+        for seed in range(start, start + count):
+            scene, question = world.vqa_example_for_seed(seed)
+            item = ModelInput(f"seed{seed}", scene.image, question.question, question.answer, question.target_mask)
+            examples.append(EvalExample(item))
+        return examples
+    scenes = [world.scene_for_seed(seed) for seed in range(start, start + count)]
+    keys = [world.caption_key(scene) for scene in scenes]
+    captions_text = [world.make_caption(scene) for scene in scenes]
+    rng = np.random.default_rng(0)
+    examples = []
+    for index, scene in enumerate(scenes):
+        others = [j for j in rng.permutation(count) if keys[j] != keys[index]][: NUM_CANDIDATES - 1]
+        if len(others) < NUM_CANDIDATES - 1:
+            raise VLIError(
+                f"{count} scenes give fewer than {NUM_CANDIDATES - 1} distractor captions; use more examples"
+            )
+        mask = np.any(np.stack(scene.masks), axis=0)
+        item = ModelInput(f"seed{start + index}", scene.image, captions_text[index], None, mask)
+        examples.append(EvalExample(item, [captions_text[j] for j in others]))
+    return examples
+
+
+def explain(
+    adapter: ModelAdapter, example: EvalExample, methods: Sequence[str], seed: int
+) -> tuple[dict[str, np.ndarray], np.ndarray, list[str]]:
+    """Relevancy ``(T,)`` of each method for the predicted output, the token boxes and modalities (one model run).
+
+    ``transformer_attribution`` adds the LRP pass (``relevancy.lrp``); ``random`` draws from
+    ``numpy.random.default_rng(seed)``.
+    """
+    record, info = adapter.run(example.item, gradients=True)
+    captured = Captured.from_record(record, info)
+    if "transformer_attribution" in methods:
+        from vlinterpret_panel.relevancy.lrp import attention_relevance
+
+        frame, _ = attention_relevance(adapter, example.item)
+        captured = dataclasses.replace(captured, attention_relevance=frame)
+    values = {}
+    for method in methods:
+        if method == "random":
+            values[method] = np.random.default_rng(seed).random(len(record.modality))
+        else:
+            values[method] = compute_relevancy(captured, method).values
+    return values, np.asarray(record.token_box), list(record.modality)
+
+
+def keep_mask(values: np.ndarray, modality: Sequence[str], part: str, fraction: float, test: str) -> np.ndarray:
+    """Bool per token: delete ``fraction`` of the ``part`` tokens, most relevant first (positive) or least (negative).
+
+    Ties keep token order (stable sort); tokens of other modalities and special tokens stay.
+    """
+    modality = np.asarray(modality)
+    tokens = np.flatnonzero(modality == part)
+    n_keep = int(np.floor((1.0 - fraction) * len(tokens) + 1e-9))
+    order = np.argsort(values[tokens], kind="stable")
+    kept = order[:n_keep] if test == "positive" else order[::-1][:n_keep]
+    keep = modality != part
+    keep[tokens[kept]] = True
+    return keep
+
+
+class PerturbationScorer:
+    """Whether the model is right on one example with some tokens deleted; memoised per keep mask.
+
+    ``modality`` is the example's unperturbed token layout (the frame of every keep mask).
+    """
+
+    def __init__(self, adapter: ModelAdapter, example: EvalExample, modality: Sequence[str]) -> None:
+        self.adapter, self.example = adapter, example
+        self.image_tokens = np.asarray(modality) == IMAGE
+        self._cache: dict[tuple[str, bytes], bool] = {}
+        self._distractors: list[tuple[np.ndarray, float]] | None = None
+
+    def _output(self, text: str, keep: np.ndarray | None) -> tuple[torch.Tensor, Sequence[str] | None]:
+        with torch.no_grad():
+            capture = self.adapter.forward(self.example.item.image, text, keep_tokens=keep)
+        return capture.output.reshape(-1), capture.output_labels
+
+    def correct(self, keep: np.ndarray, part: str) -> bool:
+        """Right answer (VQA) or true caption ranked first among the candidates (similarity)."""
+        key = (part, np.packbits(keep).tobytes())
+        if key not in self._cache:
+            self._cache[key] = self._score(keep, part)
+        return self._cache[key]
+
+    def _score(self, keep: np.ndarray, part: str) -> bool:
+        item = self.example.item
+        output, labels = self._output(item.text, keep)
+        if not self.example.distractors:
+            if item.label is None or labels is None:
+                raise VLIError(f"example {item.example_id!r}: accuracy needs a label and a model with labelled outputs")
+            return labels[int(output.argmax())] == item.label
+        return float(output[0]) > max(self._distractor_scores(keep, part))
+
+    def _distractor_scores(self, keep: np.ndarray, part: str) -> list[float]:
+        """Scores of the distractor captions: unperturbed for text deletion, on the same kept patches otherwise."""
+        if self._distractors is None:
+            self._distractors = []
+            for caption in self.example.distractors:
+                with torch.no_grad():
+                    capture = self.adapter.forward(self.example.item.image, caption)
+                self._distractors.append((np.asarray(capture.modality) == IMAGE, float(capture.output.reshape(-1)[0])))
+        if part == TEXT:
+            return [score for _, score in self._distractors]
+        scores = []
+        for caption, (image_tokens, _) in zip(self.example.distractors, self._distractors, strict=True):
+            distractor_keep = np.ones(len(image_tokens), bool)
+            distractor_keep[image_tokens] = keep[self.image_tokens]
+            scores.append(float(self._output(caption, distractor_keep)[0][0]))
+        return scores
+
+
+def patch_pixel_map(values: np.ndarray, boxes: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Upsample image-token values to pixels: each pixel takes the value of the patch box covering it."""
+    pixels = np.zeros(shape)
+    for value, (x0, y0, x1, y1) in zip(values, boxes, strict=True):
+        pixels[round(y0) : round(y1), round(x0) : round(x1)] = value
+    return pixels
+
+
+def localisation(values: np.ndarray, boxes: np.ndarray, mask: np.ndarray) -> tuple[float, float, float]:
+    """Pointing game (0/1), IoU at the mean threshold and average precision of one image map against a mask."""
+    from sklearn.metrics import average_precision_score
+
+    top = int(np.argmax(values))
+    x0, y0, x1, y1 = (round(v) for v in boxes[top])
+    hit = float(mask[y0:y1, x0:x1].any())
+    pixels = patch_pixel_map(values, boxes, mask.shape)
+    predicted = pixels > pixels.mean()
+    union = np.logical_or(predicted, mask).sum()
+    iou = float(np.logical_and(predicted, mask).sum() / union) if union else 0.0
+    precision = float(average_precision_score(mask.ravel(), pixels.ravel()))
+    return hit, iou, precision
+
+
+@dataclass
+class EvaluationResult:
+    """Per method: accuracy per (modality, test, fraction) averaged over examples, and localisation scores."""
+
+    model: str
+    methods: list[str]
+    examples: int
+    localised_examples: int
+    accuracy: dict[tuple[str, str, str], np.ndarray]
+    pointing: dict[str, float]
+    iou: dict[str, float]
+    average_precision: dict[str, float]
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def auc(self, method: str, part: str, test: str) -> float:
+        """Trapezoid area of accuracy (%) over the fraction removed, 0 to 0.9."""
+        curve = 100.0 * self.accuracy[method, part, test]
+        return float(np.sum((curve[1:] + curve[:-1]) / 2 * np.diff(FRACTIONS)))
+
+
+def evaluate(
+    adapter: ModelAdapter,
+    examples: Sequence[EvalExample],
+    methods: Sequence[str] = METHODS,
+    *,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> EvaluationResult:
+    """Run the perturbation and localisation tests of ``methods`` on ``examples`` (see the module docstring)."""
+    if not examples:
+        raise VLIError("evaluate needs at least one example")
+    started = time.perf_counter()
+    methods = list(methods)
+    correct = {(m, p, t): np.zeros((len(examples), len(FRACTIONS))) for m in methods for p in MODALITIES for t in TESTS}
+    scores: dict[str, list[tuple[float, float, float]]] = {m: [] for m in methods}
+    for index, example in enumerate(examples):
+        relevancies, boxes, modality = explain(adapter, example, methods, seed + index)
+        scorer = PerturbationScorer(adapter, example, modality)
+        image_tokens = np.asarray(modality) == IMAGE
+        mask = example.item.target_mask
+        for method, values in relevancies.items():
+            for part in MODALITIES:
+                for test in TESTS:
+                    for step, fraction in enumerate(FRACTIONS):
+                        keep = keep_mask(values, modality, part, fraction, test)
+                        correct[method, part, test][index, step] = scorer.correct(keep, part)
+            if mask is not None and mask.any():
+                scores[method].append(localisation(values[image_tokens], boxes[image_tokens], mask))
+        if progress is not None:
+            progress(index + 1)
+    localised = len(next(iter(scores.values())))
+    means = {m: np.mean(scores[m], axis=0) if scores[m] else np.full(3, np.nan) for m in methods}
+    return EvaluationResult(
+        model=adapter.name,
+        methods=methods,
+        examples=len(examples),
+        localised_examples=localised,
+        accuracy={key: value.mean(axis=0) for key, value in correct.items()},
+        pointing={m: float(means[m][0]) for m in methods},
+        iou={m: float(means[m][1]) for m in methods},
+        average_precision={m: float(means[m][2]) for m in methods},
+        seconds=time.perf_counter() - started,
+    )
+
+
+def supported_methods(adapter: ModelAdapter) -> tuple[list[str], list[str]]:
+    """The methods this adapter can be evaluated with, and notes on the ones left out."""
+    from vlinterpret_panel.models.dual_encoder import DualEncoderModel
+    from vlinterpret_panel.models.single_stream import SingleStreamModel
+
+    if isinstance(getattr(adapter, "model", None), SingleStreamModel | DualEncoderModel):
+        return list(METHODS), []
+    note = "transformer_attribution left out: LRP exists only for the built-in single_stream and dual_encoder models"
+    return [m for m in METHODS if m != "transformer_attribution"], [note]
+
+
+TABLE_COLUMNS = (
+    "method",
+    "image_positive_auc",
+    "image_negative_auc",
+    "text_positive_auc",
+    "text_negative_auc",
+    "pointing_game",
+    "mask_iou",
+    "average_precision",
+)
+
+
+def result_rows(result: EvaluationResult) -> list[dict[str, float | str]]:
+    """One row per method: the four AUCs and the three localisation scores."""
+    rows = []
+    for method in result.methods:
+        row: dict[str, float | str] = {"method": method}
+        for part in MODALITIES:
+            for test in TESTS:
+                row[f"{part}_{test}_auc"] = result.auc(method, part, test)
+        row["pointing_game"] = result.pointing[method]
+        row["mask_iou"] = result.iou[method]
+        row["average_precision"] = result.average_precision[method]
+        rows.append(row)
+    return rows
+
+
+def write_report(result: EvaluationResult, out: Path, header: Sequence[str] = ()) -> list[Path]:
+    """Write ``results.csv`` (AUCs, localisation and every accuracy point), ``results.md`` and ``accuracy.png``."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = result_rows(result)
+    csv_path, md_path, png_path = out / "results.csv", out / "results.md", out / "accuracy.png"
+    curve_columns = [f"{p}_{t}_acc_{f:.1f}" for p in MODALITIES for t in TESTS for f in FRACTIONS]
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([*TABLE_COLUMNS, *curve_columns])
+        for row in rows:
+            curves = [
+                result.accuracy[row["method"], p, t][s]
+                for p in MODALITIES
+                for t in TESTS
+                for s in range(len(FRACTIONS))
+            ]
+            writer.writerow(
+                [row[c] if c == "method" else f"{row[c]:.4f}" for c in TABLE_COLUMNS] + [f"{v:.4f}" for v in curves]
+            )
+    md_path.write_text(markdown_table(result, rows, header))
+    plot_curves(result, png_path)
+    return [csv_path, md_path, png_path]
+
+
+def markdown_table(result: EvaluationResult, rows: Sequence[dict[str, float | str]], header: Sequence[str] = ()) -> str:
+    """The results as a markdown document: settings, then one table row per method."""
+    lines = [
+        f"# Relevancy evaluation: {result.model}",
+        "",
+        *header,
+        f"- examples: {result.examples} (localisation on the {result.localised_examples} with a non-empty target mask)",
+        "- steps: fraction removed 0, 0.1, …, 0.9; AUC = trapezoid of accuracy (%) over the fraction (max 90)",
+        "- positive test: most relevant removed first (↓ better); negative: least relevant first (↑ better)",
+        "- options: library defaults (adapter readout, start_layer=0, rollout renormalize=True); random seeded",
+        f"- time: {result.seconds:.0f} s",
+        *[f"- {note}" for note in result.notes],
+        "",
+        "| method | image pos AUC ↓ | image neg AUC ↑ | text pos AUC ↓ | text neg AUC ↑ | pointing ↑ | IoU ↑ | AP ↑ |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        cells = [f"{row[c]:.1f}" for c in TABLE_COLUMNS[1:5]] + [f"{row[c]:.3f}" for c in TABLE_COLUMNS[5:]]
+        lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(result: EvaluationResult, path: Path) -> None:
+    """Accuracy against the fraction removed, one panel per (modality, test), one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True, sharey=True)
+    for row, part in enumerate(MODALITIES):
+        for col, test in enumerate(TESTS):
+            axis = axes[row][col]
+            for method in result.methods:
+                axis.plot(FRACTIONS, 100 * result.accuracy[method, part, test], marker="o", markersize=3, label=method)
+            arrow = "lower" if test == "positive" else "higher"
+            axis.set_title(f"{part} tokens, {test} test ({arrow} is better)")
+            axis.grid(alpha=0.3)
+            if row == 1:
+                axis.set_xlabel("fraction of tokens removed")
+            if col == 0:
+                axis.set_ylabel("accuracy (%)")
+    axes[0][0].legend(fontsize=8)
+    figure.suptitle(f"{result.model}: perturbation tests ({result.examples} examples)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def evaluate_to_directory(
+    adapter: ModelAdapter, count: int, out: Path, *, seed: int = 0, progress: bool = False
+) -> tuple[list[Path], EvaluationResult]:
+    """Evaluate ``adapter`` on ``count`` held-out examples of the built-in world and write the report to ``out``.
+
+    VQA models (labelled outputs) get questions; similarity models get captions with distractors.
+    """
+    from tqdm.auto import tqdm
+
+    torch.set_num_threads(1)
+    probe = world_examples(1, captions=False)[0].item
+    with torch.no_grad():
+        captions = adapter.forward(probe.image, probe.text).output_labels is None
+    examples = world_examples(count, captions=captions)
+    methods, notes = supported_methods(adapter)
+    with tqdm(total=count, unit="example", disable=not progress, desc="evaluate") as bar:
+        result = evaluate(adapter, examples, methods, seed=seed, progress=lambda done: bar.update(done - bar.n))
+    result.notes += notes
+    weights = adapter.config.get("weights_sha256")
+    accuracy = "retrieval top-1 among 8 captions" if captions else "VQA answer = ground-truth label"
+    header = [f"- accuracy: {accuracy}", "- torch threads: 1"]
+    if weights:
+        header.insert(0, f"- weights sha256: {str(weights)[:16]}")
+    return write_report(result, out, header), result

@@ -1,0 +1,279 @@
+"""LRP relevance of the attention maps of the built-in models (Chefer et al., arXiv 2012.09838).
+
+Transformer Attribution needs R^A_b, the LRP relevance of each block's attention
+probabilities. We own the layers of the built-in models (``vlinterpret_panel.models.layers``),
+so the relevance is propagated here over those modules, from their weights and the
+activations of one forward pass recorded by forward hooks (the model code is not touched):
+
+- Linear: α=1, β=0 with one common denominator, R_j = Σ_k (x_j w_jk)⁺ / Σ_j' (x_j' w_j'k)⁺ · R_k
+  (biases take no relevance);
+- GELU, softmax, LayerNorm, the L2 normalisation of the dual encoder: relevance passes unchanged;
+- the two attention matmuls (Q·Kᵀ and A·V) and the dual encoder's similarity: each operand
+  gets half of gradient × input / output;
+- a skip connection x + f(x): split by x·R/(x + f), then rescaled so each branch carries a
+  share of R proportional to |its total| and the two add up to R (conservation);
+- a tensor used twice (the block input feeding the skip and the LayerNorm, Q/K/V from one
+  input): the relevances add up;
+- divisions add ε = 1e-9 to the denominator, and 0/0 is 0.
+
+Supported: the single-stream model and each tower of the dual encoder (self-attention
+blocks). The dual-stream model's co-attention is not covered (``transformer_attribution``
+itself is defined for self-attention stacks only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from vlinterpret_panel.adapters.base import ModelAdapter, ModelInput
+from vlinterpret_panel.errors import VLIError
+from vlinterpret_panel.models.dual_encoder import DualEncoderModel
+from vlinterpret_panel.models.layers import MultiHeadAttention, SelfAttentionBlock
+from vlinterpret_panel.models.single_stream import SingleStreamModel
+from vlinterpret_panel.relevancy.inputs import Captured
+
+EPSILON = 1e-9
+
+
+def safe_divide(numerator: Tensor, denominator: Tensor) -> Tensor:
+    """numerator / (denominator + ε), and 0 where the denominator is exactly 0."""
+    shifted = denominator + EPSILON
+    shifted = torch.where(shifted == 0, torch.full_like(shifted, EPSILON), shifted)
+    return torch.where(denominator == 0, torch.zeros_like(numerator), numerator / shifted)
+
+
+def linear_relevance(inputs: Tensor, weight: Tensor, relevance: Tensor) -> Tensor:
+    """α=1, β=0 rule through ``y = x Wᵀ (+ b)``: relevance of ``inputs`` ``[..., in]`` from ``[..., out]``.
+
+    Positive contributions x_j w_jk > 0 share R_k in proportion, over one common denominator
+    Σ_j (x_j w_jk)⁺ (positive inputs on positive weights plus negative inputs on negative weights).
+    """
+    positive_x, negative_x = inputs.clamp(min=0), inputs.clamp(max=0)
+    positive_w, negative_w = weight.clamp(min=0), weight.clamp(max=0)
+    denominator = positive_x @ positive_w.T + negative_x @ negative_w.T
+    scaled = safe_divide(relevance, denominator)
+    return positive_x * (scaled @ positive_w) + negative_x * (scaled @ negative_w)
+
+
+def matmul_relevance(left: Tensor, right: Tensor, relevance: Tensor) -> tuple[Tensor, Tensor]:
+    """Relevance of both operands of ``left @ right``: half of gradient × input / output each."""
+    scaled = safe_divide(relevance, left @ right)
+    return left * (scaled @ right.transpose(-1, -2)) / 2, right * (left.transpose(-1, -2) @ scaled) / 2
+
+
+def add_relevance(first: Tensor, second: Tensor, relevance: Tensor) -> tuple[Tensor, Tensor]:
+    """Relevance of both terms of a skip connection ``first + second``, renormalised to conserve the total."""
+    scaled = safe_divide(relevance, first + second)
+    parts = (first * scaled, second * scaled)
+    sums = [part.sum() for part in parts]
+    magnitude = sums[0].abs() + sums[1].abs()
+    total = relevance.sum()
+    return tuple(  # type: ignore[return-value]
+        part * safe_divide(safe_divide(part_sum.abs(), magnitude) * total, part_sum)
+        for part, part_sum in zip(parts, sums, strict=True)
+    )
+
+
+class ActivationRecorder:
+    """Forward hooks recording the inputs and outputs of every module of a model (one call each)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.inputs: dict[nn.Module, tuple] = {}
+        self.outputs: dict[nn.Module, object] = {}
+        self.attention_calls: list[MultiHeadAttention] = []
+        self._handles = [module.register_forward_hook(self._record) for module in model.modules()]
+
+    def _record(self, module: nn.Module, inputs: tuple, output: object) -> None:
+        if module in self.inputs:
+            raise VLIError("LRP records one forward pass of one example; a module was called twice")
+        self.inputs[module] = tuple(_detach(value) for value in inputs)
+        self.outputs[module] = _detach(output)
+        if isinstance(module, MultiHeadAttention):
+            self.attention_calls.append(module)
+
+    def close(self) -> None:
+        """Remove the hooks."""
+        for handle in self._handles:
+            handle.remove()
+
+    def input_of(self, module: nn.Module) -> Tensor:
+        """The first positional input of a recorded module, as float64."""
+        return self.inputs[module][0].double()
+
+    def output_of(self, module: nn.Module) -> Tensor:
+        """The (first) output of a recorded module, as float64."""
+        output = self.outputs[module]
+        return (output[0] if isinstance(output, tuple) else output).double()
+
+
+def _detach(value: object) -> object:
+    if isinstance(value, Tensor):
+        return value.detach()
+    if isinstance(value, tuple):
+        return tuple(_detach(item) for item in value)
+    return value
+
+
+def _weight(linear: nn.Linear) -> Tensor:
+    return linear.weight.detach().double()
+
+
+def _split_heads(x: Tensor, num_heads: int) -> Tensor:
+    batch, length, width = x.shape
+    return x.view(batch, length, num_heads, width // num_heads).transpose(1, 2)
+
+
+def _merge_heads(x: Tensor) -> Tensor:
+    batch, heads, length, size = x.shape
+    return x.transpose(1, 2).reshape(batch, length, heads * size)
+
+
+def block_relevance(
+    block: SelfAttentionBlock, recorder: ActivationRecorder, relevance: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Propagate the relevance of a block's output ``[B, T, D]`` to its input; also return R^A ``[B, H, T, T]``."""
+    attention, mlp = block.attention, block.mlp
+    block_input = recorder.input_of(block)
+    attended = recorder.output_of(attention.output)
+    middle = block_input + attended
+    mlp_out = recorder.output_of(mlp.dense_out)
+    relevance_middle, relevance_mlp = add_relevance(middle, mlp_out, relevance)
+    relevance_hidden = linear_relevance(recorder.input_of(mlp.dense_out), _weight(mlp.dense_out), relevance_mlp)
+    relevance_normed = linear_relevance(recorder.input_of(mlp.dense_in), _weight(mlp.dense_in), relevance_hidden)
+    relevance_middle = relevance_middle + relevance_normed
+    relevance_input, relevance_attended = add_relevance(block_input, attended, relevance_middle)
+    relevance_mixed = linear_relevance(
+        recorder.input_of(attention.output), _weight(attention.output), relevance_attended
+    )
+    heads = attention.num_heads
+    queries, keys, values = (
+        _split_heads(recorder.output_of(linear), heads) for linear in (attention.query, attention.key, attention.value)
+    )
+    probabilities = recorder.outputs[attention][1].double()
+    relevance_probabilities, relevance_values = matmul_relevance(
+        probabilities, values, _split_heads(relevance_mixed, heads)
+    )
+    relevance_queries, relevance_keys_t = matmul_relevance(queries, keys.transpose(-1, -2), relevance_probabilities)
+    normed = recorder.input_of(attention.query)
+    relevance_normed = sum(
+        linear_relevance(normed, _weight(linear), _merge_heads(part))
+        for linear, part in (
+            (attention.query, relevance_queries),
+            (attention.key, relevance_keys_t.transpose(-1, -2)),
+            (attention.value, relevance_values),
+        )
+    )
+    return relevance_input + relevance_normed, relevance_probabilities
+
+
+def stack_relevance(
+    blocks: Sequence[SelfAttentionBlock], recorder: ActivationRecorder, relevance: Tensor
+) -> tuple[Tensor, list[Tensor]]:
+    """Propagate through a stack of blocks, last first: input relevance and R^A per block (in block order)."""
+    per_block = []
+    for block in reversed(blocks):
+        relevance, relevance_attention = block_relevance(block, recorder, relevance)
+        per_block.append(relevance_attention)
+    return relevance, per_block[::-1]
+
+
+@dataclass
+class LRPResult:
+    """Relevance of one forward pass: the explained output's, each stream's input's, each attention map's.
+
+    ``attention`` follows the model's attention calls (execution order), each ``[B, H, Q, K]``;
+    ``inputs`` maps a stream name to the relevance of its embeddings (the first block's input).
+    """
+
+    output: float
+    inputs: dict[str, Tensor]
+    attention: list[Tensor]
+
+    @property
+    def input_total(self) -> float:
+        """Total relevance reaching the embeddings (≈ ``output`` when relevance is conserved)."""
+        return float(sum(part.sum() for part in self.inputs.values()))
+
+
+def propagate(model: nn.Module, recorder: ActivationRecorder, output_index: int = 0) -> LRPResult:
+    """LRP from output ``output_index`` (relevance 1) of a recorded one-example pass down to the embeddings.
+
+    Single stream: the answer logit ``output_index``; dual encoder: the image-text similarity
+    (its only output for one pair).
+    """
+    if isinstance(model, SingleStreamModel):
+        logits = recorder.output_of(model.classifier)
+        if logits.shape[0] != 1:
+            raise VLIError("LRP explains one example at a time")
+        start = torch.zeros_like(logits)
+        start[0, output_index] = 1.0
+        pooled = linear_relevance(recorder.input_of(model.classifier), _weight(model.classifier), start)
+        last = recorder.output_of(model.layers[-1])
+        relevance = torch.zeros_like(last)
+        relevance[:, 0] = pooled
+        inputs, attention = stack_relevance(list(model.layers), recorder, relevance)
+        return LRPResult(1.0, {"joint": inputs}, attention)
+    if isinstance(model, DualEncoderModel):
+        text = recorder.output_of(model.text_projection)
+        image = recorder.output_of(model.image_projection)
+        if text.shape[0] != 1 or image.shape[0] != 1:
+            raise VLIError("LRP explains one example at a time")
+        text_unit, image_unit = nn.functional.normalize(text, dim=-1), nn.functional.normalize(image, dim=-1)
+        relevance_text, relevance_image = matmul_relevance(text_unit, image_unit.T, torch.ones(1, 1, dtype=text.dtype))
+        inputs, attention = {}, []
+        towers = (
+            ("text", model.text_projection, model.text_layers, relevance_text),
+            ("image", model.image_projection, model.image_layers, relevance_image.T),
+        )
+        for stream, projection, layers, relevance_embedding in towers:
+            pooled = linear_relevance(recorder.input_of(projection), _weight(projection), relevance_embedding)
+            last = recorder.output_of(layers[-1])
+            relevance = torch.zeros_like(last)
+            relevance[:, 0] = pooled
+            inputs[stream], tower_attention = stack_relevance(list(layers), recorder, relevance)
+            attention += tower_attention
+        return LRPResult(1.0, inputs, attention)
+    raise VLIError(
+        f"LRP is implemented for the built-in single_stream and dual_encoder models, not {type(model).__name__} "
+        "(the dual-stream co-attention has no LRP rules here)"
+    )
+
+
+def attention_relevance(adapter: ModelAdapter, item: ModelInput, target: int | None = None) -> tuple[np.ndarray, float]:
+    """R^A of every attention map in the schema's ``(layer, head, T, T)`` frame, and the input total.
+
+    ``adapter`` must expose its built-in torch model as ``adapter.model``; ``target`` is an
+    answer index (default: the predicted answer; the dual encoder explains its one score).
+    """
+    model = getattr(adapter, "model", None)
+    if not isinstance(model, SingleStreamModel | DualEncoderModel):
+        raise VLIError(
+            f"{adapter.name}: LRP needs a built-in single_stream or dual_encoder model (adapter.model); "
+            f"got {type(model).__name__}"
+        )
+    recorder = ActivationRecorder(model)
+    try:
+        with torch.no_grad():
+            capture = adapter.forward(item.image, item.text)
+    finally:
+        recorder.close()
+    output_index = int(capture.output.reshape(-1).argmax()) if target is None else target
+    result = propagate(model, recorder, output_index)
+    if len(result.attention) != len(capture.attentions):
+        raise VLIError(f"{adapter.name}: {len(result.attention)} LRP maps for {len(capture.attentions)} captured maps")
+    maps = [relevance[0].float() for relevance in result.attention]
+    return ModelAdapter._frame(capture, maps), result.input_total
+
+
+def captured_with_lrp(adapter: ModelAdapter, item: ModelInput) -> Captured:
+    """``Captured`` of the predicted answer with gradients and LRP attention relevance (for Transformer Attribution)."""
+    record, info = adapter.run(item, gradients=True)
+    captured = Captured.from_record(record, info)
+    frame, _ = attention_relevance(adapter, item)
+    return dataclasses.replace(captured, attention_relevance=frame)
