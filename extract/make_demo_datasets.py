@@ -144,6 +144,9 @@ store is deleted first, so a rerun replaces it) and this file. It runs each buil
 `vlinterpret_panel.extract.extract`, the function behind
 `vlinterpret extract NAME STORE --scenes N --seed {FIRST_SEED} --relevancy {",".join(RELEVANCY)}`
 (`--scene-text caption` for the dual encoder), batch size 16, 50 examples per shard, float16 storage.
+Shard names change on every run: commit a rerun with
+`git add datasets/README.md datasets/single_stream datasets/dual_stream datasets/dual_encoder`,
+which records the removed shards too.
 
 * **Scenes**: the held-out seeds {FIRST_SEED} onwards (`world.HELDOUT_SEED_START`, never
   used in training; the first ones are those `registry.evaluate_vqa` scores), the same scenes

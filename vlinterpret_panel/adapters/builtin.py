@@ -126,6 +126,7 @@ class BuiltinAdapter(ModelAdapter):
         return images_to_pixels(resized), maps
 
     def _text_ids(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded ``[CLS] words [SEP]`` ids and mask; a text over the model's length is a ``VLIError``."""
         limit = self.model.config.max_text_length
         for text in texts:
             length = len(world.encode(text))
