@@ -184,3 +184,15 @@ def test_world_examples_have_labels_masks_and_distinct_distractors() -> None:
     assert all(e.item.target_mask.any() for e in captions)
     with pytest.raises(VLIError, match="distractor"):
         world_examples(3, captions=True)
+
+
+def test_cli_evaluate_writes_the_report(tmp_path, capsys) -> None:
+    from vlinterpret_panel.cli import main
+
+    out = tmp_path / "single_stream"
+    assert main(["evaluate", "single_stream", "--examples", "2", "--out", str(out), "--quiet"]) == 0
+    assert "evaluated 2 examples" in capsys.readouterr().out
+    table = (out / "results.md").read_text()
+    assert "| transformer_attribution |" in table and "| generic |" in table
+    assert main(["evaluate", "single_stream", "--examples", "0", "--out", str(out)]) == 2
+    assert "at least 1" in capsys.readouterr().err
