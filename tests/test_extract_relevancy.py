@@ -33,16 +33,16 @@ def test_stored_relevancy_equals_a_direct_computation(name: str, tmp_path: Path)
     report = extract(adapter, sources, tmp_path / "store", relevancy=METHODS, batch_size=3, progress=False)
     assert report.written == 3 and not report.failures
     ds = open_dataset(tmp_path / "store")
-    assert sorted(ds.method.values.tolist()) == sorted(METHODS)
+    assert sorted(ds.relevancy_method.values.tolist()) == sorted(METHODS)
     record, info = adapter.run(sources[1].load(), gradients=True)
     captured = Captured.from_record(record, info)
     stored = ds.sel(example=sources[1].example_id)
     for method in METHODS:
         direct = compute_relevancy(captured, method).values
-        values = stored.relevancy.sel({"method": method}).values[: len(direct)]
+        values = stored.relevancy.sel({"relevancy_method": method}).values[: len(direct)]
         np.testing.assert_allclose(values, direct, rtol=1e-6, atol=1e-9)
         assert np.abs(direct).sum() > 0
-        assert str(stored.relevancy_target.sel({"method": method}).values) == (
+        assert str(stored.relevancy_target.sel({"relevancy_method": method}).values) == (
             "score" if name == "dual_encoder" else record.prediction
         )
     assert np.isnan(stored.relevancy.values[:, int(stored.seq_len) :]).all()
@@ -61,7 +61,9 @@ def test_attention_only_methods_run_batched_and_agree(tmp_path: Path) -> None:
     stored = ds.sel(example=sources[2].example_id)
     for method in methods:
         direct = compute_relevancy(captured, method).values
-        np.testing.assert_allclose(stored.relevancy.sel({"method": method}).values[: len(direct)], direct, atol=1e-6)
+        np.testing.assert_allclose(
+            stored.relevancy.sel({"relevancy_method": method}).values[: len(direct)], direct, atol=1e-6
+        )
 
 
 def test_cli_relevancy_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -69,7 +71,7 @@ def test_cli_relevancy_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     args = ["extract", "dual_stream", str(store), "--scenes", "2", "--seed", str(SEED), "--quiet"]
     assert main([*args, "--relevancy", "generic,rollout"]) == 0
     ds = open_dataset(store)
-    assert sorted(ds.method.values.tolist()) == ["generic", "rollout"]
+    assert sorted(ds.relevancy_method.values.tolist()) == ["generic", "rollout"]
     assert (ds.relevancy_target.values == ds.prediction.values[:, None]).all()
     assert '"relevancy": ["generic", "rollout"]' in ds.attrs["extraction"]
     capsys.readouterr()

@@ -112,12 +112,12 @@ VARIABLES: dict[str, tuple[tuple[str, ...], bool, dict[str, str]]] = {
         {"long_name": "ground-truth pixels the answer depends on", "units": "1"},
     ),
     "relevancy": (
-        ("example", "method", "token"),
+        ("example", "relevancy_method", "token"),
         False,
         {"long_name": "relevancy of each token for the explained output", "units": "1"},
     ),
     "relevancy_target": (
-        ("example", "method"),
+        ("example", "relevancy_method"),
         False,
         {"long_name": "output the relevancy explains"},
     ),
@@ -352,7 +352,7 @@ def records_to_dataset(
     methods = sorted({name for r in records for name in (r.relevancy or {})})
     if methods:
         data_vars["relevancy"] = (
-            ("example", "method", "token"),
+            ("example", "relevancy_method", "token"),
             np.stack(
                 [
                     np.stack(
@@ -370,10 +370,10 @@ def records_to_dataset(
             ),
         )
         data_vars["relevancy_target"] = (
-            ("example", "method"),
+            ("example", "relevancy_method"),
             np.array([[r.relevancy_target or "" for _ in methods] for r in records], dtype=object),
         )
-        coords["method"] = methods
+        coords["relevancy_method"] = methods
     metrics = sorted({name for r in records for name in (r.custom_metrics or {})})
     if metrics:
         data_vars["custom_metric"] = (

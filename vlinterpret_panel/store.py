@@ -150,7 +150,7 @@ def _check_compatible(shards: list[ShardInfo]) -> None:
                 f"{shard.path}: model {shard.attrs['model_name']!r} differs from the store's "
                 f"{first.attrs['model_name']!r}; keep one model per store"
             )
-        for name in ("layer_kind", "hidden_layer_name", "method", "metric", "readout"):
+        for name in ("layer_kind", "hidden_layer_name", "relevancy_method", "metric", "readout"):
             mine, theirs = shard.coords.get(name), first.coords.get(name)
             if mine is not None and theirs is not None and mine[1].tolist() != theirs[1].tolist():
                 raise VLIError(f"{shard.path}: its {name} {mine[1].tolist()} differs from the store's")

@@ -21,10 +21,10 @@ def relevancy_values(ds: xr.Dataset, example: str, method: str) -> tuple[np.ndar
     """The per-token relevancy of ``example`` by ``method`` (real tokens) and the output it explains."""
     index = example_index(ds, example)
     n_tokens = example_tokens(ds, example).n_tokens
-    methods = [str(m) for m in ds.indexes["method"]]
+    methods = [str(m) for m in ds.indexes["relevancy_method"]]
     if method not in methods:
         raise VLIError(f"relevancy method {method!r} is not in this store ({', '.join(methods)})")
-    where = {"example": index, "method": methods.index(method)}  # by position: the index may hold objects
+    where = {"example": index, "relevancy_method": methods.index(method)}
     values = ds["relevancy"].isel(where).values[:n_tokens].astype(float)
     target = str(ds["relevancy_target"].isel(where).values) if "relevancy_target" in ds else ""
     return values, target
@@ -36,7 +36,7 @@ class RelevancyView(pn.viewable.Viewer):
     def __init__(self, ds: xr.Dataset, selection: Selection, **params) -> None:
         super().__init__(**params)
         self._ds, self.selection = ds, selection
-        self.methods = [str(m) for m in ds.indexes["method"]] if "relevancy" in ds else []
+        self.methods = [str(m) for m in ds.indexes["relevancy_method"]] if "relevancy" in ds else []
         if not self.methods:
             return
         streams = [hv.streams.Params(selection, ["example", "relevancy_method", "smooth"])]

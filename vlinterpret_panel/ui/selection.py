@@ -62,7 +62,7 @@ class Selection(param.Parameterized):
         selection.param.head.bounds = (0, ds.sizes["head"] - 1)
         selection.param.hidden_layer.bounds = (0, ds.sizes["hidden_layer"] - 1)
         if "relevancy" in ds:
-            selection.relevancy_method = str(ds.indexes["method"][0])
+            selection.relevancy_method = str(ds.indexes["relevancy_method"][0])
         selection.tokens = default_tokens(ds, ids[0])
         selection.param.update(**params)
         return selection
