@@ -196,3 +196,13 @@ def test_cli_evaluate_writes_the_report(tmp_path, capsys) -> None:
     assert "| transformer_attribution |" in table and "| generic |" in table
     assert main(["evaluate", "single_stream", "--examples", "0", "--out", str(out)]) == 2
     assert "at least 1" in capsys.readouterr().err
+
+
+def test_ties_are_broken_by_the_tie_breaker_not_by_position() -> None:
+    values = np.zeros(4)
+    modality = ["image"] * 4
+    assert keep_mask(values, modality, "image", 0.5, "positive").tolist() == [True, True, False, False]
+    breaker = np.array([0.9, 0.1, 0.8, 0.2])
+    # Among equal values the tie-breaker ranks tokens 1 < 3 < 2 < 0; positive keeps the lowest ranked.
+    assert keep_mask(values, modality, "image", 0.5, "positive", breaker).tolist() == [False, True, False, True]
+    assert keep_mask(values, modality, "image", 0.5, "negative", breaker).tolist() == [True, False, True, False]

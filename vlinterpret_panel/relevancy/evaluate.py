@@ -9,6 +9,7 @@ Follows the protocol of Chefer et al. (``/work/shared/RELEVANCY-REFERENCE.md``):
   removed. Positive test: the most relevant tokens go first (lower AUC is better); negative
   test: the least relevant first (higher AUC is better). At fraction f the ``floor((1 - f) n)``
   tokens of the modality ranked last (positive) or first (negative) are kept, for f = 0, 0.1, …, 0.9;
+  equal values are ranked in a seeded random order (the same for every method of an example);
 - accuracy is measured against the ground-truth label (VQA), or, for a similarity model (dual
   encoder), as retrieval top-1: the true caption must score above 7 distractor captions of
   other scenes (the perturbed image is scored against every caption; when text is deleted, only
@@ -118,15 +119,25 @@ def explain(
     return values, np.asarray(record.token_box), list(record.modality)
 
 
-def keep_mask(values: np.ndarray, modality: Sequence[str], part: str, fraction: float, test: str) -> np.ndarray:
+def keep_mask(
+    values: np.ndarray,
+    modality: Sequence[str],
+    part: str,
+    fraction: float,
+    test: str,
+    tie_breaker: np.ndarray | None = None,
+) -> np.ndarray:
     """Bool per token: delete ``fraction`` of the ``part`` tokens, most relevant first (positive) or least (negative).
 
-    Ties keep token order (stable sort); tokens of other modalities and special tokens stay.
+    Equal values are ordered by ``tie_breaker`` (one number per token; default: token order),
+    so a method that gives many tokens 0 (Grad-CAM after its clamp) does not delete them by
+    position. Tokens of other modalities and special tokens stay.
     """
     modality = np.asarray(modality)
     tokens = np.flatnonzero(modality == part)
     n_keep = int(np.floor((1.0 - fraction) * len(tokens) + 1e-9))
-    order = np.argsort(values[tokens], kind="stable")
+    secondary = np.arange(len(tokens)) if tie_breaker is None else np.asarray(tie_breaker)[tokens]
+    order = np.lexsort((secondary, values[tokens]))
     kept = order[:n_keep] if test == "positive" else order[::-1][:n_keep]
     keep = modality != part
     keep[tokens[kept]] = True
@@ -246,13 +257,14 @@ def evaluate(
     for index, example in enumerate(examples):
         relevancies, boxes, modality = explain(adapter, example, methods, seed + index)
         scorer = PerturbationScorer(adapter, example, modality)
+        tie_breaker = np.random.default_rng([seed, index]).random(len(modality))
         image_tokens = np.asarray(modality) == IMAGE
         mask = example.item.target_mask
         for method, values in relevancies.items():
             for part in MODALITIES:
                 for test in TESTS:
                     for step, fraction in enumerate(FRACTIONS):
-                        keep = keep_mask(values, modality, part, fraction, test)
+                        keep = keep_mask(values, modality, part, fraction, test, tie_breaker)
                         correct[method, part, test][index, step] = scorer.correct(keep, part)
             if mask is not None and mask.any():
                 scores[method].append(localisation(values[image_tokens], boxes[image_tokens], mask))
