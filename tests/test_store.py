@@ -71,9 +71,9 @@ def test_open_reads_no_data_and_a_slice_reads_one_chunk(small_store: Path, monke
     reads: list[tuple[str, tuple]] = []
     original = shard_reader._read_block
 
-    def recording(manager, name, info, index, padded_shape, fill):
+    def recording(handle, name, info, index, padded_shape, fill):
         reads.append((name, index))
-        return original(manager, name, info, index, padded_shape, fill)
+        return original(handle, name, info, index, padded_shape, fill)
 
     monkeypatch.setattr(shard_reader, "_read_block", recording)
     ds = open_dataset(small_store)
@@ -282,3 +282,36 @@ def test_store_whose_index_cannot_be_written_still_opens(
     ds = open_dataset(store)
     assert not list((store / ".index").glob("*.json"))
     _assert_example_matches(ds, SMALL_SPEC, 7)
+
+
+CONCURRENT_READERS = textwrap.dedent(
+    """
+    import gc, random, sys, threading, time
+    from vlinterpret_panel.store import open_dataset
+
+    def session(seed):
+        rng, started = random.Random(seed), time.time()
+        while time.time() - started < 6:
+            ds = open_dataset(sys.argv[1])  # each dashboard session opens the store
+            for _ in range(3):
+                example = rng.randrange(ds.sizes["example"])
+                ds.attention.isel(example=example, layer=rng.randrange(ds.sizes["layer"])).mean("head").compute()
+                ds.hidden_states.isel(example=example).compute()
+            del ds
+            gc.collect()
+
+    threads = [threading.Thread(target=session, args=(seed,)) for seed in range(6)]
+    [thread.start() for thread in threads]
+    [thread.join() for thread in threads]
+    print("done")
+    """
+)
+
+
+def test_many_threads_opening_and_reading_one_store_do_not_crash(small_store: Path) -> None:
+    # libhdf5 segfaulted when garbage-collected file managers closed files under a reader.
+    result = subprocess.run(
+        [sys.executable, "-c", CONCURRENT_READERS, str(small_store)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "done"

@@ -25,7 +25,6 @@ from typing import Any
 import dask.array
 import netCDF4
 import numpy as np
-from xarray.backends import CachingFileManager
 from xarray.backends.locks import HDF5_LOCK
 
 from vlinterpret_panel.errors import VLIError
@@ -53,6 +52,42 @@ FILL_VALUES: dict[str, Any] = {
 }
 
 
+FileKey = tuple[str, int, int]  # (path, size, mtime_ns): a rewritten shard gets a new handle
+
+# One open netCDF4.Dataset per shard version and process, shared by every open store and
+# session. Files are opened, read and closed only under HDF5_LOCK: libhdf5 is not
+# thread-safe, and closing a file from a garbage collector while another thread reads
+# (as per-store file managers did) crashes it.
+_OPEN_FILES: dict[FileKey, netCDF4.Dataset] = {}
+MAX_OPEN_FILES = 256
+
+
+def _dataset(key: FileKey) -> netCDF4.Dataset:
+    """The open file for ``key``; call with HDF5_LOCK held."""
+    nc = _OPEN_FILES.pop(key, None)
+    if nc is None:
+        nc = netCDF4.Dataset(key[0], mode="r")
+        nc.set_auto_maskandscale(False)
+        while len(_OPEN_FILES) >= MAX_OPEN_FILES:
+            _OPEN_FILES.pop(next(iter(_OPEN_FILES))).close()
+    _OPEN_FILES[key] = nc  # most recently used last
+    return nc
+
+
+def file_key(path: Path) -> FileKey:
+    """The handle key of a shard as it is on disk now."""
+    stat = path.stat()
+    return (str(path), stat.st_size, stat.st_mtime_ns)
+
+
+def close_file(key: FileKey) -> None:
+    """Close a shard's handle (e.g. after it failed validation)."""
+    with HDF5_LOCK:
+        nc = _OPEN_FILES.pop(key, None)
+        if nc is not None:
+            nc.close()
+
+
 @dataclass
 class VariableInfo:
     """One variable of a shard: its dims, in-memory dtype, attributes and how it is packed."""
@@ -74,7 +109,7 @@ class ShardInfo:
     sizes: dict[str, int]
     coords: dict[str, tuple[tuple[str, ...], np.ndarray, dict[str, Any]]]
     variables: dict[str, VariableInfo]
-    manager: CachingFileManager
+    handle: FileKey
 
 
 def _decoded_dtype(variable: netCDF4.Variable, scale_factor: float | None) -> np.dtype:
@@ -98,11 +133,10 @@ def _values(variable: netCDF4.Variable) -> np.ndarray:
 
 def read_shard_info(path: Path, coordinate_names: Sequence[str]) -> ShardInfo:
     """Open ``path`` and read its dims, attributes, coordinates and variable layout."""
-    manager = CachingFileManager(netCDF4.Dataset, str(path), mode="r")
+    key = file_key(Path(path))
     try:
         with HDF5_LOCK:
-            nc = manager.acquire()
-            nc.set_auto_maskandscale(False)
+            nc = _dataset(key)
             sizes = {name: len(dim) for name, dim in nc.dimensions.items()}
             attrs = {name: nc.getncattr(name) for name in nc.ncattrs()}
             coords, variables = {}, {}
@@ -124,11 +158,11 @@ def read_shard_info(path: Path, coordinate_names: Sequence[str]) -> ShardInfo:
     except VLIError:
         raise
     except Exception as error:  # netCDF4/HDF5 raise many types for foreign or broken files
-        manager.close()
+        close_file(key)
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise VLIError(f"{path}: not a readable netCDF file ({reason})") from None
     sizes = {dim: size for dim, size in sizes.items() if not dim.startswith("string")}
-    return ShardInfo(Path(path), attrs, sizes, coords, variables, manager)
+    return ShardInfo(Path(path), attrs, sizes, coords, variables, key)
 
 
 INDEX_DIR = ".index"
@@ -184,8 +218,8 @@ def _info_from_json(path: Path, data: dict[str, Any]) -> ShardInfo:
         )
         for name, var in data["variables"].items()
     }
-    manager = CachingFileManager(netCDF4.Dataset, str(path), mode="r")  # opens on first read only
-    return ShardInfo(Path(path), data["attrs"], data["sizes"], coords, variables, manager)
+    key = (str(path), *data["signature"])  # the file is opened on its first read only
+    return ShardInfo(Path(path), data["attrs"], data["sizes"], coords, variables, key)
 
 
 def _signature(path: Path) -> list[int]:
@@ -232,7 +266,7 @@ def _public_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _read_block(
-    manager: CachingFileManager,
+    handle: FileKey,
     name: str,
     info: VariableInfo,
     index: tuple[slice, ...],
@@ -241,9 +275,7 @@ def _read_block(
 ) -> np.ndarray:
     """Read one block of ``name``, decode our packing and pad it to ``padded_shape``."""
     with HDF5_LOCK:
-        variable = manager.acquire()[name]
-        variable.set_auto_maskandscale(False)
-        raw = variable[index]
+        raw = _dataset(handle)[name][index]
     raw = np.ma.getdata(raw)
     if info.dtype == object:
         block = np.asarray(raw, dtype=object)
@@ -299,7 +331,7 @@ def store_array(
             local = tuple(
                 slice(start, min(stop, shard.sizes[dim])) for dim, (start, stop) in zip(dims, bounds, strict=True)
             )
-            graph[key] = (_read_block, shard.manager, name, info, local, padded_shape, fill)
+            graph[key] = (_read_block, shard.handle, name, info, local, padded_shape, fill)
     chunks = (tuple(example_chunks), *(tuple(other_chunks[d]) for d in dims[1:]))
     array = dask.array.Array(graph, graph_name, chunks=chunks, dtype=dtype)
     return dims, array, template.attrs

@@ -26,6 +26,7 @@ from vlinterpret_panel.schema import COORDINATE_ATTRS, SCHEMA_VERSION, validate
 from vlinterpret_panel.shard_reader import (
     PADDED_DIMS,
     ShardInfo,
+    close_file,
     load_index,
     read_shard_info,
     save_index,
@@ -134,7 +135,7 @@ def _open_shard(path: Path) -> ShardInfo:
     try:
         validate(_shard_dataset(shard), source=str(path))
     except (VLIError, ValueError, KeyError) as error:
-        shard.manager.close()
+        close_file(shard.handle)
         message = str(error) if isinstance(error, VLIError) else f"{path}: not a vlinterpret-panel shard ({error})"
         raise VLIError(message) from None
     save_index(shard, checked_by)
