@@ -10,8 +10,19 @@ from vlinterpret_panel.store import open_dataset, write_shard
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> object:
+    """``vlinterpret_panel.Dashboard``, imported on first use (HoloViews' plotting takes seconds to load)."""
+    if name == "Dashboard":
+        from vlinterpret_panel.ui import Dashboard
+
+        return Dashboard
+    raise AttributeError(f"module 'vlinterpret_panel' has no attribute {name!r}")
+
+
 __all__ = [
     "SCHEMA_VERSION",
+    "Dashboard",
     "ExampleRecord",
     "ModelInfo",
     "VLIError",

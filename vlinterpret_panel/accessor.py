@@ -41,6 +41,20 @@ class VLIAccessor:
 
         return token_attention_on_image(self._ds, example, layer, head, token, direction=direction, smooth=smooth)
 
+    def token_attention(
+        self, example: int | str, layer: int, head: int | None, token: int | list[int], direction: str = "from"
+    ) -> xr.DataArray:
+        """Attention from (the row) or to (the column) token(s), one value per token."""
+        from vlinterpret_panel.maps import token_attention
+
+        return token_attention(self._ds, example, layer, head, token, direction=direction)
+
+    def values_on_image(self, example: int | str, values: Any, smooth: bool = False) -> xr.DataArray:
+        """One value per token (attention, relevancy...) painted over the example's image."""
+        from vlinterpret_panel.maps import values_on_image
+
+        return values_on_image(self._ds, example, values, smooth=smooth)
+
     def statistics(self) -> list[str]:
         """Names of the head statistics this dataset offers (built-in, then ``custom:<metric>``)."""
         from vlinterpret_panel.stats import available_statistics
