@@ -73,20 +73,32 @@ def hidden_vectors(ds: xr.Dataset, hidden_layer: int, examples: np.ndarray | sli
 
 
 def _sample(
-    ds: xr.Dataset, hidden_layer: int, example_index: np.ndarray, token: np.ndarray, size: int, seed: int
+    ds: xr.Dataset,
+    hidden_layer: int,
+    example_index: np.ndarray,
+    token: np.ndarray,
+    size: int,
+    seed: int,
+    batch_tokens: int,
 ) -> np.ndarray:
     """Hidden vectors of ``size`` random real tokens, drawn from whole random examples.
 
-    Reading whole examples keeps the sample to a few chunk reads however large the store.
+    Reading whole examples keeps the sample to a few chunk reads however large the store;
+    they are read ``batch_tokens`` token slots at a time, keeping only their real tokens.
     """
     rng = np.random.default_rng(seed)
     counts = np.bincount(example_index, minlength=ds.sizes["example"])
     order = rng.permutation(ds.sizes["example"])
     needed = np.searchsorted(np.cumsum(counts[order]), size) + 1
     chosen = np.sort(order[:needed])
-    vectors = hidden_vectors(ds, hidden_layer, chosen)
-    rows = np.searchsorted(chosen, example_index[np.isin(example_index, chosen)])
-    picked = vectors[rows, token[np.isin(example_index, chosen)]]
+    examples_per_batch = max(1, batch_tokens // max(1, ds.sizes["token"]))
+    parts = []
+    for first in range(0, len(chosen), examples_per_batch):
+        group = chosen[first : first + examples_per_batch]
+        in_group = np.isin(example_index, group)
+        rows = np.searchsorted(group, example_index[in_group])
+        parts.append(hidden_vectors(ds, hidden_layer, group)[rows, token[in_group]])
+    picked = np.concatenate(parts)
     if len(picked) > size:
         picked = picked[np.sort(rng.choice(len(picked), size=size, replace=False))]
     return picked
@@ -125,7 +137,7 @@ def _compute(
 ) -> xr.Dataset:
     """The projection of every real token, as a compact dataset of positions (cached form)."""
     example_index, token = real_tokens(ds)
-    sample = _sample(ds, hidden_layer, example_index, token, sample_size, seed)
+    sample = _sample(ds, hidden_layer, example_index, token, sample_size, seed, batch_tokens)
     if len(sample) < 3:
         raise VLIError(f"hidden_layer {hidden_layer}: too few tokens ({len(sample)}) to project")
     transform, fit_attrs = _fit(method, sample, seed)
