@@ -203,7 +203,7 @@ def test_aggregates_are_cached_beside_the_store_and_invalidated_by_new_shards(st
         raise AssertionError("recomputed although cached")
 
     monkeypatch.setattr(stats, "head_statistics", fail)
-    reopened = open_dataset(store)  # kept referenced: dropping a second handle on open shards crashes netCDF4
+    reopened = open_dataset(store)
     again = stats.head_summary(reopened, "entropy")
     np.testing.assert_array_equal(first.values, again.values)
     one = stats.head_summary(reopened, "entropy", example=2)  # served from the table too
