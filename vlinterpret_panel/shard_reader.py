@@ -60,6 +60,7 @@ FileKey = tuple[str, int, int]  # (path, size, mtime_ns): a rewritten shard gets
 # (as per-store file managers did) crashes it.
 _OPEN_FILES: dict[FileKey, netCDF4.Dataset] = {}
 MAX_OPEN_FILES = 256
+CHUNK_CACHE_BYTES = 4 * 2**20
 
 
 def _dataset(key: FileKey) -> netCDF4.Dataset:
@@ -68,6 +69,10 @@ def _dataset(key: FileKey) -> netCDF4.Dataset:
     if nc is None:
         nc = netCDF4.Dataset(key[0], mode="r")
         nc.set_auto_maskandscale(False)
+        for variable in nc.variables.values():
+            # netCDF's default 64 MiB cache per variable and open file grows to gigabytes over a
+            # large store; every task reads whole chunks once, so a small cache loses nothing.
+            variable.set_var_chunk_cache(size=CHUNK_CACHE_BYTES)
         while len(_OPEN_FILES) >= MAX_OPEN_FILES:
             _OPEN_FILES.pop(next(iter(_OPEN_FILES))).close()
     _OPEN_FILES[key] = nc  # most recently used last
@@ -277,20 +282,31 @@ def _read_block(
     with HDF5_LOCK:
         raw = _dataset(handle)[name][index]
     raw = np.ma.getdata(raw)
+    if info.scale_factor is not None:
+        return _unpacked(raw, info, padded_shape, fill)
     if info.dtype == object:
         block = np.asarray(raw, dtype=object)
         if raw.dtype.kind == "S":
             block = np.vectorize(lambda v: v.decode(), otypes=[object])(raw) if raw.size else block
-    elif info.scale_factor is not None:
-        block = raw.astype(np.float32) * np.float32(info.scale_factor)
-        if info.fill_value is not None:
-            block[raw == info.fill_value] = np.nan
     else:
         block = raw
     if block.shape == padded_shape:
         return block
     out = np.full(padded_shape, fill, dtype=info.dtype)
     out[tuple(slice(0, n) for n in block.shape)] = block
+    return out
+
+
+def _unpacked(raw: np.ndarray, info: VariableInfo, padded_shape: tuple[int, ...], fill: Any) -> np.ndarray:
+    """Decode packed integers straight into the padded float32 block: one pass, one allocation."""
+    out = np.empty(padded_shape, dtype=np.float32)
+    inside = tuple(slice(0, n) for n in raw.shape)
+    if raw.shape != padded_shape:
+        out.fill(fill)
+    view = out[inside]
+    np.multiply(raw, np.float32(info.scale_factor), out=view, dtype=np.float32)
+    if info.fill_value is not None:
+        np.putmask(view, raw == info.fill_value, np.nan)
     return out
 
 
