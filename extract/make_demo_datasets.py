@@ -79,7 +79,7 @@ def store_figures(spec: DemoSpec) -> dict[str, object]:
         "examples": int(ds.sizes["example"]),
         "tokens": int(ds.sizes["token"]),
         "layers": int(ds.sizes["layer"]),
-        "methods": ds.method.values.tolist(),
+        "methods": ds.relevancy_method.values.tolist(),
         "megabytes": sum(p.stat().st_size for p in store.glob("*.nc")) / 1e6,
         "weights_sha256": config["weights_sha256"],
         "weights_metrics": config["weights_metrics"],
@@ -157,7 +157,7 @@ which records the removed shards too.
   the caption and its similarity as `score` (no label or prediction).
 * **Target masks**: `target_mask` is the object the question is about (empty for "is
   there ...?" questions answered "no"); for captions, every object (a caption names them all).
-* **Relevancy**: `relevancy(example, method, token)` for {", ".join(f"`{m}`" for m in RELEVANCY)},
+* **Relevancy**: `relevancy(example, relevancy_method, token)` for {", ".join(f"`{m}`" for m in RELEVANCY)},
   explaining the prediction (VQA) or the similarity score (dual encoder), recorded in
   `relevancy_target`. Gradient methods ran one example at a time.
 * **Deterministic**: the scenes, the weights and the extraction are deterministic, so a rerun
