@@ -4,7 +4,8 @@ Extraction end to end into stores that validate with values checked; the VQA mod
 accuracy equals ``evaluate_vqa`` on the same held-out seeds; a bright patch's token has the
 patch's exact pixel box (also on a resized image); attention rows are softmax rows in each
 module's block; the captured maps' gradients equal the model's own (``retain_grad``) and are
-zero only where the output cannot depend on them; token deletion matches the model's own.
+zero only where the output cannot depend on them; token deletion matches the model's own; a padded
+batch gives each example what it gets alone.
 """
 
 from __future__ import annotations
@@ -89,6 +90,25 @@ def test_extraction_end_to_end(adapters: dict[str, BuiltinAdapter], name: str, t
             "image_self",
         ]
         assert ds.hidden_layer_name.values.tolist()[-1] == "cross_layers.1"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_batch_equals_single_runs(adapters: dict[str, BuiltinAdapter], name: str) -> None:
+    """Texts of different lengths in one padded batch give each example's own tokens, maps, states and output."""
+    adapter = adapters[name]
+    images = [world.scene_for_seed(HELDOUT + i).image for i in range(3)]
+    texts = [_text(name), "what?", "is there a red circle?"]
+    with torch.no_grad():
+        batch = adapter.forward_batch(images, texts)
+        singles = [adapter.forward(image, text) for image, text in zip(images, texts, strict=True)]
+    for together, alone in zip(batch, singles, strict=True):
+        assert together.tokens == alone.tokens and together.readout_tokens == alone.readout_tokens
+        torch.testing.assert_close(together.output, alone.output.detach(), atol=1e-5, rtol=1e-5)
+        for a, b in zip(together.attentions, alone.attentions, strict=True):
+            assert list(a.query_tokens) == list(b.query_tokens) and list(a.key_tokens) == list(b.key_tokens)
+            torch.testing.assert_close(a.probabilities, b.probabilities.detach(), atol=1e-5, rtol=1e-5)
+        for a, b in zip(together.hidden_states, alone.hidden_states, strict=True):
+            torch.testing.assert_close(a.states, b.states.detach(), atol=1e-4, rtol=1e-4)
 
 
 def _bright_patch_image(height: int, width: int, row: int, col: int) -> np.ndarray:
