@@ -44,6 +44,7 @@ KINDS = ("head cell", "text token", "image patch")
 SUMMARY = "cross_modal"
 
 # Arms a probe: the next pointerdown starts its clock, which stops when a plot titled ``prefix...`` exists.
+# It looks once a frame (16 ms); a look walks the page's Bokeh views, ~0.1 ms.
 _PROBE_JS = """(prefix) => {
   if (window.__vliProbe) clearInterval(window.__vliProbe.timer);
   const probe = window.__vliProbe = {start: null, elapsed: null, timer: null};
@@ -63,7 +64,7 @@ _PROBE_JS = """(prefix) => {
     if (probe.start === null || !titled()) return;
     probe.elapsed = performance.now() - probe.start;
     clearInterval(probe.timer);
-  }, 5);
+  }, 16);
 }"""
 
 
@@ -242,7 +243,7 @@ def _wait_for_probe(session: Session, deadline: float) -> float | None:
         elapsed = session.app.page.evaluate("window.__vliProbe.elapsed")
         if elapsed is not None:
             return float(elapsed)
-        time.sleep(0.02)
+        time.sleep(0.05)
     return None
 
 
