@@ -192,6 +192,8 @@ def test_a_large_upload_is_stored_shrunk(live: LiveModel, store: Path) -> None:
     added = live.add_example(store, image, "what shape is the red object?")
     ds = open_dataset(store)
     assert int(ds.image_height.sel(example=added.example_id)) == 512
+    assert str(ds.label.sel(example=added.example_id).values) == ""
+    assert int(ds.correct.sel(example=added.example_id)) == -1  # no label: unknown, not "incorrect"
 
 
 class _Exploding(ModelAdapter):

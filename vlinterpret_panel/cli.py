@@ -57,7 +57,7 @@ def _synth(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from vlinterpret_panel.ui.serve import serve
 
-    serve(args.store, address=args.address, port=args.port, show=args.show)
+    serve(args.store, address=args.address, port=args.port, show=args.show, model=args.model)
     return 0
 
 
@@ -191,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--address", default="127.0.0.1", help="address to bind (default: localhost only)")
     serve.add_argument("--port", type=int, default=5006)
     serve.add_argument("--show", action="store_true", help="open a browser")
+    serve.add_argument("--model", help="adapter spec of the store's model (e.g. single_stream): adds 'Add example'")
     serve.set_defaults(handler=_serve)
 
     extract = commands.add_parser("extract", help="run a model over images and texts into a store")

@@ -30,7 +30,7 @@ import xarray as xr
 from vlinterpret_panel.adapters.base import ModelAdapter, ModelInput
 from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.extract import _error_text, _provenance, run_batch
-from vlinterpret_panel.schema import records_to_dataset
+from vlinterpret_panel.schema import CORRECT_UNKNOWN, records_to_dataset
 from vlinterpret_panel.store import Precision, open_dataset, write_shard
 
 MAX_UPLOAD_BYTES = 10 * 2**20
@@ -210,6 +210,11 @@ class LiveModel:
         record, info = result
         attrs = _provenance(self.spec, {}, 1, precision, methods) | {"source": "add example", "failures": []}
         new = records_to_dataset([record], info, attrs)
+        if record.label is None and "label" in ds and "label" not in new:
+            # As records_to_dataset writes an unlabelled example among labelled ones: "" and unknown.
+            new["label"] = ("example", np.array([""], dtype=object), ds["label"].attrs)
+            if "prediction" in new and "correct" in ds:
+                new["correct"] = ("example", np.array([CORRECT_UNKNOWN], dtype=np.int8), ds["correct"].attrs)
         _check_fits(new, ds)
         shard = write_shard(new, store, precision=precision)
         return AddedExample(example_id, shard, record.prediction)

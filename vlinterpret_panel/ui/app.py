@@ -94,30 +94,54 @@ def shared_store(path: Path, signature: str) -> xr.Dataset:
     return open_dataset(path)
 
 
-def build_app(store: str | os.PathLike) -> pn.viewable.Viewable:
+def _link_url(selection: Selection) -> None:
+    """Sync ``selection`` with the page URL (a link naming what this store lacks shows a message)."""
+    if pn.state.location is None:
+        return
+
+    def refuse(values: dict) -> None:
+        selection.message = f"the link's state {values} does not fit this store; showing the defaults"
+
+    pn.state.location.sync(selection, URL_PARAMETERS, on_error=refuse)
+
+
+def _unlink_url(selection: Selection) -> None:
+    if pn.state.location is not None:
+        pn.state.location.unsync(selection)
+
+
+def build_app(store: str | os.PathLike, model: str | None = None) -> pn.viewable.Viewable:
     """The dashboard page for the store at ``store``, its selection synced with the URL.
 
+    With ``model`` (an adapter spec of the store's model), the sidebar also has "Add example".
     The server computes Dask graphs in the calling thread: a click reads one chunk, so Dask's
     thread pool gains nothing and would only add concurrent HDF5 access.
     """
     dask.config.set(scheduler="synchronous")
-    ds = shared_store(Path(store).resolve(), shard_signature(store) if Path(store).is_dir() else "")
-    dashboard = Dashboard(ds)
-    if pn.state.location is not None:
-        selection = dashboard.selection
+    path = Path(store).resolve()
 
-        def refuse(values: dict) -> None:
-            selection.message = f"the link's state {values} does not fit this store; showing the defaults"
+    def current_store() -> xr.Dataset:
+        return shared_store(path, shard_signature(path) if path.is_dir() else "")
 
-        pn.state.location.sync(selection, URL_PARAMETERS, on_error=refuse)
+    if model:
+        from vlinterpret_panel.ui.add_example import LiveSession, live_model
+
+        session = LiveSession(path, live_model(model), current_store, _link_url, _unlink_url)
+        sidebar, main = [session.sidebar], [session.main]
+    else:
+        dashboard = Dashboard(current_store())
+        _link_url(dashboard.selection)
+        sidebar, main = dashboard.sidebar(), [dashboard.main()]
     busy = pn.indicators.LoadingSpinner(value=False, size=24, name="busy")
     pn.state.sync_busy(busy)
     template = pn.template.BootstrapTemplate(
         title="vlinterpret-panel",
-        sidebar=dashboard.sidebar(),
-        main=[dashboard.main()],
+        sidebar=sidebar,
+        main=main,
         header=[busy],
         sidebar_width=340,
         header_background="#1f3b57",
     )
+    if model:
+        session.design = template.design
     return template

@@ -10,14 +10,28 @@ import panel as pn
 from vlinterpret_panel.store import open_dataset
 
 
-def serve(store: str | os.PathLike, *, address: str = "127.0.0.1", port: int = 5006, show: bool = False) -> None:
-    """Serve the dashboard on ``store`` at ``address:port`` until interrupted (localhost by default)."""
+def serve(
+    store: str | os.PathLike,
+    *,
+    address: str = "127.0.0.1",
+    port: int = 5006,
+    show: bool = False,
+    model: str | None = None,
+) -> None:
+    """Serve the dashboard on ``store`` at ``address:port`` until interrupted (localhost by default).
+
+    ``model``, an adapter spec of the store's model, adds "Add example" (loaded once, shared by sessions).
+    """
     from vlinterpret_panel.ui.app import build_app
 
-    open_dataset(store)  # fail fast, with a readable message, before the server starts
+    ds = open_dataset(store)  # fail fast, with a readable message, before the server starts
+    if model:
+        from vlinterpret_panel.ui.add_example import live_model
+
+        live_model(model).check_store(ds)
     origins = [f"{host}:{port}" for host in ("localhost", "127.0.0.1", address)]
     pn.serve(
-        {"app": lambda: build_app(Path(store))},
+        {"app": lambda: build_app(Path(store), model=model)},
         address=address,
         port=port,
         show=show,

@@ -1,0 +1,148 @@
+"""Add example in a real browser: ``vlinterpret serve STORE --model single_stream``, upload, run, see it."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.ui.conftest import REPO, AppPage, _free_port
+from vlinterpret_panel import open_dataset
+from vlinterpret_panel.extract import extract, scene_sources
+from vlinterpret_panel.live import random_scene
+
+pytestmark = pytest.mark.browser
+
+QUESTION = "what color is the big blue square?"
+BLUE = np.array([20, 40, 235], dtype=np.uint8)
+
+
+def _snapshot(store: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in store.glob("*.nc")}
+
+
+@pytest.fixture(scope="module")
+def live_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A temporary store of three scenes extracted with the built-in single_stream model."""
+    made = tmp_path_factory.mktemp("made") / "store"
+    extract("single_stream", scene_sources(3), made, progress=False, relevancy=["rollout"])
+    copy = tmp_path_factory.mktemp("served") / "store"
+    shutil.copytree(made, copy, ignore=shutil.ignore_patterns(".index"))
+    return copy
+
+
+@pytest.fixture(scope="module")
+def live_url(live_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``vlinterpret serve STORE --model single_stream`` on a free localhost port; its URL."""
+    port = _free_port()
+    command = [sys.executable, "-m", "vlinterpret_panel.cli", "serve", str(live_store), "--model", "single_stream"]
+    command += ["--port", str(port)]
+    log_path = tmp_path_factory.mktemp("server") / "serve.log"
+    log = log_path.open("w")
+    server = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/app"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=30) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                raise RuntimeError(f"vlinterpret serve did not start: {log_path.read_text()}") from None
+            time.sleep(0.5)
+    yield url
+    alive = server.poll() is None
+    server.terminate()
+    server.wait(timeout=30)
+    log.close()
+    assert alive, f"the server died during the tests: {log_path.read_text()[-3000:]}"
+
+
+@pytest.fixture
+def live_app(browser: object, live_url: str) -> Iterator[AppPage]:
+    context = browser.new_context(viewport={"width": 1600, "height": 1300})
+    page = context.new_page()
+    yield AppPage(page, live_url)
+    context.close()
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _message(app: AppPage, text: str) -> str:
+    """The whole text of the message that contains ``text``, once it shows."""
+    message = app.page.get_by_text(text).first
+    message.wait_for(state="visible", timeout=60_000)
+    app.wait_until(lambda: text in message.inner_text(), timeout=10, what=f"the message {text!r}")
+    return message.inner_text()
+
+
+def _blue_share(pixels: np.ndarray) -> float:
+    """Share of pixels whose blue clearly dominates (the uploaded square, under the attention overlay)."""
+    return float(((pixels[..., 2] - pixels[..., :2].max(axis=-1)) > 60).mean())
+
+
+def test_uploading_an_image_adds_it_to_the_store_and_selects_it(
+    live_app: AppPage, browser: object, live_url: str, live_store: Path, tmp_path: Path
+) -> None:
+    other = AppPage(browser.new_context(viewport={"width": 1600, "height": 1300}).new_page(), live_url).open()
+    app, page = live_app, live_app.page
+    app.open()
+    page.get_by_text("3 examples", exact=False).first.wait_for(timeout=30_000)
+    before = _snapshot(live_store)
+
+    page.locator("input[type=file]").set_input_files(
+        {"name": "notes.png", "mimeType": "image/png", "buffer": b"these are notes, not pixels"}
+    )
+    page.get_by_placeholder("e.g. what color is the circle?").fill(QUESTION)
+    page.get_by_role("button", name="Run").click()
+    assert _message(app, "not a PNG or JPEG") == "the upload is not a PNG or JPEG image"
+    assert _snapshot(live_store) == before
+
+    image = random_scene(11).image.copy()
+    image[8:56, 8:56] = BLUE
+    page.locator("input[type=file]").set_input_files(
+        {"name": "scene.png", "mimeType": "image/png", "buffer": _png(image)}
+    )
+    page.get_by_text("type a text and press Run").wait_for(timeout=30_000)
+    page.get_by_role("button", name="Run").click()
+    added = _message(app, "added live-")
+    example = added.split("added ", 1)[1].split(";")[0].strip()
+
+    page.get_by_text("4 examples", exact=False).first.wait_for(timeout=60_000)
+    app.wait_for_figure(QUESTION[:20])
+    assert page.get_by_text(f"{example}: {QUESTION}").count() >= 1  # the browser lists it
+    app.wait_until(lambda: f"example={example}" in page.evaluate("window.location.href"), what="the URL")
+    app.wait_until(lambda: _blue_share(app.pixels(QUESTION[:20])) > 0.3, what="the uploaded image in the view")
+    page.screenshot(path=str(tmp_path / "added.png"), full_page=True)
+
+    other.page.get_by_text("4 examples", exact=False).first.wait_for(timeout=30_000)  # another session follows
+    assert other.page.get_by_text(f"{example}: {QUESTION}").count() >= 1
+
+    page.get_by_role("button", name="draw a random scene").click()
+    app.wait_until(lambda: page.get_by_placeholder("e.g. what color is the circle?").input_value() != QUESTION)
+    question = page.get_by_placeholder("e.g. what color is the circle?").input_value()
+    page.get_by_role("button", name="Run").click()
+    page.get_by_text("5 examples", exact=False).first.wait_for(timeout=60_000)
+    app.wait_for_figure(question[:20])
+    page.screenshot(path=str(tmp_path / "scene.png"))
+
+    ds = open_dataset(live_store)
+    assert ds.sizes["example"] == 5 and str(ds.text.sel(example=example).values) == QUESTION
+    np.testing.assert_array_equal(ds.image.sel(example=example).values[:64, :64], image)
+    assert {k: v for k, v in _snapshot(live_store).items() if k in before} == before
+    assert app.errors == [] and other.errors == []

@@ -1,0 +1,213 @@
+"""Add example: upload an image (or draw a random scene), type a text, run the live model into the store.
+
+``AddExample`` is the form; the work (checks, model run, atomic shard) is ``vlinterpret_panel.live``,
+run in a worker thread so the server keeps serving meanwhile. ``LiveSession`` holds one browser
+session's dashboard and rebuilds it on the reopened store whenever the store gains a shard
+(this session's addition, which it then selects, or another session's or writer's, found by a
+periodic check, keeping that session's selection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import io
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import panel as pn
+import xarray as xr
+
+from vlinterpret_panel.errors import VLIError
+from vlinterpret_panel.live import MAX_TEXT_CHARS, MAX_UPLOAD_BYTES, AddedExample, LiveModel, SceneDraft, decode_image
+from vlinterpret_panel.live import random_scene as draw_scene
+from vlinterpret_panel.store import shard_signature
+from vlinterpret_panel.ui.selection import Selection, default_tokens, valid_tokens
+
+logger = logging.getLogger(__name__)
+
+# One model run at a time for the whole server: the model is shared by every session.
+_EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vli-add-example")
+STORE_POLL_MS = 2000
+# Selection fields a rebuilt dashboard keeps.
+_KEPT = ("example", "layer", "head", "tokens", "direction", "smooth", "hidden_layer", "statistic", "normalize")
+
+
+@functools.lru_cache(maxsize=2)
+def live_model(spec: str) -> LiveModel:
+    """The model named by ``spec``, loaded once per server process and shared by its sessions."""
+    return LiveModel(spec)
+
+
+def _png(pixels: np.ndarray, width: int = 128) -> bytes:
+    from PIL import Image
+
+    image = Image.fromarray(pixels)
+    if image.width < width:
+        image = image.resize((width, round(image.height * width / image.width)), Image.Resampling.NEAREST)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class AddExample(pn.viewable.Viewer):
+    """The form: an image (upload, or a random scene for built-in models), a text, and Run."""
+
+    def __init__(self, model: LiveModel, store: Path, on_added: Callable[[AddedExample], None]) -> None:
+        super().__init__()
+        self.model, self.store, self._on_added = model, Path(store), on_added
+        self._draft: SceneDraft | None = None
+        self.upload = pn.widgets.FileInput(accept=".png,.jpg,.jpeg,image/png,image/jpeg", multiple=False)
+        self.draw = pn.widgets.Button(label="draw a random scene", visible=model.builtin)
+        self.text = pn.widgets.TextInput(
+            name="question or caption", placeholder="e.g. what color is the circle?", max_length=MAX_TEXT_CHARS
+        )
+        self.run_button = pn.widgets.Button(label="Run", button_type="primary")
+        self.progress = pn.indicators.Progress(active=True, visible=False, sizing_mode="stretch_width", height=12)
+        self.preview = pn.pane.PNG(None, width=128, visible=False)
+        self.status = pn.pane.Alert("", alert_type="info", visible=False, sizing_mode="stretch_width")
+        self.upload.param.watch(self._uploaded, "value")
+        self.draw.on_click(self._draw_scene)
+        self.run_button.on_click(self._run)
+
+    def _say(self, message: str, kind: str = "info") -> None:
+        self.status.param.update(object=message, alert_type=kind, visible=bool(message))
+
+    def _uploaded(self, event: object = None) -> None:
+        if self.upload.value is None:
+            return
+        self._draft = None
+        self.preview.visible = False
+        self._say(f"{self.upload.filename}: {len(self.upload.value) / 1024:.0f} kB; type a text and press Run")
+
+    def _draw_scene(self, event: object = None) -> None:
+        self._draft = draw_scene()
+        self.preview.param.update(object=_png(self._draft.image), visible=True)
+        self.text.value = self._draft.question
+        self._say(f"a random scene; its answer: {self._draft.answer}")
+
+    def _inputs(self) -> tuple[np.ndarray, dict]:
+        """The image and what is known about it (label and target mask of an unedited scene question)."""
+        if self._draft is not None:
+            draft = self._draft
+            same = (self.text.value or "").strip() == draft.question
+            return draft.image, ({"label": draft.answer, "target_mask": draft.target_mask} if same else {})
+        if self.upload.value is None:
+            hint = " or draw a random scene" if self.model.builtin else ""
+            raise VLIError(f"choose a PNG or JPEG image to upload{hint}")
+        return decode_image(self.upload.value, max_bytes=MAX_UPLOAD_BYTES), {}
+
+    def add(self) -> AddedExample:
+        """Check the inputs and add the example (blocking: runs the model and writes the shard)."""
+        image, known = self._inputs()
+        return self.model.add_example(self.store, image, self.text.value, **known)
+
+    async def _run(self, event: object = None) -> None:
+        self.run_button.disabled = self.draw.disabled = True
+        self.progress.visible = True
+        self._say("running the model…")
+        try:
+            added = await asyncio.get_running_loop().run_in_executor(_EXECUTOR, self.add)
+        except VLIError as error:
+            self._say(str(error), "danger")
+            return
+        except Exception as error:  # the server keeps serving; the user gets one line, the log the traceback
+            logger.exception("add example failed")
+            self._say(f"could not add the example: {type(error).__name__}: {error}", "danger")
+            return
+        finally:
+            self.run_button.disabled = self.draw.disabled = False
+            self.progress.visible = False
+        prediction = f"; prediction: {added.prediction}" if added.prediction is not None else ""
+        self._say(f"added {added.example_id}{prediction}", "success")
+        self._on_added(added)
+
+    def __panel__(self) -> pn.viewable.Viewable:
+        return pn.Column(
+            "### Add example",
+            pn.pane.Markdown(f"A PNG or JPEG of at most {MAX_UPLOAD_BYTES // 2**20} MB, or a random scene."),
+            self.upload,
+            self.draw,
+            self.preview,
+            self.text,
+            self.run_button,
+            self.progress,
+            self.status,
+            sizing_mode="stretch_width",
+        )
+
+
+class LiveSession:
+    """One session's dashboard over a store that grows: rebuilt on the reopened store when shards are added.
+
+    ``open_store()`` returns the shared, current store; ``link(selection)`` and ``unlink(selection)``
+    tie a selection to the page URL.
+    """
+
+    def __init__(
+        self,
+        store: Path,
+        model: LiveModel,
+        open_store: Callable[[], xr.Dataset],
+        link: Callable[[Selection], None],
+        unlink: Callable[[Selection], None],
+    ) -> None:
+        from vlinterpret_panel.ui.app import Dashboard
+
+        self._dashboard_class = Dashboard
+        self.store, self._open_store, self._link, self._unlink = Path(store), open_store, link, unlink
+        self.add_example = AddExample(model, self.store, self._added)
+        self.sidebar = pn.Column(sizing_mode="stretch_width")
+        self.main = pn.Column(sizing_mode="stretch_width")
+        self.dashboard = None
+        self.design: type | None = None  # the page template's design, given to rebuilt dashboards
+        ds = open_store()
+        model.check_store(ds)
+        self._show(ds)
+        if pn.state.curdoc is not None and pn.state.curdoc.session_context is not None:
+            pn.state.add_periodic_callback(self._poll, period=STORE_POLL_MS)
+
+    def _show(self, ds: xr.Dataset, example: str | None = None) -> None:
+        """Build the dashboard on ``ds``, keeping the old selection's fields, then select ``example``."""
+        old = self.dashboard
+        selection = Selection.for_dataset(ds)
+        if old is not None:
+            self._unlink(old.selection)
+        self._link(selection)  # a first page load takes the URL's state; a rebuild, the old selection's
+        if old is not None:
+            kept = {name: getattr(old.selection, name) for name in _KEPT}
+            if kept["example"] not in selection.param.example.objects:
+                kept.pop("example")
+            with contextlib.suppress(ValueError):  # a layout that changed under the old selection: keep defaults
+                selection.param.update(**kept)
+        if example is not None:
+            selection.param.update(example=example, tokens=default_tokens(ds, example))
+        selection.tokens = valid_tokens(ds, selection.example, selection.tokens)
+        self.dashboard = self._dashboard_class(ds, selection)
+        self._signature = ds.attrs.get("store_signature", "")
+        active = self.main.objects[0].active if old is not None and self.main.objects else 0
+        tabs = self.dashboard.main()
+        tabs.active = active
+        sidebar = [pn.panel(obj) for obj in [*self.dashboard.sidebar(), self.add_example]]
+        if self.design is not None:  # what a template does to its objects when it is built
+            for obj in (o for top in [*sidebar, tabs] for o in top.select()):
+                obj.design = obj.design or self.design
+        self.sidebar.objects = sidebar
+        self.main.objects = [tabs]
+
+    def _added(self, added: AddedExample) -> None:
+        self._show(self._open_store(), example=added.example_id)
+
+    def _poll(self) -> None:
+        signature = shard_signature(self.store)
+        if signature == self._signature:
+            return
+        self._signature = signature  # one attempt per change of the store
+        try:
+            self._show(self._open_store())
+        except VLIError as error:  # e.g. a foreign shard dropped into the store: say so, keep the old view
+            self.dashboard.selection.message = f"the store changed and cannot be reopened: {error}"
