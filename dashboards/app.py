@@ -9,7 +9,7 @@ import panel as pn
 from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.ui.app import build_app
 
-DEMO_STORE = Path(__file__).resolve().parent.parent / "datasets" / "synthetic"
+DEMO_STORE = Path(__file__).resolve().parent.parent / "datasets" / "single_stream"
 
 parser = argparse.ArgumentParser(prog="panel serve dashboards/app.py --args")
 parser.add_argument("store", nargs="?", type=Path, default=DEMO_STORE)
