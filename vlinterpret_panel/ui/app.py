@@ -132,13 +132,12 @@ def build_app(store: str | os.PathLike, model: str | None = None) -> pn.viewable
         dashboard = Dashboard(current_store())
         _link_url(dashboard.selection)
         sidebar, main = dashboard.sidebar(), [dashboard.main()]
-    busy = pn.indicators.LoadingSpinner(value=False, size=24, name="busy")
-    pn.state.sync_busy(busy)
+    # No header spinner: pn.state.busy spans every session of the server process, so one
+    # session's clicks would spin all the others' (per-view loading indicators stay per session).
     template = pn.template.BootstrapTemplate(
         title="vlinterpret-panel",
         sidebar=sidebar,
         main=main,
-        header=[busy],
         sidebar_width=340,
         header_background="#1f3b57",
     )
