@@ -269,3 +269,61 @@ def test_an_add_killed_mid_write_leaves_every_completed_example(store: Path) -> 
     ds = open_dataset(store)
     assert list(ds.indexes["example"]) == list(old.indexes["example"])
     _assert_same_examples(ds, old)
+
+
+def _form(live: LiveModel, store: Path) -> tuple[object, list]:
+    from vlinterpret_panel.ui.add_example import AddExample
+
+    added: list = []
+    return AddExample(live, store, added.append), added
+
+
+@pytest.mark.parametrize(
+    ("upload", "text", "message"),
+    [
+        (None, "what?", "choose a PNG or JPEG image to upload or draw a random scene"),
+        (b"GIF89a not really", "what?", "the upload is not a PNG or JPEG image"),
+        (_encode(_pixels(200, 200))[:900], "what?", "cannot read the image: it is damaged or truncated"),
+        (_png_claiming(60_000, 60_000), "what?", "the image has too many pixels"),
+        (_encode(_pixels()), "  ", "type a question or caption"),
+        (_encode(_pixels()), "z" * 300, "the text has 300 characters; the limit is 200"),
+    ],
+    ids=["no-image", "not-an-image", "truncated", "bomb", "empty-text", "long-text"],
+)
+def test_the_form_shows_one_message_and_leaves_the_store(
+    live: LiveModel, store: Path, upload: bytes | None, text: str, message: str
+) -> None:
+    import asyncio
+
+    form, added = _form(live, store)
+    before = _snapshot(store)
+    form.upload.value, form.text.value = upload, text
+    asyncio.run(form._run())
+    assert form.status.alert_type == "danger" and form.status.object.startswith(message)
+    assert "Traceback" not in form.status.object and added == []
+    assert not form.run_button.disabled and not form.progress.visible
+    assert _snapshot(store) == before
+
+
+def test_the_form_reports_a_model_that_raises(store: Path) -> None:
+    import asyncio
+
+    form, added = _form(LiveModel("single_stream", adapter=_Exploding()), store)
+    before = _snapshot(store)
+    form._draw_scene()
+    asyncio.run(form._run())
+    assert form.status.object == "the model failed on this example: RuntimeError: out of memory in layer 3"
+    assert added == [] and _snapshot(store) == before
+
+
+def test_the_form_adds_a_drawn_scene_with_its_answer(live: LiveModel, store: Path) -> None:
+    import asyncio
+
+    form, added = _form(live, store)
+    form._draw_scene()
+    assert form.preview.visible and form.text.value
+    asyncio.run(form._run())
+    assert form.status.alert_type == "success" and len(added) == 1
+    ds = open_dataset(store)
+    assert str(ds.text.sel(example=added[0].example_id).values) == form.text.value
+    assert str(ds.label.sel(example=added[0].example_id).values) == form._draft.answer

@@ -64,9 +64,9 @@ class AddExample(pn.viewable.Viewer):
         self.upload = pn.widgets.FileInput(accept=".png,.jpg,.jpeg,image/png,image/jpeg", multiple=False)
         self.draw = pn.widgets.Button(label="draw a random scene", visible=model.builtin)
         self.text = pn.widgets.TextInput(
-            name="question or caption", placeholder="e.g. what color is the circle?", max_length=MAX_TEXT_CHARS
+            label="question or caption", placeholder="e.g. what color is the circle?", max_length=MAX_TEXT_CHARS
         )
-        self.run_button = pn.widgets.Button(label="Run", button_type="primary")
+        self.run_button = pn.widgets.Button(label="Run", color="primary")
         self.progress = pn.indicators.Progress(active=True, visible=False, sizing_mode="stretch_width", height=12)
         self.preview = pn.pane.PNG(None, width=128, visible=False)
         self.status = pn.pane.Alert("", alert_type="info", visible=False, sizing_mode="stretch_width")
