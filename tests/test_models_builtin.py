@@ -12,7 +12,7 @@ from vlinterpret_panel.models.layers import ATTENTION_KINDS, BaseVLModel
 from vlinterpret_panel.models.registry import (
     BUILTIN_MODELS,
     evaluate_retrieval,
-    evaluate_vqa,
+    evaluate_vqa_by_kind,
     images_to_pixels,
     load_builtin_model,
     texts_to_ids,
@@ -20,7 +20,7 @@ from vlinterpret_panel.models.registry import (
 )
 
 HELDOUT = range(world.HELDOUT_SEED_START, world.HELDOUT_SEED_START + 4)
-HELDOUT_200 = range(world.HELDOUT_SEED_START, world.HELDOUT_SEED_START + 200)
+HELDOUT_300 = range(world.HELDOUT_SEED_START, world.HELDOUT_SEED_START + 300)
 
 
 @pytest.fixture(scope="module", params=BUILTIN_MODELS)
@@ -49,28 +49,36 @@ def _score(model: BaseVLModel, output_logits: torch.Tensor) -> torch.Tensor:
     return output_logits.max(-1).values
 
 
-def test_committed_weights_reach_their_accuracy(builtin: BaseVLModel) -> None:
-    """Regression floor for the committed weights (VQA: see the strict xfail below)."""
-    if isinstance(builtin, DualEncoderModel):
-        assert evaluate_retrieval(builtin, num_examples=200) >= 0.95
-        return
-    text_ids, text_mask, pixels, answers = vqa_batch(HELDOUT_200)
-    with torch.no_grad():
-        correct = builtin(text_ids, text_mask, pixels).logits.argmax(-1) == answers
-    questions = [world.vqa_example_for_seed(seed)[1].question for seed in HELDOUT_200]
-    not_where = torch.tensor([not question.startswith("where") for question in questions])
-    assert correct[not_where].float().mean() >= 0.95
-    assert correct.float().mean() >= 0.75
+def test_dual_encoder_reaches_its_retrieval_target() -> None:
+    model, _ = load_builtin_model("dual_encoder")
+    assert isinstance(model, DualEncoderModel)
+    assert evaluate_retrieval(model, num_examples=200) >= 0.95
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: the VQA models answer 'where is ...?' at chance, so they reach ~80%",
+@pytest.mark.parametrize(
+    "name",
+    [
+        "single_stream",
+        pytest.param(
+            "dual_stream",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="known gap: the dual-stream model answers 'where is ...?' at chance (~79% overall)",
+            ),
+        ),
+    ],
 )
-@pytest.mark.parametrize("name", ["single_stream", "dual_stream"])
 def test_vqa_models_reach_the_97_percent_target(name: str) -> None:
+    """The issue's 97% target on the first 300 held-out examples (the training script scores 2000).
+
+    The committed single-stream weights answer all 2000 (and so all 300) correctly, so the
+    subset leaves room for 9 errors. Each question kind must also reach 85% (~75 examples
+    each), so a model answering "where" at chance (~25%) fails even when the others carry it.
+    """
     model, _ = load_builtin_model(name)
-    assert evaluate_vqa(model, num_examples=200) >= 0.97
+    accuracy = evaluate_vqa_by_kind(model, num_examples=len(HELDOUT_300), batch_size=150)
+    assert accuracy["all"] >= 0.97, accuracy
+    assert all(accuracy[kind] >= 0.85 for kind in world.QUESTION_KINDS), accuracy
 
 
 def test_attention_maps_are_softmax_rows(builtin: BaseVLModel) -> None:

@@ -106,3 +106,17 @@ def test_tokenizer_round_trip_and_padding() -> None:
     assert (ids_array[~mask] == world.PAD_ID).all()
     with pytest.raises(ValueError):
         world.encode_batch(["a red circle and a blue square"], max_length=4)
+
+
+def test_question_kinds_and_where_questions() -> None:
+    kinds = {world.question_kind(world.vqa_example_for_seed(seed)[1].question) for seed in range(200)}
+    assert kinds == set(world.QUESTION_KINDS)
+    with pytest.raises(ValueError):
+        world.question_kind("a red circle")
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        scene = world.make_scene(rng)
+        example = world.where_question(scene, rng)
+        answer, mask = _expected(scene, example.question)
+        assert example.answer == answer
+        assert np.array_equal(example.target_mask, mask)

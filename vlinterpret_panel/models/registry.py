@@ -46,9 +46,7 @@ def weight_paths(name: str, directory: Path = WEIGHTS_DIR) -> tuple[Path, Path]:
     return directory / f"{name}.safetensors", directory / f"{name}.json"
 
 
-def save_model(
-    model: BaseVLModel, directory: Path = WEIGHTS_DIR, metrics: dict | None = None
-) -> None:
+def save_model(model: BaseVLModel, directory: Path = WEIGHTS_DIR, metrics: dict | None = None) -> None:
     """Write the weights (safetensors) and a JSON config (plus training metrics) for a model."""
     directory.mkdir(parents=True, exist_ok=True)
     weights_path, config_path = weight_paths(model.config.architecture, directory)
@@ -77,9 +75,7 @@ def images_to_pixels(images: list[np.ndarray]) -> torch.Tensor:
     return pixels_from_uint8(torch.from_numpy(np.stack(images)))
 
 
-def texts_to_ids(
-    texts: list[str], max_length: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def texts_to_ids(texts: list[str], max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids ``[B, T]`` (int64) and validity mask ``[B, T]`` (bool) for texts."""
     ids, mask = world.encode_batch(texts, max_length)
     return torch.from_numpy(ids), torch.from_numpy(mask)
@@ -96,23 +92,33 @@ def vqa_batch(
     return text_ids, text_mask, pixels, answers
 
 
-@torch.no_grad()
 def evaluate_vqa(model: BaseVLModel, num_examples: int = 1000, batch_size: int = 250) -> float:
     """Answer accuracy on the first ``num_examples`` held-out seeds."""
-    correct = 0
+    return evaluate_vqa_by_kind(model, num_examples, batch_size)["all"]
+
+
+@torch.no_grad()
+def evaluate_vqa_by_kind(model: BaseVLModel, num_examples: int = 1000, batch_size: int = 250) -> dict[str, float]:
+    """Held-out answer accuracy overall (``"all"``) and per ``world.QUESTION_KINDS`` kind."""
+    correct: list[bool] = []
+    kinds: list[str] = []
     start = world.HELDOUT_SEED_START
     for offset in range(0, num_examples, batch_size):
         seeds = range(start + offset, start + min(offset + batch_size, num_examples))
         text_ids, text_mask, pixels, answers = vqa_batch(seeds)
         logits = model(text_ids, text_mask, pixels).logits
-        correct += int((logits.argmax(-1) == answers).sum())
-    return correct / num_examples
+        correct.extend((logits.argmax(-1) == answers).tolist())
+        kinds.extend(world.question_kind(world.vqa_example_for_seed(seed)[1].question) for seed in seeds)
+    accuracy = {"all": sum(correct) / num_examples}
+    for kind in world.QUESTION_KINDS:
+        hits = [ok for ok, other in zip(correct, kinds, strict=True) if other == kind]
+        if hits:
+            accuracy[kind] = sum(hits) / len(hits)
+    return accuracy
 
 
 @torch.no_grad()
-def evaluate_retrieval(
-    model: DualEncoderModel, num_examples: int = 1000, num_candidates: int = 8
-) -> float:
+def evaluate_retrieval(model: DualEncoderModel, num_examples: int = 1000, num_candidates: int = 8) -> float:
     """Top-1 accuracy picking each held-out image's caption among ``num_candidates`` captions.
 
     The distractors are captions of other held-out scenes, drawn with a fixed seed, skipping

@@ -34,6 +34,9 @@ COLOR_JITTER = 12
 HELDOUT_SEED_START = 1_000_000_000
 """Training uses per-example seeds below this value, evaluation uses seeds from it on."""
 
+QUESTION_KINDS: tuple[str, ...] = ("color", "shape", "exists", "where")
+"""Question kinds, named by ``question_kind``: what color / what shape / is there / where."""
+
 ANSWERS: tuple[str, ...] = COLOR_NAMES + SHAPES + ("yes", "no") + QUADRANTS
 ANSWER_TO_ID: dict[str, int] = {answer: index for index, answer in enumerate(ANSWERS)}
 
@@ -184,33 +187,42 @@ def make_question(scene: Scene, rng: np.random.Generator) -> VQAExample:
     if kind == "color":
         index = unique_shape[int(rng.integers(len(unique_shape)))]
         target = objects[index]
-        return VQAExample(
-            f"what color is the {target.shape}?", target.color, scene.masks[index].copy()
-        )
+        return VQAExample(f"what color is the {target.shape}?", target.color, scene.masks[index].copy())
     if kind == "shape":
         index = unique_color[int(rng.integers(len(unique_color)))]
         target = objects[index]
-        return VQAExample(
-            f"what shape is the {target.color} object?", target.shape, scene.masks[index].copy()
-        )
+        return VQAExample(f"what shape is the {target.color} object?", target.shape, scene.masks[index].copy())
     if kind == "where":
-        index = int(rng.integers(len(objects)))
-        target = objects[index]
-        return VQAExample(
-            f"where is the {target.color} {target.shape}?",
-            target.quadrant,
-            scene.masks[index].copy(),
-        )
+        return where_question(scene, rng)
     present = {(o.color, o.shape) for o in objects}
     if rng.random() < 0.5:
         index = int(rng.integers(len(objects)))
         target = objects[index]
-        return VQAExample(
-            f"is there a {target.color} {target.shape}?", "yes", scene.masks[index].copy()
-        )
+        return VQAExample(f"is there a {target.color} {target.shape}?", "yes", scene.masks[index].copy())
     absent = [(c, s) for c in COLOR_NAMES for s in SHAPES if (c, s) not in present]
     color, shape = absent[int(rng.integers(len(absent)))]
     return VQAExample(f"is there a {color} {shape}?", "no", _empty_mask(scene))
+
+
+def where_question(scene: Scene, rng: np.random.Generator) -> VQAExample:
+    """A "where is the <color> <shape>?" question about a random object of the scene."""
+    index = int(rng.integers(len(scene.objects)))
+    target = scene.objects[index]
+    return VQAExample(f"where is the {target.color} {target.shape}?", target.quadrant, scene.masks[index].copy())
+
+
+def question_kind(question: str) -> str:
+    """The kind of a question drawn by ``make_question`` (one of ``QUESTION_KINDS``)."""
+    words = tokenize(question)
+    if words[:2] == ["what", "color"]:
+        return "color"
+    if words[:2] == ["what", "shape"]:
+        return "shape"
+    if words[:2] == ["is", "there"]:
+        return "exists"
+    if words[:1] == ["where"]:
+        return "where"
+    raise ValueError(f"not a question of the scene world: {question!r}")
 
 
 def make_caption(scene: Scene) -> str:
