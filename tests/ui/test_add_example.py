@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import shutil
 import subprocess
 import sys
@@ -93,7 +94,7 @@ def _message(app: AppPage, text: str) -> str:
 
 def _blue_share(pixels: np.ndarray) -> float:
     """Share of pixels whose blue clearly dominates (the uploaded square, under the attention overlay)."""
-    return float(((pixels[..., 2] - pixels[..., :2].max(axis=-1)) > 60).mean())
+    return float(((pixels[..., 2] - pixels[..., :2].max(axis=-1)) > 25).mean())
 
 
 def test_uploading_an_image_adds_it_to_the_store_and_selects_it(
@@ -121,14 +122,16 @@ def test_uploading_an_image_adds_it_to_the_store_and_selects_it(
     page.get_by_text("type a text and press Run").wait_for(timeout=30_000)
     page.get_by_role("button", name="Run").click()
     added = _message(app, "added live-")
-    example = added.split("added ", 1)[1].split(";")[0].strip()
+    found = re.search(r"live-[0-9]{8}-[0-9]{6}-[0-9a-f]{6}", added)
+    assert found, f"no example id in the message {added!r}"
+    example = found.group()
 
     page.get_by_text("4 examples", exact=False).first.wait_for(timeout=60_000)
     app.wait_for_figure(QUESTION[:20])
     assert page.get_by_text(f"{example}: {QUESTION}").count() >= 1  # the browser lists it
     app.wait_until(lambda: f"example={example}" in page.evaluate("window.location.href"), what="the URL")
+    page.screenshot(path=str(tmp_path / "added.png"))
     app.wait_until(lambda: _blue_share(app.pixels(QUESTION[:20])) > 0.3, what="the uploaded image in the view")
-    page.screenshot(path=str(tmp_path / "added.png"), full_page=True)
 
     other.page.get_by_text("4 examples", exact=False).first.wait_for(timeout=30_000)  # another session follows
     assert other.page.get_by_text(f"{example}: {QUESTION}").count() >= 1
