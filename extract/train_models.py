@@ -11,9 +11,10 @@ and then sits at chance on "where": reading a position needs [CLS] to attend to 
 patch and the value path to carry the patch position, and neither gets a useful gradient
 until the other exists. One-object scenes break that deadlock within a few hundred steps.
 
-The same curriculum does not work for the dual-stream model (10% one-object "where", 30%
-"where", 60% mix over 5000 steps: 55% held-out, "where" 64%), so it still trains on the mix
-only and misses the 97% target ("where" at chance).
+The curriculum does not (yet) work for the dual-stream model, so it still trains on the mix
+only and misses the 97% target ("where" at chance, 78.7% overall). Tried, 5000 steps each:
+10% one-object "where" + 30% "where" gave 55% held-out ("where" 64%); 4% + 12% gave 72%
+with "where" at 96.7% but "exists" at chance (50%) and "shape" at 61%.
 """
 
 from __future__ import annotations
