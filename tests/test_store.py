@@ -315,3 +315,15 @@ def test_many_threads_opening_and_reading_one_store_do_not_crash(small_store: Pa
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "done"
+
+
+def test_examples_of_shards_without_labels_read_as_unknown(tmp_path: Path) -> None:
+    spec = SynthSpec(examples=2, layers=1, heads=1, tokens=12, hidden_size=4, image_size=16, seed=12)
+    labelled, unlabelled = synthetic_record(spec, 0), synthetic_record(spec, 1)
+    unlabelled.label = unlabelled.prediction = unlabelled.score = None
+    write_shard(records_to_dataset([labelled], spec.model_info()), tmp_path / "s")
+    write_shard(records_to_dataset([unlabelled], spec.model_info()), tmp_path / "s")
+    ds = open_dataset(tmp_path / "s")
+    assert ds.correct.values.tolist() == [int(labelled.label == labelled.prediction), -1]
+    assert ds.label.values.tolist() == [labelled.label, ""]
+    assert np.isnan(ds.score.values[1])

@@ -49,6 +49,11 @@ FILL_VALUES: dict[str, Any] = {
     "relevancy_target": "",
     "custom_metric": np.nan,
     "readout_token": -1,
+    "label": "",
+    "prediction": "",
+    "score": np.nan,
+    "correct": -1,  # unknown, not "incorrect"
+    "text": "",
 }
 
 
