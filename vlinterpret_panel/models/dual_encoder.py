@@ -34,12 +34,8 @@ class DualEncoderModel(BaseVLModel):
         self.text_embedding = TextEmbedding(config.vocab_size, config.max_text_length, hidden)
         self.patch_embedding = PatchEmbedding(config.image_size, config.patch_size, hidden)
         self.image_cls = nn.Parameter(torch.randn(hidden) * 0.02)
-        self.text_layers = nn.ModuleList(
-            SelfAttentionBlock(hidden, heads, inner) for _ in range(config.num_layers)
-        )
-        self.image_layers = nn.ModuleList(
-            SelfAttentionBlock(hidden, heads, inner) for _ in range(config.num_layers)
-        )
+        self.text_layers = nn.ModuleList(SelfAttentionBlock(hidden, heads, inner) for _ in range(config.num_layers))
+        self.image_layers = nn.ModuleList(SelfAttentionBlock(hidden, heads, inner) for _ in range(config.num_layers))
         self.text_norm = nn.LayerNorm(hidden)
         self.image_norm = nn.LayerNorm(hidden)
         self.text_projection = nn.Linear(hidden, config.projection_size, bias=False)
@@ -61,17 +57,11 @@ class DualEncoderModel(BaseVLModel):
         for index, layer in enumerate(self.text_layers):
             text, probs = layer(text, text_mask)
             states.append(text)
-            attentions.append(
-                AttentionMap(
-                    f"text_layers.{index}.attention", "text_self", index, "text", "text", probs
-                )
-            )
+            attentions.append(AttentionMap(f"text_layers.{index}.attention", "text_self", index, "text", "text", probs))
         embeds = nn.functional.normalize(self.text_projection(self.text_norm(text[:, 0])), dim=-1)
         return embeds, states, attentions
 
-    def encode_image(
-        self, pixels: Tensor, positions: Tensor
-    ) -> tuple[Tensor, list[Tensor], list[AttentionMap]]:
+    def encode_image(self, pixels: Tensor, positions: Tensor) -> tuple[Tensor, list[Tensor], list[AttentionMap]]:
         """Normalised image embeddings pooled at the image [CLS], hidden states and attention.
 
         ``positions`` ``[B, K]`` are the kept patch indices; the stream is ``[CLS] patches``.
@@ -83,9 +73,7 @@ class DualEncoderModel(BaseVLModel):
             image, probs = layer(image)
             states.append(image)
             attentions.append(
-                AttentionMap(
-                    f"image_layers.{index}.attention", "image_self", index, "image", "image", probs
-                )
+                AttentionMap(f"image_layers.{index}.attention", "image_self", index, "image", "image", probs)
             )
         pooled = self.image_norm(image[:, 0])
         embeds = nn.functional.normalize(self.image_projection(pooled), dim=-1)
@@ -110,9 +98,7 @@ class DualEncoderModel(BaseVLModel):
         the image stream.
         """
         kept = self.select_tokens(text_ids, text_mask, pixels, text_keep, image_keep)
-        text_embeds, text_states, text_maps = self.encode_text(
-            kept.text_ids, kept.text_mask, kept.text_positions
-        )
+        text_embeds, text_states, text_maps = self.encode_text(kept.text_ids, kept.text_mask, kept.text_positions)
         image_embeds, image_states, image_maps = self.encode_image(pixels, kept.image_positions)
         return VLModelOutput(
             logits=self.similarity(image_embeds, text_embeds),

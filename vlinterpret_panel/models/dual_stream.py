@@ -68,9 +68,7 @@ class DualStreamModel(BaseVLModel):
         self.image_layers = nn.ModuleList(
             SelfAttentionBlock(hidden, heads, inner) for _ in range(config.num_image_layers)
         )
-        self.cross_layers = nn.ModuleList(
-            CoAttentionLayer(config) for _ in range(config.num_cross_layers)
-        )
+        self.cross_layers = nn.ModuleList(CoAttentionLayer(config) for _ in range(config.num_cross_layers))
         self.final_norm = nn.LayerNorm(hidden)
         self.classifier = nn.Linear(hidden, config.num_answers)
 
@@ -93,18 +91,12 @@ class DualStreamModel(BaseVLModel):
         for index, layer in enumerate(self.text_layers):
             text, probs = layer(text, kept.text_mask)
             text_states.append(text)
-            attentions.append(
-                AttentionMap(
-                    f"text_layers.{index}.attention", "text_self", index, "text", "text", probs
-                )
-            )
+            attentions.append(AttentionMap(f"text_layers.{index}.attention", "text_self", index, "text", "text", probs))
         for index, layer in enumerate(self.image_layers):
             image, probs = layer(image)
             image_states.append(image)
             attentions.append(
-                AttentionMap(
-                    f"image_layers.{index}.attention", "image_self", index, "image", "image", probs
-                )
+                AttentionMap(f"image_layers.{index}.attention", "image_self", index, "image", "image", probs)
             )
         for index, layer in enumerate(self.cross_layers):
             text, image, maps = layer(text, image, kept.text_mask)

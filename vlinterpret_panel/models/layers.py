@@ -61,9 +61,7 @@ class MultiHeadAttention(nn.Module):
         batch, length, _ = x.shape
         return x.view(batch, length, self.num_heads, self.head_size).transpose(1, 2)
 
-    def forward(
-        self, queries: Tensor, keys_values: Tensor, key_mask: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
+    def forward(self, queries: Tensor, keys_values: Tensor, key_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Return the attended output ``[B, Q, D]`` and the probabilities ``[B, H, Q, K]``.
 
         ``key_mask`` is a bool ``[B, K]`` that is True for real keys; masked keys get
@@ -122,9 +120,7 @@ class CrossAttentionBlock(nn.Module):
         self.norm_context = nn.LayerNorm(hidden_size)
         self.attention = MultiHeadAttention(hidden_size, num_heads)
 
-    def forward(
-        self, x: Tensor, context: Tensor, context_mask: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor, context_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Return ``x`` updated from ``context`` and probabilities ``[B, H, len(x), len(ctx)]``."""
         queries, keys_values = self.norm_query(x), self.norm_context(context)
         attended, probs = self.attention(queries, keys_values, context_mask)
@@ -317,9 +313,7 @@ def init_weights(module: nn.Module) -> None:
         nn.init.trunc_normal_(module.weight, std=0.02)
     elif isinstance(module, PatchEmbedding):
         with torch.no_grad():
-            module.positions.weight.copy_(
-                grid_position_table(module.grid_size, module.positions.weight.shape[1])
-            )
+            module.positions.weight.copy_(grid_position_table(module.grid_size, module.positions.weight.shape[1]))
 
 
 def grid_position_table(grid_size: int, hidden_size: int, scale: float = 0.5) -> Tensor:

@@ -32,8 +32,7 @@ class SingleStreamModel(BaseVLModel):
         self.patch_embedding = PatchEmbedding(config.image_size, config.patch_size, hidden)
         self.type_embedding = nn.Embedding(2, hidden)
         self.layers = nn.ModuleList(
-            SelfAttentionBlock(hidden, config.num_heads, config.intermediate_size)
-            for _ in range(config.num_layers)
+            SelfAttentionBlock(hidden, config.num_heads, config.intermediate_size) for _ in range(config.num_layers)
         )
         self.final_norm = nn.LayerNorm(hidden)
         self.classifier = nn.Linear(hidden, config.num_answers)
@@ -61,9 +60,7 @@ class SingleStreamModel(BaseVLModel):
         for index, layer in enumerate(self.layers):
             x, probs = layer(x, key_mask)
             hidden_states.append(x)
-            attentions.append(
-                AttentionMap(f"layers.{index}.attention", "self", index, "joint", "joint", probs)
-            )
+            attentions.append(AttentionMap(f"layers.{index}.attention", "self", index, "joint", "joint", probs))
         logits = self.classifier(self.final_norm(x[:, 0]))
         return VLModelOutput(
             logits=logits,
