@@ -16,6 +16,7 @@ import itertools
 import json
 import os
 import tempfile
+import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -64,6 +65,9 @@ FileKey = tuple[str, int, int]  # (path, size, mtime_ns): a rewritten shard gets
 # thread-safe, and closing a file from a garbage collector while another thread reads
 # (as per-store file managers did) crashes it.
 _OPEN_FILES: dict[FileKey, netCDF4.Dataset] = {}
+# xarray's netCDF writer opens and closes files outside HDF5_LOCK, so writes of shards and our
+# reads are serialised by this lock too (taken before HDF5_LOCK, reentrant for nested use).
+STORE_IO_LOCK = threading.RLock()
 MAX_OPEN_FILES = 256
 CHUNK_CACHE_BYTES = 4 * 2**20
 
@@ -92,7 +96,7 @@ def file_key(path: Path) -> FileKey:
 
 def close_file(key: FileKey) -> None:
     """Close a shard's handle (e.g. after it failed validation)."""
-    with HDF5_LOCK:
+    with STORE_IO_LOCK, HDF5_LOCK:
         nc = _OPEN_FILES.pop(key, None)
         if nc is not None:
             nc.close()
@@ -145,7 +149,7 @@ def read_shard_info(path: Path, coordinate_names: Sequence[str]) -> ShardInfo:
     """Open ``path`` and read its dims, attributes, coordinates and variable layout."""
     key = file_key(Path(path))
     try:
-        with HDF5_LOCK:
+        with STORE_IO_LOCK, HDF5_LOCK:
             nc = _dataset(key)
             sizes = {name: len(dim) for name, dim in nc.dimensions.items()}
             attrs = {name: nc.getncattr(name) for name in nc.ncattrs()}
@@ -284,7 +288,7 @@ def _read_block(
     fill: Any,
 ) -> np.ndarray:
     """Read one block of ``name``, decode our packing and pad it to ``padded_shape``."""
-    with HDF5_LOCK:
+    with STORE_IO_LOCK, HDF5_LOCK:
         raw = _dataset(handle)[name][index]
     raw = np.ma.getdata(raw)
     if info.scale_factor is not None:

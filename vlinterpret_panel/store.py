@@ -25,6 +25,7 @@ from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.schema import COORDINATE_ATTRS, SCHEMA_VERSION, validate
 from vlinterpret_panel.shard_reader import (
     PADDED_DIMS,
+    STORE_IO_LOCK,
     ShardInfo,
     close_file,
     load_index,
@@ -99,7 +100,8 @@ def write_shard(ds: xr.Dataset, store: str | os.PathLike, *, precision: Precisio
     handle, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=TEMP_SUFFIX, dir=store)
     os.close(handle)
     try:
-        ds.to_netcdf(temporary, engine="netcdf4", format="NETCDF4", encoding=_encoding(ds, precision))
+        with STORE_IO_LOCK:
+            ds.to_netcdf(temporary, engine="netcdf4", format="NETCDF4", encoding=_encoding(ds, precision))
         with open(temporary, "rb+") as written:
             os.fsync(written.fileno())
         os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes files private; shards are ordinary files
