@@ -13,7 +13,8 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -96,35 +97,46 @@ def relevancy_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def panel_serve_command(store: Path, port: int) -> list[str]:
+    """``panel serve dashboards/app.py --args STORE`` bound to localhost on ``port``."""
+    return [
+        sys.executable, "-m", "panel", "serve", str(REPO / "dashboards" / "app.py"),
+        "--address", "127.0.0.1", "--port", str(port), f"--allow-websocket-origin=127.0.0.1:{port}",
+        "--args", str(store),
+    ]  # fmt: skip
+
+
+@contextmanager
+def served(command_for_port: Callable[[int], list[str]], log_path: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Start a dashboard server on a free localhost port, wait until it answers: its URL and process."""
+    port = _free_port()
+    with log_path.open("w") as log:
+        server = subprocess.Popen(command_for_port(port), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
+        url = f"http://127.0.0.1:{port}/app"
+        try:
+            deadline = time.monotonic() + 90
+            while True:
+                try:
+                    with urllib.request.urlopen(url, timeout=30) as response:
+                        if response.status == 200:
+                            break
+                except OSError:
+                    if server.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"the server did not start: {log_path.read_text()}") from None
+                    time.sleep(0.5)
+            yield url, server
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+
 @pytest.fixture(scope="session")
 def app_url(relevancy_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``panel serve dashboards/app.py --args STORE`` on a free localhost port; its URL."""
-    port = _free_port()
-    command = [
-        sys.executable, "-m", "panel", "serve", str(REPO / "dashboards" / "app.py"),
-        "--address", "127.0.0.1", "--port", str(port), f"--allow-websocket-origin=127.0.0.1:{port}",
-        "--args", str(relevancy_store),
-    ]  # fmt: skip
     log_path = tmp_path_factory.mktemp("server") / "panel-serve.log"
-    log = log_path.open("w")
-    server = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}/app"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=30) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                raise RuntimeError(f"panel serve did not start: {log_path.read_text()}") from None
-            time.sleep(0.5)
-    yield url
-    alive = server.poll() is None
-    server.terminate()
-    server.wait(timeout=30)
-    log.close()
+    with served(lambda port: panel_serve_command(relevancy_store, port), log_path) as (url, server):
+        yield url
+        alive = server.poll() is None
     assert alive, f"the server died during the tests: {log_path.read_text()[-3000:]}"
 
 

@@ -5,10 +5,7 @@ from __future__ import annotations
 import io
 import re
 import shutil
-import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.ui.conftest import REPO, AppPage, _free_port
+from tests.ui.conftest import AppPage, served
 from vlinterpret_panel import open_dataset
 from vlinterpret_panel.extract import extract, scene_sources
 from vlinterpret_panel.live import random_scene
@@ -44,29 +41,15 @@ def live_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def live_url(live_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``vlinterpret serve STORE --model single_stream`` on a free localhost port; its URL."""
-    port = _free_port()
-    command = [sys.executable, "-m", "vlinterpret_panel.cli", "serve", str(live_store), "--model", "single_stream"]
-    command += ["--port", str(port)]
     log_path = tmp_path_factory.mktemp("server") / "serve.log"
-    log = log_path.open("w")
-    server = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}/app"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=30) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                raise RuntimeError(f"vlinterpret serve did not start: {log_path.read_text()}") from None
-            time.sleep(0.5)
-    yield url
-    alive = server.poll() is None
-    server.terminate()
-    server.wait(timeout=30)
-    log.close()
+
+    def command(port: int) -> list[str]:
+        serve = [sys.executable, "-m", "vlinterpret_panel.cli", "serve", str(live_store)]
+        return [*serve, "--model", "single_stream", "--port", str(port)]
+
+    with served(command, log_path) as (url, server):
+        yield url
+        alive = server.poll() is None
     assert alive, f"the server died during the tests: {log_path.read_text()[-3000:]}"
 
 

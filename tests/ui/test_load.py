@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -29,7 +28,8 @@ import numpy as np
 import psutil
 import pytest
 
-from tests.ui.conftest import REPO, AppPage, _free_port
+from tests.ui.conftest import AppPage, panel_serve_command
+from tests.ui.conftest import served as serve_on_free_port
 from vlinterpret_panel import open_dataset
 from vlinterpret_panel.maps import example_tokens
 from vlinterpret_panel.schema import TEXT
@@ -147,30 +147,8 @@ class LoadResult:
 @contextmanager
 def served(store: Path, log_path: Path) -> Iterator[tuple[str, subprocess.Popen]]:
     """``panel serve dashboards/app.py --args STORE`` on a free localhost port: its URL and process."""
-    port = _free_port()
-    command = [
-        sys.executable, "-m", "panel", "serve", str(REPO / "dashboards" / "app.py"),
-        "--address", "127.0.0.1", "--port", str(port), f"--allow-websocket-origin=127.0.0.1:{port}",
-        "--args", str(store),
-    ]  # fmt: skip
-    with log_path.open("w") as log:
-        server = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
-        url = f"http://127.0.0.1:{port}/app"
-        try:
-            deadline = time.monotonic() + 90
-            while True:
-                try:
-                    with urllib.request.urlopen(url, timeout=30) as response:
-                        if response.status == 200:
-                            break
-                except OSError:
-                    if server.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(f"panel serve did not start: {log_path.read_text()}") from None
-                    time.sleep(0.5)
-            yield url, server
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
+    with serve_on_free_port(lambda port: panel_serve_command(store, port), log_path) as running:
+        yield running
 
 
 def peak_rss_gb(pid: int) -> float:
