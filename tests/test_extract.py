@@ -126,10 +126,10 @@ def test_one_bad_example_in_a_batch_costs_only_itself(tmp_path: Path) -> None:
     from tests.hf_tiny import tiny_vilt
 
     class Fragile(ViltAdapter):
-        def _run(self, images, texts, keep_tokens) -> list[ForwardCapture]:
+        def run_examples(self, images, texts, keep_tokens) -> list[ForwardCapture]:
             if "boom" in texts:
                 raise ValueError("this text breaks the model")
-            return super()._run(images, texts, keep_tokens)
+            return super().run_examples(images, texts, keep_tokens)
 
     adapter = Fragile(*tiny_vilt(tmp_path))
     items = [ModelInput(f"e{i}", scene(40, 60, i), text) for i, text in enumerate(["what", "boom", "how many"])]

@@ -199,3 +199,24 @@ class ModelAdapter(abc.ABC):
             frame[stage, np.asarray(hidden.token_indices), : states.shape[-1]] = states
             frame[stage, np.asarray(hidden.token_indices), states.shape[-1] :] = np.nan
         return frame
+
+
+class BatchedAdapter(ModelAdapter):
+    """An adapter whose model runs several examples per pass: implement ``run_examples`` only.
+
+    ``forward`` is one example of it, ``forward_batch`` (used by extraction when no
+    gradients are needed) the whole batch without token deletion.
+    """
+
+    @abc.abstractmethod
+    def run_examples(
+        self, images: Sequence[np.ndarray], texts: Sequence[str], keep_tokens: np.ndarray | None
+    ) -> list[ForwardCapture]:
+        """Run pairs ``(images[i], texts[i])`` in one pass (padding masked), split per pair."""
+
+    def forward(self, image: np.ndarray, text: str, *, keep_tokens: np.ndarray | None = None) -> ForwardCapture:
+        return self.run_examples([image], [text], keep_tokens)[0]
+
+    def forward_batch(self, images: Sequence[np.ndarray], texts: Sequence[str]) -> list[ForwardCapture]:
+        """Run several examples in one pass, split per example."""
+        return self.run_examples(images, texts, None)

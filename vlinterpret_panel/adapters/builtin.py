@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
 
-from vlinterpret_panel.adapters.base import AttentionCapture, ForwardCapture, HiddenCapture, ModelAdapter
+from vlinterpret_panel.adapters.base import AttentionCapture, BatchedAdapter, ForwardCapture, HiddenCapture
 from vlinterpret_panel.adapters.hf_common import PixelMap, check_image, keep_index
 from vlinterpret_panel.adapters.registry import register_builtin
 from vlinterpret_panel.errors import VLIError
@@ -81,7 +81,7 @@ class _Placement:
     stream_lengths: dict[str, int]
 
 
-class BuiltinAdapter(ModelAdapter):
+class BuiltinAdapter(BatchedAdapter):
     """Adapter for one built-in model: VQA answers (single/dual stream) or an image-text similarity (dual encoder)."""
 
     def __init__(self, architecture: str, *, weights_dir: str | Path | None = None) -> None:
@@ -101,14 +101,6 @@ class BuiltinAdapter(ModelAdapter):
             "weights_sha256": hashlib.sha256(weights_path.read_bytes()).hexdigest(),
             "weights_metrics": json.loads(config_path.read_text()).get("metrics", {}),
         }
-
-    def forward(self, image: np.ndarray, text: str, *, keep_tokens: np.ndarray | None = None) -> ForwardCapture:
-        """Run one example; ``keep_tokens`` deletes tokens (never a [CLS]), the others keep their positions."""
-        return self._run([image], [text], keep_tokens)[0]
-
-    def forward_batch(self, images: Sequence[np.ndarray], texts: Sequence[str]) -> list[ForwardCapture]:
-        """Run several examples in one pass (text padding is masked), split per example."""
-        return self._run(images, texts, None)
 
     def _pixels(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, list[PixelMap]]:
         """Model pixels ``[B, 3, 64, 64]`` and, per image, the map from model pixels back to the caller's."""
@@ -151,9 +143,10 @@ class BuiltinAdapter(ModelAdapter):
             raise VLIError(f"{self.name}: keep_tokens must keep at least one image patch (cross-attention needs keys)")
         return torch.as_tensor(kept[kept < n_text])[None], torch.as_tensor(patches)[None]
 
-    def _run(
+    def run_examples(
         self, images: Sequence[np.ndarray], texts: Sequence[str], keep_tokens: np.ndarray | None
     ) -> list[ForwardCapture]:
+        """Run the pairs in one pass; ``keep_tokens`` deletes tokens (never [CLS]); positions kept."""
         if len(images) != len(texts):
             raise VLIError(f"{self.name}: {len(images)} images for {len(texts)} texts")
         pixels, pixel_maps = self._pixels(images)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vlinterpret_panel.adapters.base import AttentionCapture, ForwardCapture, HiddenCapture, ModelAdapter
+from vlinterpret_panel.adapters.base import AttentionCapture, BatchedAdapter, ForwardCapture, HiddenCapture
 from vlinterpret_panel.adapters.hf_common import (
     check_image,
     clip_style_pixel_map,
@@ -41,7 +41,7 @@ def pooled_text_index(ids: Sequence[int], eos_token_id: int) -> int:
     return ids.index(eos_token_id) if eos_token_id in ids else len(ids) - 1
 
 
-class ClipAdapter(ModelAdapter):
+class ClipAdapter(BatchedAdapter):
     """Adapter for ``CLIPModel`` with its ``CLIPProcessor`` (tokenizer and image processor)."""
 
     def __init__(self, model: Any, processor: Any, *, name: str | None = None) -> None:
@@ -76,17 +76,10 @@ class ClipAdapter(ModelAdapter):
         processor = load_pretrained(CLIPProcessor.from_pretrained, name_or_path, "CLIP processor")
         return cls(model, processor, name=options.get("name", name_or_path))
 
-    def forward(self, image: np.ndarray, text: str, *, keep_tokens: np.ndarray | None = None) -> ForwardCapture:
-        """Run one pair; ``keep_tokens`` deletes text tokens (original position ids) and patches."""
-        return self._run([image], [text], keep_tokens)[0]
-
-    def forward_batch(self, images: Sequence[np.ndarray], texts: Sequence[str]) -> list[ForwardCapture]:
-        """Run pairs ``(images[i], texts[i])`` in one pass (text padding is masked), split per pair."""
-        return self._run(images, texts, None)
-
-    def _run(
+    def run_examples(
         self, images: Sequence[np.ndarray], texts: Sequence[str], keep_tokens: np.ndarray | None
     ) -> list[ForwardCapture]:
+        """Run the pairs in one pass; ``keep_tokens`` deletes text tokens and patches (position ids kept)."""
         images = [check_image(image, self.name) for image in images]
         text = self.tokenizer(
             list(texts), padding=True, truncation=True, max_length=self._max_text, return_tensors="pt"

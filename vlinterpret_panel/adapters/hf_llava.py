@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vlinterpret_panel.adapters.base import AttentionCapture, ForwardCapture, HiddenCapture, ModelAdapter
+from vlinterpret_panel.adapters.base import AttentionCapture, BatchedAdapter, ForwardCapture, HiddenCapture
 from vlinterpret_panel.adapters.hf_common import (
     check_image,
     clip_style_pixel_map,
@@ -36,7 +36,7 @@ from vlinterpret_panel.schema import IMAGE
 LLAVA_15_PROMPT = "USER: {image}\n{text} ASSISTANT:"
 
 
-class LlavaAdapter(ModelAdapter):
+class LlavaAdapter(BatchedAdapter):
     """Adapter for ``LlavaForConditionalGeneration`` with its ``LlavaProcessor``."""
 
     def __init__(
@@ -87,17 +87,10 @@ class LlavaAdapter(ModelAdapter):
             name=options.get("name", name_or_path),
         )
 
-    def forward(self, image: np.ndarray, text: str, *, keep_tokens: np.ndarray | None = None) -> ForwardCapture:
-        """Run one example; ``keep_tokens`` deletes tokens after embedding, keeping position ids."""
-        return self._run([image], [text], keep_tokens)[0]
-
-    def forward_batch(self, images: Sequence[np.ndarray], texts: Sequence[str]) -> list[ForwardCapture]:
-        """Run several examples in one pass (right padding, masked), split per example."""
-        return self._run(images, texts, None)
-
-    def _run(
+    def run_examples(
         self, images: Sequence[np.ndarray], texts: Sequence[str], keep_tokens: np.ndarray | None
     ) -> list[ForwardCapture]:
+        """Run the pairs in one pass; ``keep_tokens`` deletes tokens after embedding."""
         images = [check_image(image, self.name) for image in images]
         prompts = [self.prompt_template.format(image=self.processor.image_token, text=t) for t in texts]
         encoded = self.processor(images=images, text=prompts, return_tensors="pt", padding=True)

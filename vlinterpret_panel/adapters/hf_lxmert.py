@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vlinterpret_panel.adapters.base import AttentionCapture, ForwardCapture, HiddenCapture, ModelAdapter
+from vlinterpret_panel.adapters.base import AttentionCapture, BatchedAdapter, ForwardCapture, HiddenCapture
 from vlinterpret_panel.adapters.hf_common import (
     AttentionTap,
     check_image,
@@ -75,7 +75,7 @@ def _answers(answers: Sequence[str] | str | None, config: Any) -> list[str]:
     return [str(a) for a in answers]
 
 
-class LxmertAdapter(ModelAdapter):
+class LxmertAdapter(BatchedAdapter):
     """Adapter for ``LxmertForQuestionAnswering``, its tokenizer and a region function."""
 
     def __init__(
@@ -140,17 +140,10 @@ class LxmertAdapter(ModelAdapter):
             )
         return features, boxes
 
-    def forward(self, image: np.ndarray, text: str, *, keep_tokens: np.ndarray | None = None) -> ForwardCapture:
-        """Run one example; ``keep_tokens`` deletes text tokens (positions kept) and regions."""
-        return self._run([image], [text], keep_tokens)[0]
-
-    def forward_batch(self, images: Sequence[np.ndarray], texts: Sequence[str]) -> list[ForwardCapture]:
-        """Run several examples in one pass (text and region padding are masked), split per example."""
-        return self._run(images, texts, None)
-
-    def _run(
+    def run_examples(
         self, images: Sequence[np.ndarray], texts: Sequence[str], keep_tokens: np.ndarray | None
     ) -> list[ForwardCapture]:
+        """Run the pairs in one pass; ``keep_tokens`` deletes text tokens (positions kept) and regions."""
         images = [check_image(image, self.name) for image in images]
         regions = [self._region_inputs(image) for image in images]
         encoded = self.tokenizer(

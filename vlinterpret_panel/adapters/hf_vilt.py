@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vlinterpret_panel.adapters.base import AttentionCapture, ForwardCapture, HiddenCapture, ModelAdapter
+from vlinterpret_panel.adapters.base import AttentionCapture, BatchedAdapter, ForwardCapture, HiddenCapture
 from vlinterpret_panel.adapters.hf_common import (
     PixelMap,
     check_image,
@@ -32,7 +32,7 @@ from vlinterpret_panel.adapters.hf_common import (
 )
 
 
-class ViltAdapter(ModelAdapter):
+class ViltAdapter(BatchedAdapter):
     """Adapter for ``ViltForQuestionAnswering`` with its ``ViltProcessor``."""
 
     def __init__(self, model: Any, processor: Any, *, name: str | None = None) -> None:
@@ -64,14 +64,6 @@ class ViltAdapter(ModelAdapter):
         processor = load_pretrained(ViltProcessor.from_pretrained, name_or_path, "ViLT processor")
         return cls(model, processor, name=options.get("name", name_or_path))
 
-    def forward(self, image: np.ndarray, text: str, *, keep_tokens: np.ndarray | None = None) -> ForwardCapture:
-        """Run one example; ``keep_tokens`` deletes tokens, the others keep their positions."""
-        return self._run([image], [text], keep_tokens)[0]
-
-    def forward_batch(self, images: Sequence[np.ndarray], texts: Sequence[str]) -> list[ForwardCapture]:
-        """Run several examples in one pass (text and image padding are masked), split per example."""
-        return self._run(images, texts, None)
-
     def _embed_images(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Image [CLS] + patch embeddings, valid patches first in row-major order."""
         embeddings = self.model.vilt.embeddings
@@ -90,9 +82,10 @@ class ViltAdapter(ModelAdapter):
         patch_index = patch_index.gather(1, order[..., None].expand(-1, -1, 2))
         return image_embeds, image_mask, patch_index
 
-    def _run(
+    def run_examples(
         self, images: Sequence[np.ndarray], texts: Sequence[str], keep_tokens: np.ndarray | None
     ) -> list[ForwardCapture]:
+        """Run the pairs in one pass; ``keep_tokens`` deletes tokens, the others keep their positions."""
         images = [check_image(image, self.name) for image in images]
         encoded = self.processor(
             images=images,
