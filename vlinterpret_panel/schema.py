@@ -493,11 +493,16 @@ def _where(ds: xr.Dataset, example: int, dims: Sequence[str], index: Sequence[in
     return {dim: value.item() if isinstance(value, np.generic) else value for dim, value in labels.items()}
 
 
-def _check_values(ds: xr.Dataset, source: str | None) -> None:
-    """Value checks of ``validate``, one example at a time so memory stays bounded.
+VALUE_CHECK_BYTES = 64 * 2**20
+"""Attention bytes checked at once by ``_check_values``: bounds memory on big Dask-backed stores."""
 
-    NumPy on one example's arrays: a writer checks every shard it writes, so this is on
-    the extraction's hot path.
+
+def _check_values(ds: xr.Dataset, source: str | None) -> None:
+    """Value checks of ``validate``, on blocks of examples so memory stays bounded.
+
+    NumPy over a whole block (per-example lengths as masks): a writer checks every shard it
+    writes, so this is on the extraction's hot path, where one ``isel`` per example cost
+    more than the rest of the write.
     """
     n_tokens = ds.sizes["token"]
     seq_lens = np.asarray(ds["seq_len"].values)
@@ -505,41 +510,59 @@ def _check_values(ds: xr.Dataset, source: str | None) -> None:
         _fail(source, f"seq_len must lie between 1 and {n_tokens}")
     layer_heads = np.asarray(ds["layer_heads"].values)
     real_head = np.arange(ds.sizes["head"])[None, :] < layer_heads[:, None]  # (layer, head)
+    example_bytes = ds["attention"].dtype.itemsize * ds["attention"][0].size
+    block = max(1, VALUE_CHECK_BYTES // max(1, example_bytes))
+    for first in range(0, ds.sizes["example"], block):
+        part = ds[["modality", "attention", "hidden_states"]].isel(example=slice(first, first + block))
+        valid_token = np.arange(n_tokens)[None, :] < seq_lens[first : first + block, None]  # (example, token)
+        _check_block(ds, part, first, valid_token, real_head, source)
+
+
+def _check_block(
+    ds: xr.Dataset,
+    part: xr.Dataset,
+    first: int,
+    valid_token: np.ndarray,
+    real_head: np.ndarray,
+    source: str | None,
+) -> None:
+    """The value checks on the examples ``first ...`` of ``part``; ``valid_token`` is ``(example, token)``."""
     tolerance = 2e-2
-    for example in range(ds.sizes["example"]):
-        one = ds.isel(example=example)
-        seq_len = int(seq_lens[example])
-        modality = np.asarray(one["modality"].values)
-        bad = sorted(set(np.unique(modality).tolist()) - set(MODALITIES))
-        if bad:
-            _fail(source, f"unknown modality value(s) {bad}; use one of {list(MODALITIES)}")
-        valid_token = np.arange(n_tokens) < seq_len
-        wrong = np.flatnonzero((modality == PAD) == valid_token)
-        if wrong.size:
-            where = _where(ds, example, ["token"], [wrong[0]])
-            _fail(
-                source,
-                f"padding is not explicit: modality 'pad' must mark exactly the tokens past seq_len, see {where}",
-            )
-        attention = np.asarray(one["attention"].values)[..., :seq_len, :seq_len]  # (layer, head, q, k)
-        holes = np.isnan(attention) & real_head[:, :, None, None]
-        if holes.any():
-            where = _where(ds, example, ["layer", "head", "query", "key"], np.argwhere(holes)[0])
-            _fail(source, f"attention has NaN outside padding at {where}")
-        row_sum = np.where(real_head[:, :, None], np.nansum(attention, axis=-1), 0.0)
-        bad_rows = (np.abs(row_sum - 1) > tolerance) & (np.abs(row_sum) > tolerance)
-        if bad_rows.any():
-            index = np.argwhere(bad_rows)[0]
-            where = _where(ds, example, ["layer", "head", "query"], index)
-            _fail(
-                source,
-                "attention rows must sum to 1 (or 0 for tokens that are not queries of a layer); "
-                f"the row at {where} sums to {row_sum[tuple(index)]:.3f}",
-            )
-        hidden_nan = np.isnan(np.asarray(one["hidden_states"].values)[:, :seq_len])  # (hidden_layer, token, feature)
-        # Narrower towers pad trailing features with NaN; anything else is a hole in the data.
-        not_suffix = (np.diff(hidden_nan.astype(np.int8), axis=-1) < 0).any(axis=-1)
-        holes = not_suffix | hidden_nan.all(axis=-1)
-        if holes.any():
-            where = _where(ds, example, ["hidden_layer", "token"], np.argwhere(holes)[0])
-            _fail(source, f"hidden_states has NaN outside padding at {where}")
+    modality = np.asarray(part["modality"].values)
+    bad = sorted(set(np.unique(modality).tolist()) - set(MODALITIES))
+    if bad:
+        _fail(source, f"unknown modality value(s) {bad}; use one of {list(MODALITIES)}")
+    wrong = np.argwhere((modality == PAD) == valid_token)
+    if wrong.size:
+        where = _where(ds, first + wrong[0][0], ["token"], wrong[0][1:])
+        _fail(
+            source,
+            f"padding is not explicit: modality 'pad' must mark exactly the tokens past seq_len, see {where}",
+        )
+    attention = np.asarray(part["attention"].values)  # (example, layer, head, query, key)
+    valid_query = valid_token[:, None, None, :, None]
+    valid_key = valid_token[:, None, None, None, :]
+    in_use = real_head[None, :, :, None, None] & valid_query & valid_key
+    holes = np.isnan(attention) & in_use
+    if holes.any():
+        index = np.argwhere(holes)[0]
+        where = _where(ds, first + index[0], ["layer", "head", "query", "key"], index[1:])
+        _fail(source, f"attention has NaN outside padding at {where}")
+    row_sum = np.where(in_use, attention, 0.0).sum(axis=-1)
+    bad_rows = (np.abs(row_sum - 1) > tolerance) & (np.abs(row_sum) > tolerance)
+    if bad_rows.any():
+        index = np.argwhere(bad_rows)[0]
+        where = _where(ds, first + index[0], ["layer", "head", "query"], index[1:])
+        _fail(
+            source,
+            "attention rows must sum to 1 (or 0 for tokens that are not queries of a layer); "
+            f"the row at {where} sums to {row_sum[tuple(index)]:.3f}",
+        )
+    hidden_nan = np.isnan(np.asarray(part["hidden_states"].values))  # (example, hidden_layer, token, feature)
+    # Narrower towers pad trailing features with NaN; anything else is a hole in the data.
+    not_suffix = (np.diff(hidden_nan.astype(np.int8), axis=-1) < 0).any(axis=-1)
+    holes = (not_suffix | hidden_nan.all(axis=-1)) & valid_token[:, None, :]
+    if holes.any():
+        index = np.argwhere(holes)[0]
+        where = _where(ds, first + index[0], ["hidden_layer", "token"], index[1:])
+        _fail(source, f"hidden_states has NaN outside padding at {where}")
