@@ -327,3 +327,18 @@ def test_examples_of_shards_without_labels_read_as_unknown(tmp_path: Path) -> No
     assert ds.correct.values.tolist() == [int(labelled.label == labelled.prediction), -1]
     assert ds.label.values.tolist() == [labelled.label, ""]
     assert np.isnan(ds.score.values[1])
+
+
+def test_tiny_layers_share_a_chunk_and_large_ones_keep_their_own(tmp_path: Path) -> None:
+    import netCDF4
+
+    tiny = SynthSpec(examples=6, layers=3, heads=2, tokens=8, hidden_size=4, image_size=16, seed=2)
+    large = SynthSpec(examples=2, layers=2, heads=8, tokens=96, hidden_size=8, image_size=16, seed=3)
+    chunkings = {}
+    for name, spec in (("tiny", tiny), ("large", large)):
+        (shard,) = write_synthetic_store(tmp_path / name, spec, examples_per_shard=spec.examples)
+        with netCDF4.Dataset(shard) as nc:
+            chunkings[name] = nc["attention"].chunking()[:2]
+        _assert_example_matches(open_dataset(tmp_path / name), spec, spec.examples - 1)
+    assert chunkings["tiny"] == [6, 3]  # 2 x 8 x 8 uint16 per layer: everything in one chunk
+    assert chunkings["large"] == [1, 1]  # 8 x 96 x 96 uint16 = 147 kB per layer: one (example, layer) per chunk

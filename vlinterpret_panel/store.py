@@ -50,8 +50,29 @@ _ATTENTION_UINT16 = {"dtype": "uint16", "scale_factor": 1 / 65534, "_FillValue":
 _HIDDEN_FLOAT16_LIKE = {"dtype": "float32", "quantize_mode": "BitRound", "significant_digits": 10}
 
 
+MIN_CHUNK_BYTES = 64 * 2**10
+"""Smallest HDF5 chunk worth its per-chunk cost; small models' per-layer maps are grouped up to it."""
+
+
+def _block_chunks(variable: xr.DataArray, stored_bytes: int) -> tuple[int, ...]:
+    """Chunks of an ``(example, layer, ...)`` variable: one (example, layer) block, or several when tiny.
+
+    A ViLT-sized layer (hundreds of KB) is one chunk, so a click reads one chunk. A tiny
+    model's layer is a few KB, where HDF5's per-chunk cost would dominate the write (4,600
+    chunks for 512 built-in examples); its layers, then examples, share a chunk up to
+    ``MIN_CHUNK_BYTES``. Readers slice the block they want from any chunking.
+    """
+    n_examples, n_layers, *rest = variable.shape
+    layer_bytes = stored_bytes * int(np.prod(rest))
+    layers = int(np.clip(MIN_CHUNK_BYTES // max(1, layer_bytes), 1, n_layers))
+    examples = 1
+    if layers == n_layers:
+        examples = int(np.clip(MIN_CHUNK_BYTES // max(1, layer_bytes * n_layers), 1, n_examples))
+    return (examples, layers, *rest)
+
+
 def _encoding(ds: xr.Dataset, precision: Precision) -> dict[str, dict]:
-    """netCDF encoding: compression, and chunks that make one (example, layer) one read."""
+    """netCDF encoding: compression, and chunks that make one (example, layer) at most one read."""
     compress = {"compression": "zstd", "complevel": 1, "shuffle": True}
     sizes = ds.sizes
     encoding: dict[str, dict] = {}
@@ -61,12 +82,13 @@ def _encoding(ds: xr.Dataset, precision: Precision) -> dict[str, dict]:
         if var.dtype.kind == "f" and name not in ("attention", "hidden_states"):
             enc["_FillValue"] = np.nan
         encoding[name] = enc
+    attention_bytes = 2 if precision == "float16" else 4
     encoding["attention"].update(
-        chunksizes=(1, 1, sizes["head"], sizes["query"], sizes["key"]),
+        chunksizes=_block_chunks(ds["attention"], attention_bytes),
         **(_ATTENTION_UINT16 if precision == "float16" else {"dtype": "float32", "_FillValue": np.nan}),
     )
     encoding["hidden_states"].update(
-        chunksizes=(1, 1, sizes["token"], sizes["feature"]),
+        chunksizes=_block_chunks(ds["hidden_states"], 4),
         **(_HIDDEN_FLOAT16_LIKE if precision == "float16" else {"dtype": "float32"}),
         _FillValue=np.nan,
     )
