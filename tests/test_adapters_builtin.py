@@ -225,3 +225,17 @@ def test_bad_inputs_raise_vli_errors(adapters: dict[str, BuiltinAdapter]) -> Non
             CAPTION,
             keep_tokens=np.arange(len(world.encode(CAPTION)) + 17) != len(world.encode(CAPTION)),
         )
+
+
+def test_default_shard_size_follows_the_bytes_of_an_example(
+    adapters: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vlinterpret_panel import extract as extraction
+
+    adapter = adapters["single_stream"]
+    record, _ = adapter.run(scene_sources(1)[0].load())
+    example_bytes = 4 * (record.attention.size + record.hidden_states.size)
+    monkeypatch.setattr(extraction, "SHARD_TARGET_BYTES", 3 * example_bytes)
+    report = extraction.extract(adapter, scene_sources(7), tmp_path / "store", progress=False)
+    sizes = sorted(open_dataset(shard).sizes["example"] for shard in report.shards)
+    assert sizes == [1, 3, 3]

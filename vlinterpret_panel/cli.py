@@ -205,7 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--option", action="append", default=[], help="KEY=VALUE for the adapter (JSON values)")
     extract.add_argument("--batch-size", type=int, default=8, help="examples per forward pass")
     extract.add_argument(
-        "--examples-per-shard", type=int, default=16, help="examples per shard and per Dask task (memory: 2 shards)"
+        "--examples-per-shard",
+        type=int,
+        default=None,
+        help="examples per shard and per Dask task (memory: 2 shards); default: about 128 MB of arrays "
+        "per shard, 16 with Dask",
     )
     extract.add_argument("--precision", choices=["float16", "float32"], default="float16")
     extract.add_argument("--workers", type=int, default=0, help="run on a local Dask cluster of N processes")

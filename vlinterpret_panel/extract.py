@@ -1,9 +1,11 @@
 """Run an adapter over many image-text pairs into a store: batches, progress, resumption, Dask.
 
-The inputs are split into chunks of ``examples_per_shard`` examples, in input order; each
-chunk becomes one shard, written atomically by whichever process ran it, so chunks can run
-in parallel (``workers`` local Dask processes, or an existing Dask ``scheduler``) and values do
-not depend on how many workers ran them. Examples already in the store are skipped, so an
+The inputs are split into chunks of ``examples_per_shard`` examples, in input order (by
+default as many as make about ``SHARD_TARGET_BYTES`` of arrays, measured on the first
+example, so a tiny model does not pay a file per 16 examples); each chunk becomes one
+shard, written atomically by whichever process ran it, so chunks can run in parallel
+(``workers`` local Dask processes, or an existing Dask ``scheduler``) and values do not
+depend on how many workers ran them. Examples already in the store are skipped, so an
 interrupted extraction resumes where it stopped. An example that fails is reported, never
 dropped silently: its id and error go to the shard's ``extraction`` attribute, to
 ``failures.json`` in the store and to the returned report.
@@ -368,7 +370,7 @@ def extract(
     *,
     options: dict[str, Any] | None = None,
     batch_size: int = 8,
-    examples_per_shard: int = 16,
+    examples_per_shard: int | None = None,
     precision: Precision = "float16",
     workers: int = 0,
     scheduler: str | None = None,
@@ -382,12 +384,14 @@ def extract(
     worker loads once. Examples already in the store are skipped. ``relevancy`` names methods
     of ``vlinterpret_panel.relevancy`` whose values are stored per example (``relevancy``,
     ``relevancy_target``: the prediction, or the score of a dual encoder).
+    ``examples_per_shard`` defaults to ``auto_examples_per_shard`` (``DISTRIBUTED_EXAMPLES_PER_SHARD``
+    with Dask, where the model is not loaded in this process).
     """
     from tqdm.auto import tqdm
 
     store = Path(store)
     options = dict(options or {})
-    if batch_size < 1 or examples_per_shard < 1:
+    if batch_size < 1 or (examples_per_shard is not None and examples_per_shard < 1):
         raise VLIError("--batch-size and --examples-per-shard must be at least 1")
     if (workers or scheduler) and not isinstance(adapter, str):
         raise VLIError("extraction with Dask workers needs the adapter as a spec string (see load_adapter)")
@@ -399,9 +403,14 @@ def extract(
     spec = adapter if isinstance(adapter, str) else f"{type(adapter).__module__}.{type(adapter).__name__}"
     relevancy = check_relevancy_methods(relevancy)
     provenance = _provenance(spec, options, batch_size, precision, relevancy)
-    chunks = [todo[i : i + examples_per_shard] for i in range(0, len(todo), examples_per_shard)]
-    if chunks and isinstance(adapter, str) and not (workers or scheduler):
+    if todo and isinstance(adapter, str) and not (workers or scheduler):
         adapter = _cached_adapter(adapter, options)  # load errors come before the progress bar
+    if examples_per_shard is None:
+        if workers or scheduler:
+            examples_per_shard = DISTRIBUTED_EXAMPLES_PER_SHARD
+        else:
+            examples_per_shard = auto_examples_per_shard(adapter, todo)  # type: ignore[arg-type]
+    chunks = [todo[i : i + examples_per_shard] for i in range(0, len(todo), examples_per_shard)]
     report = ExtractionReport(str(store), len(sources), len(sources) - len(todo), 0)
     began = time.perf_counter()
     with tqdm(total=len(todo), unit="example", disable=not progress, desc="extract") as bar:
@@ -417,6 +426,29 @@ def extract(
     report.seconds = time.perf_counter() - began
     _write_failures(store, report)
     return report
+
+
+SHARD_TARGET_BYTES = 128 * 2**20
+"""Attention and hidden-state bytes (float32, before packing) aimed at per shard by default."""
+MAX_EXAMPLES_PER_SHARD = 1024
+DISTRIBUTED_EXAMPLES_PER_SHARD = 16
+
+
+def auto_examples_per_shard(adapter: ModelAdapter, sources: Sequence[ExampleSource]) -> int:
+    """Examples per shard making about ``SHARD_TARGET_BYTES``, from one probe run of the first loadable example.
+
+    Per-shard costs (a file, its metadata, an fsync) dwarf a tiny model's per-example data,
+    while a ViLT-sized example is tens of MB: a fixed count suits neither. The probe costs
+    one extra forward pass; an input that fails to load or run falls back to 16.
+    """
+    for source in sources[:4]:
+        try:
+            record, _ = adapter.run(source.load())
+        except Exception:  # reported when the example itself runs
+            continue
+        example_bytes = 4 * (record.attention.size + record.hidden_states.size)
+        return int(np.clip(SHARD_TARGET_BYTES // max(1, example_bytes), 1, MAX_EXAMPLES_PER_SHARD))
+    return DISTRIBUTED_EXAMPLES_PER_SHARD
 
 
 def _run_chunks(
