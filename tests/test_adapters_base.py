@@ -213,3 +213,19 @@ def test_similarity_output_without_labels(adapter: TinyAdapter, item: ModelInput
                 return capture
 
         NoLabels().run(item)
+
+
+@pytest.mark.parametrize(
+    ("rows", "cols"),
+    [([1, 2, 3], [0, 1]), ([0, 2, 3], [1, 2]), ([1, 2], [0, 3]), ([3, 0], [2, 1, 0])],
+    ids=["runs", "rows-scattered", "cols-scattered", "both-scattered"],
+)
+def test_block_index_places_a_map_as_fancy_indexing_does(rows: list[int], cols: list[int]) -> None:
+    from vlinterpret_panel.adapters.base import _block_index
+
+    values = np.arange(2 * len(rows) * len(cols), dtype=np.float32).reshape(2, len(rows), len(cols))
+    expected = np.zeros((2, 4, 4), np.float32)
+    expected[:, np.ix_(rows, cols)[0], np.ix_(rows, cols)[1]] = values
+    placed = np.zeros((2, 4, 4), np.float32)
+    placed[:, *_block_index(np.asarray(rows), np.asarray(cols))] = values
+    np.testing.assert_array_equal(placed, expected)
