@@ -111,6 +111,16 @@ def _time_bare(case: Case, batch_size: int) -> float:
     return time.perf_counter() - began
 
 
+def _time_load_and_bare(case: Case, batch_size: int) -> float:
+    """The bare pass with the inputs' loading (image decoding or scene drawing) timed too, as extraction does."""
+    began = time.perf_counter()
+    with torch.no_grad():
+        for start in range(0, len(case.sources), batch_size):
+            batch = [source.load() for source in case.sources[start : start + batch_size]]
+            case.bare([i.image for i in batch], [i.text for i in batch])
+    return time.perf_counter() - began
+
+
 def _time_capture(case: Case, batch_size: int) -> float:
     items = [source.load() for source in case.sources]
     forward_batch = getattr(case.adapter, "forward_batch", None)
@@ -132,6 +142,7 @@ def measure(case: Case, batch_size: int, repeats: int) -> None:
     with torch.no_grad():
         case.bare([i.image for i in warm_up], [i.text for i in warm_up])
     bare = min(_time_bare(case, batch_size) for _ in range(repeats))
+    loaded_bare = min(_time_load_and_bare(case, batch_size) for _ in range(repeats))
     capture = min(_time_capture(case, batch_size) for _ in range(repeats))
     reports = []
     for _ in range(repeats):
@@ -145,11 +156,13 @@ def measure(case: Case, batch_size: int, repeats: int) -> None:
     print(
         f"{case.name}: {n} examples, batch {batch_size}, torch threads {torch.get_num_threads()}\n"
         f"  bare forward     {bare:8.2f} s  {n / bare:8.1f} examples/s\n"
+        f"  load + bare      {loaded_bare:8.2f} s  {n / loaded_bare:8.1f} examples/s\n"
         f"  adapter capture  {capture:8.2f} s  {n / capture:8.1f} examples/s  overhead {capture / bare - 1:+7.1%}\n"
         f"  extract to store {extraction:8.2f} s  {n / extraction:8.1f} examples/s  "
-        f"overhead {extraction / bare - 1:+7.1%}  ({size / n / 1e6:.2f} MB/example on disk)\n"
+        f"overhead {extraction / bare - 1:+7.1%} (over load + bare {extraction / loaded_bare - 1:+7.1%})  "
+        f"{len(best.shards)} shard(s), {size / n / 1e6:.3f} MB/example on disk\n"
         f"    forward + capture + records {best.forward_seconds:6.2f} s in the extraction; alone, the store's part: "
-        f"records_to_dataset {dataset_seconds:.2f} s, write_shard (value validation, packing, zlib) "
+        f"records_to_dataset {dataset_seconds:.2f} s, write_shard (value checks, packing, zstd) "
         f"{write_seconds:.2f} s for {records} records"
     )
 
