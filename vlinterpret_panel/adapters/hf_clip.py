@@ -22,6 +22,7 @@ from vlinterpret_panel.adapters.hf_common import (
     check_image,
     clip_style_pixel_map,
     example_maps,
+    forward_hooks,
     image_token_labels,
     keep_index,
     load_pretrained,
@@ -163,20 +164,12 @@ class ClipAdapter(BatchedAdapter):
             )
         return captures
 
-    @contextlib.contextmanager
-    def _deleting_patches(self, kept_image: np.ndarray | None):
+    def _deleting_patches(self, kept_image: np.ndarray | None) -> contextlib.AbstractContextManager:
         """Drop image tokens right after the vision embeddings (which hold their positions)."""
         if kept_image is None:
-            yield
-            return
+            return contextlib.nullcontext()
         index = torch.as_tensor(kept_image)
-        handle = self.model.vision_model.embeddings.register_forward_hook(
-            lambda _module, _inputs, output: output[:, index]
-        )
-        try:
-            yield
-        finally:
-            handle.remove()
+        return forward_hooks((self.model.vision_model.embeddings, lambda _module, _inputs, output: output[:, index]))
 
 
 def _joint_stages(

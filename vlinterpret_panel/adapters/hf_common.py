@@ -67,13 +67,30 @@ def tapping(dropout_modules: Sequence[nn.Module] = ()) -> Iterator[AttentionTap]
         # Hooks are shared by all threads; record only this thread's (context's) calls.
         return tap.record(output, module) if _ACTIVE_TAP.get() is tap else output
 
-    handles = [m.register_forward_hook(hook) for m in dropout_modules]
     try:
-        yield tap
+        with forward_hooks(*((module, hook) for module in dropout_modules)):
+            yield tap
+    finally:
+        _ACTIVE_TAP.reset(token)
+
+
+@contextlib.contextmanager
+def forward_hooks(*hooks: tuple[nn.Module, Callable[..., Any]], pre_with_kwargs: bool = False) -> Iterator[None]:
+    """Forward hooks ``(module, hook)`` registered for the ``with`` block only (removed even on error).
+
+    ``pre_with_kwargs`` registers forward *pre*-hooks that see and may replace ``(args, kwargs)``.
+    """
+    handles = [
+        module.register_forward_pre_hook(hook, with_kwargs=True)
+        if pre_with_kwargs
+        else module.register_forward_hook(hook)
+        for module, hook in hooks
+    ]
+    try:
+        yield
     finally:
         for handle in handles:
             handle.remove()
-        _ACTIVE_TAP.reset(token)
 
 
 def capture_attention_forward(

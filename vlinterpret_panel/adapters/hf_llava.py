@@ -23,6 +23,7 @@ from vlinterpret_panel.adapters.hf_common import (
     check_image,
     clip_style_pixel_map,
     example_maps,
+    forward_hooks,
     keep_index,
     load_pretrained,
     model_options,
@@ -169,12 +170,10 @@ class LlavaAdapter(BatchedAdapter):
             )
         return captures
 
-    @contextlib.contextmanager
-    def _deleting(self, kept: np.ndarray | None):
+    def _deleting(self, kept: np.ndarray | None) -> contextlib.AbstractContextManager:
         """Delete tokens from the language model's input embeddings, passing their original positions."""
         if kept is None:
-            yield
-            return
+            return contextlib.nullcontext()
         index = torch.as_tensor(kept)
 
         def hook(_module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -184,8 +183,4 @@ class LlavaAdapter(BatchedAdapter):
             kwargs["position_ids"] = index[None]
             return args, kwargs
 
-        handle = self.model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
-        try:
-            yield
-        finally:
-            handle.remove()
+        return forward_hooks((self.model.model.language_model, hook), pre_with_kwargs=True)

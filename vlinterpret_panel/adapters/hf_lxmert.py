@@ -29,6 +29,7 @@ from vlinterpret_panel.adapters.base import AttentionCapture, BatchedAdapter, Fo
 from vlinterpret_panel.adapters.hf_common import (
     AttentionTap,
     check_image,
+    forward_hooks,
     keep_index,
     load_pretrained,
     model_options,
@@ -195,8 +196,9 @@ class LxmertAdapter(BatchedAdapter):
             )
         return captures
 
-    @contextlib.contextmanager
-    def _embedding_hooks(self, kept_text: np.ndarray | None, store: dict[str, torch.Tensor]):
+    def _embedding_hooks(
+        self, kept_text: np.ndarray | None, store: dict[str, torch.Tensor]
+    ) -> contextlib.AbstractContextManager:
         """Record the text and region embeddings; delete text tokens after embedding if asked."""
         lxmert = self.model.lxmert
         index = None if kept_text is None else torch.as_tensor(kept_text)
@@ -209,15 +211,7 @@ class LxmertAdapter(BatchedAdapter):
         def region_hook(_module: Any, _inputs: Any, output: torch.Tensor) -> None:
             store["image"] = output
 
-        handles = [
-            lxmert.embeddings.register_forward_hook(text_hook),
-            lxmert.encoder.visn_fc.register_forward_hook(region_hook),
-        ]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
+        return forward_hooks((lxmert.embeddings, text_hook), (lxmert.encoder.visn_fc, region_hook))
 
     def _capture(
         self,

@@ -23,6 +23,7 @@ from vlinterpret_panel.adapters.hf_common import (
     PixelMap,
     check_image,
     example_maps,
+    forward_hooks,
     image_token_labels,
     keep_index,
     load_pretrained,
@@ -130,20 +131,14 @@ class ViltAdapter(BatchedAdapter):
             captures.append(self._capture(outputs, tap, example, layout, kept, ids, positions, pixel_map))
         return captures
 
-    @contextlib.contextmanager
-    def _deleting(self, kept: np.ndarray | None):
+    def _deleting(self, kept: np.ndarray | None) -> contextlib.AbstractContextManager:
         """Drop the not-kept tokens right after embedding, so the kept ones keep their positions."""
         if kept is None:
-            yield
-            return
+            return contextlib.nullcontext()
         index = torch.as_tensor(kept)
-        handle = self.model.vilt.embeddings.register_forward_hook(
-            lambda _module, _inputs, output: (output[0][:, index], output[1][:, index])
+        return forward_hooks(
+            (self.model.vilt.embeddings, lambda _module, _inputs, output: (output[0][:, index], output[1][:, index]))
         )
-        try:
-            yield
-        finally:
-            handle.remove()
 
     def _capture(
         self,
