@@ -224,6 +224,10 @@ class BatchedAdapter(ModelAdapter):
     gradients are needed) the whole batch without token deletion.
     """
 
+    batch_keep_rows: bool = False
+    """True when ``run_examples`` takes ``keep_tokens`` with one row per pair (rows keeping equally
+    many tokens), so perturbation tests score many deletions of one example in one pass."""
+
     @abc.abstractmethod
     def run_examples(
         self, images: Sequence[np.ndarray], texts: Sequence[str], keep_tokens: np.ndarray | None
@@ -236,3 +240,12 @@ class BatchedAdapter(ModelAdapter):
     def forward_batch(self, images: Sequence[np.ndarray], texts: Sequence[str]) -> list[ForwardCapture]:
         """Run several examples in one pass, split per example."""
         return self.run_examples(images, texts, None)
+
+    def outputs(
+        self,
+        images: Sequence[np.ndarray],
+        texts: Sequence[str],
+        keep_tokens: np.ndarray | Sequence[np.ndarray] | None = None,
+    ) -> list[torch.Tensor]:
+        """Each pair's ``ForwardCapture.output``; override to skip building captures when only scores are wanted."""
+        return [capture.output for capture in self.run_examples(images, texts, keep_tokens)]

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -84,6 +84,8 @@ class _Placement:
 class BuiltinAdapter(BatchedAdapter):
     """Adapter for one built-in model: VQA answers (single/dual stream) or an image-text similarity (dual encoder)."""
 
+    batch_keep_rows = True
+
     def __init__(self, architecture: str, *, weights_dir: str | Path | None = None) -> None:
         if architecture not in BUILTIN_MODELS:
             raise VLIError(f"unknown built-in model {architecture!r}; valid choices: {', '.join(BUILTIN_MODELS)}")
@@ -143,26 +145,95 @@ class BuiltinAdapter(BatchedAdapter):
             raise VLIError(f"{self.name}: keep_tokens must keep at least one image patch (cross-attention needs keys)")
         return torch.as_tensor(kept[kept < n_text])[None], torch.as_tensor(patches)[None]
 
+    def _kept_rows(
+        self, texts: Sequence[str], keep_tokens: np.ndarray | Sequence[np.ndarray]
+    ) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
+        """Per pair, its kept text positions (None: all of its text) and kept patches, each ``[1, K]``."""
+        rows = [keep_tokens] if isinstance(keep_tokens, np.ndarray) and keep_tokens.ndim == 1 else list(keep_tokens)
+        if len(rows) != len(texts):
+            raise VLIError(f"{self.name}: keep_tokens needs one mask, or one per pair ({len(texts)}), got {len(rows)}")
+        kept = []
+        for row, text in zip(rows, texts, strict=True):
+            n_text = len(world.encode(text))
+            text_keep, image_keep = self._keep(np.asarray(row, bool), n_text)
+            kept.append((None if text_keep.shape[1] == n_text else text_keep, image_keep))
+        return kept
+
     def run_examples(
-        self, images: Sequence[np.ndarray], texts: Sequence[str], keep_tokens: np.ndarray | None
+        self,
+        images: Sequence[np.ndarray],
+        texts: Sequence[str],
+        keep_tokens: np.ndarray | Sequence[np.ndarray] | None,
     ) -> list[ForwardCapture]:
-        """Run the pairs in one pass; ``keep_tokens`` deletes tokens (never [CLS]); positions kept."""
+        """Run the pairs; ``keep_tokens`` (one mask, or one per pair) deletes tokens, positions kept."""
+        return self._by_group(images, texts, keep_tokens, self._captures)
+
+    def outputs(
+        self,
+        images: Sequence[np.ndarray],
+        texts: Sequence[str],
+        keep_tokens: np.ndarray | Sequence[np.ndarray] | None = None,
+    ) -> list[torch.Tensor]:
+        """Each pair's ``ForwardCapture.output`` without building the captures (perturbation tests)."""
+        return self._by_group(images, texts, keep_tokens, self._outputs)
+
+    def _by_group(
+        self,
+        images: Sequence[np.ndarray],
+        texts: Sequence[str],
+        keep_tokens: np.ndarray | Sequence[np.ndarray] | None,
+        run: Callable[[Sequence[np.ndarray], Sequence[str], list | None], list],
+    ) -> list:
+        """``run`` once per group of pairs keeping equally many patches and text tokens, results in pair order.
+
+        The model takes rectangular kept-token indices; a pair keeping all of its text takes
+        every position of the padded batch (padding masked), so the captions scored against one
+        set of kept patches share a pass, as do the deletions of one step of one example.
+        """
         if len(images) != len(texts):
             raise VLIError(f"{self.name}: {len(images)} images for {len(texts)} texts")
+        if keep_tokens is None:
+            return run(images, texts, None)
+        kept = self._kept_rows(texts, keep_tokens)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, (text_keep, image_keep) in enumerate(kept):
+            key = (-1 if text_keep is None else text_keep.shape[1], image_keep.shape[1])
+            groups.setdefault(key, []).append(index)
+        results: list = [None] * len(texts)
+        for rows in groups.values():
+            group = run([images[r] for r in rows], [texts[r] for r in rows], [kept[r] for r in rows])
+            for row, result in zip(rows, group, strict=True):
+                results[row] = result
+        return results
+
+    def _forward(
+        self, images: Sequence[np.ndarray], texts: Sequence[str], kept: list | None
+    ) -> tuple[VLModelOutput, _SoftmaxTap, torch.Tensor, list[PixelMap]]:
+        """One model pass over pairs of one keep group: the output, the softmax tap, the ids, the pixel maps."""
         pixels, pixel_maps = self._pixels(images)
         text_ids, text_mask = self._text_ids(texts)
         text_keep = image_keep = None
-        if keep_tokens is not None:
-            if len(texts) != 1:
-                raise VLIError(f"{self.name}: keep_tokens applies to one example at a time")
-            text_keep, image_keep = self._keep(keep_tokens, int(text_mask[0].sum()))
+        if kept is not None:
+            if kept[0][0] is not None:
+                text_keep = torch.cat([t for t, _ in kept])
+            image_keep = torch.cat([i for _, i in kept])
         tap = _SoftmaxTap()
         if torch.is_grad_enabled():
             with tap:
                 output = self.model(text_ids, text_mask, pixels, text_keep=text_keep, image_keep=image_keep)
         else:
             output = self.model(text_ids, text_mask, pixels, text_keep=text_keep, image_keep=image_keep)
+        return output, tap, text_ids, pixel_maps
+
+    def _captures(self, images: Sequence[np.ndarray], texts: Sequence[str], kept: list | None) -> list[ForwardCapture]:
+        output, tap, text_ids, pixel_maps = self._forward(images, texts, kept)
         return [self._capture(output, tap, text_ids, example, pixel_maps[example]) for example in range(len(texts))]
+
+    def _outputs(self, images: Sequence[np.ndarray], texts: Sequence[str], kept: list | None) -> list[torch.Tensor]:
+        logits = self._forward(images, texts, kept)[0].logits
+        if self.is_vqa:
+            return list(logits)
+        return [logits[example, example].reshape(1) for example in range(len(texts))]
 
     def _placement(self, output: VLModelOutput, example: int) -> _Placement:
         """Which rows of each model stream are this example's real tokens, and where they go in the capture."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import itertools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -148,51 +149,96 @@ class PerturbationScorer:
     """Whether the model is right on one example with some tokens deleted; memoised per keep mask.
 
     ``modality`` is the example's unperturbed token layout (the frame of every keep mask).
+    With an adapter whose ``outputs`` takes one keep mask per pair (``batch_keep_rows``),
+    ``correct_many`` scores all the deletions it is given in a few passes; otherwise one
+    forward pass per deletion (and per distractor caption).
     """
+
+    BATCH = 256
+    """Most pairs per ``run_examples`` call."""
 
     def __init__(self, adapter: ModelAdapter, example: EvalExample, modality: Sequence[str]) -> None:
         self.adapter, self.example = adapter, example
         self.image_tokens = np.asarray(modality) == IMAGE
         self._cache: dict[tuple[str, bytes], bool] = {}
         self._distractors: list[tuple[np.ndarray, float]] | None = None
+        self._labels: Sequence[str] | None = None
 
-    def _output(self, text: str, keep: np.ndarray | None) -> tuple[torch.Tensor, Sequence[str] | None]:
+    def _outputs(self, texts: Sequence[str], keeps: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """The model's output vector for each (text, keep mask) with this example's image."""
+        image = self.example.item.image
         with torch.no_grad():
-            capture = self.adapter.forward(self.example.item.image, text, keep_tokens=keep)
-        return capture.output.reshape(-1), capture.output_labels
+            if getattr(self.adapter, "batch_keep_rows", False):
+                outputs = []
+                for start in range(0, len(texts), self.BATCH):
+                    chunk = slice(start, start + self.BATCH)
+                    images = [image] * len(texts[chunk])
+                    outputs += self.adapter.outputs(images, texts[chunk], keeps[chunk])  # type: ignore[attr-defined]
+            else:
+                outputs = [
+                    self.adapter.forward(image, t, keep_tokens=k).output for t, k in zip(texts, keeps, strict=True)
+                ]
+        return [output.detach().reshape(-1).numpy() for output in outputs]
+
+    def _output_labels(self) -> Sequence[str] | None:
+        """The labels of the model's outputs (from one unperturbed pass)."""
+        if self._labels is None:
+            with torch.no_grad():
+                self._labels = self.adapter.forward(self.example.item.image, self.example.item.text).output_labels
+        return self._labels
 
     def correct(self, keep: np.ndarray, part: str) -> bool:
         """Right answer (VQA) or true caption ranked first among the candidates (similarity)."""
-        key = (part, np.packbits(keep).tobytes())
-        if key not in self._cache:
-            self._cache[key] = self._score(keep, part)
-        return self._cache[key]
+        return self.correct_many([(keep, part)])[0]
 
-    def _score(self, keep: np.ndarray, part: str) -> bool:
+    def correct_many(self, requests: Sequence[tuple[np.ndarray, str]]) -> list[bool]:
+        """``correct`` of each (keep mask, deleted modality), computing the ones not seen yet together."""
+        keys = [(part, np.packbits(keep).tobytes()) for keep, part in requests]
+        todo = {key: request for key, request in zip(keys, requests, strict=True) if key not in self._cache}
+        if todo:
+            results = self._score_many(list(todo.values()))
+            self._cache.update(zip(todo, results, strict=True))
+        return [self._cache[key] for key in keys]
+
+    def _score_many(self, requests: Sequence[tuple[np.ndarray, str]]) -> list[bool]:
         item = self.example.item
-        output, labels = self._output(item.text, keep)
         if not self.example.distractors:
+            labels = self._output_labels()
             if item.label is None or labels is None:
                 raise VLIError(f"example {item.example_id!r}: accuracy needs a label and a model with labelled outputs")
-            return labels[int(output.argmax())] == item.label
-        return float(output[0]) > max(self._distractor_scores(keep, part))
+            outputs = self._outputs([item.text] * len(requests), [keep for keep, _ in requests])
+            return [labels[int(output.argmax())] == item.label for output in outputs]
+        distractors = self._distractor_scores()
+        texts, keeps = [], []
+        for keep, part in requests:
+            texts.append(item.text)
+            keeps.append(keep)
+            if part == IMAGE:  # every caption is scored on the same kept patches
+                for caption, (image_tokens, _) in zip(self.example.distractors, distractors, strict=True):
+                    distractor_keep = np.ones(len(image_tokens), bool)
+                    distractor_keep[image_tokens] = keep[self.image_tokens]
+                    texts.append(caption)
+                    keeps.append(distractor_keep)
+        scores = iter(float(output[0]) for output in self._outputs(texts, keeps))
+        results = []
+        for _, part in requests:
+            own = next(scores)
+            if part == IMAGE:
+                others = [next(scores) for _ in self.example.distractors]
+            else:  # text deletion perturbs only the true caption
+                others = [score for _, score in distractors]
+            results.append(own > max(others))
+        return results
 
-    def _distractor_scores(self, keep: np.ndarray, part: str) -> list[float]:
-        """Scores of the distractor captions: unperturbed for text deletion, on the same kept patches otherwise."""
+    def _distractor_scores(self) -> list[tuple[np.ndarray, float]]:
+        """Each distractor caption's image-token flags and unperturbed score (computed once)."""
         if self._distractors is None:
             self._distractors = []
             for caption in self.example.distractors:
                 with torch.no_grad():
                     capture = self.adapter.forward(self.example.item.image, caption)
                 self._distractors.append((np.asarray(capture.modality) == IMAGE, float(capture.output.reshape(-1)[0])))
-        if part == TEXT:
-            return [score for _, score in self._distractors]
-        scores = []
-        for caption, (image_tokens, _) in zip(self.example.distractors, self._distractors, strict=True):
-            distractor_keep = np.ones(len(image_tokens), bool)
-            distractor_keep[image_tokens] = keep[self.image_tokens]
-            scores.append(float(self._output(caption, distractor_keep)[0][0]))
-        return scores
+        return self._distractors
 
 
 def patch_pixel_map(values: np.ndarray, boxes: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -260,12 +306,13 @@ def evaluate(
         tie_breaker = np.random.default_rng([seed, index]).random(len(modality))
         image_tokens = np.asarray(modality) == IMAGE
         mask = example.item.target_mask
+        cells = list(itertools.product(relevancies, MODALITIES, TESTS, range(len(FRACTIONS))))
+        requests = [
+            (keep_mask(relevancies[m], modality, p, FRACTIONS[step], t, tie_breaker), p) for m, p, t, step in cells
+        ]
+        for (method, part, test, step), right in zip(cells, scorer.correct_many(requests), strict=True):
+            correct[method, part, test][index, step] = right
         for method, values in relevancies.items():
-            for part in MODALITIES:
-                for test in TESTS:
-                    for step, fraction in enumerate(FRACTIONS):
-                        keep = keep_mask(values, modality, part, fraction, test, tie_breaker)
-                        correct[method, part, test][index, step] = scorer.correct(keep, part)
             if mask is not None and mask.any():
                 scores[method].append(localisation(values[image_tokens], boxes[image_tokens], mask))
         if progress is not None:
