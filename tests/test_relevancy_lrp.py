@@ -8,7 +8,6 @@ import torch
 
 from vlinterpret_panel.adapters.base import ModelInput
 from vlinterpret_panel.adapters.registry import load_adapter
-from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.models import world
 from vlinterpret_panel.relevancy import Captured, transformer_attribution
 from vlinterpret_panel.relevancy.lrp import (
@@ -21,7 +20,7 @@ from vlinterpret_panel.relevancy.lrp import (
     propagate,
 )
 
-SELF_ATTENTION_MODELS = ("single_stream", "dual_encoder")
+MODELS = ("single_stream", "dual_stream", "dual_encoder")
 
 
 def _item(architecture: str, seed: int = 3) -> ModelInput:
@@ -32,7 +31,7 @@ def _item(architecture: str, seed: int = 3) -> ModelInput:
 
 @pytest.fixture(scope="module")
 def adapters() -> dict:
-    return {name: load_adapter(name) for name in (*SELF_ATTENTION_MODELS, "dual_stream")}
+    return {name: load_adapter(name) for name in MODELS}
 
 
 def test_linear_rule_by_hand() -> None:
@@ -71,15 +70,28 @@ def test_matmul_gives_each_operand_half() -> None:
     )
 
 
-@pytest.mark.parametrize("architecture", SELF_ATTENTION_MODELS)
+@pytest.mark.parametrize("architecture", MODELS)
 def test_relevance_is_conserved_down_to_the_embeddings(adapters: dict, architecture: str) -> None:
     adapter = adapters[architecture]
+    model = adapter.model
+    # The dual-stream answer is read at text [CLS]: the last layer's image->text cross-attention and
+    # image self-attention feed nothing that reaches it, so they must get no relevance at all.
+    unused = [9, 11] if architecture == "dual_stream" else []
     for seed in range(3):
         item = _item(architecture, seed)
         frame, input_total = attention_relevance(adapter, item)
         # The explained output starts with relevance 1; float32 activations, float64 propagation.
         assert input_total == pytest.approx(1.0, abs=1e-4)
-        assert np.isfinite(frame).all() and (np.abs(frame).sum(axis=(1, 2, 3)) > 0).all()
+        per_map = np.abs(frame).sum(axis=(1, 2, 3))
+        assert np.isfinite(frame).all()
+        assert (per_map[unused] == 0).all() and (np.delete(per_map, unused) > 0).all(), per_map
+    if architecture == "dual_stream":
+        assert [c.kind for c in adapter.forward(item.image, item.text).attentions][9:] == [
+            "cross_image_to_text",
+            "text_self",
+            "image_self",
+        ]
+        assert len(model.cross_layers) == 2
 
 
 def test_recorder_removes_its_hooks(adapters: dict) -> None:
@@ -107,8 +119,8 @@ def test_propagate_on_the_model_directly_matches_the_adapter_frame(adapters: dic
     assert np.abs(frame[-1][:, 1:].sum()) < 1e-6 * np.abs(frame[-1]).sum()
 
 
-@pytest.mark.parametrize("architecture", SELF_ATTENTION_MODELS)
-def test_transformer_attribution_runs_on_the_self_attention_models(adapters: dict, architecture: str) -> None:
+@pytest.mark.parametrize("architecture", MODELS)
+def test_transformer_attribution_runs_on_every_built_in_model(adapters: dict, architecture: str) -> None:
     captured = captured_with_lrp(adapters[architecture], _item(architecture))
     assert isinstance(captured, Captured)
     relevancy = transformer_attribution(captured)
@@ -118,8 +130,40 @@ def test_transformer_attribution_runs_on_the_self_attention_models(adapters: dic
     assert relevancy.image.max() > 0
 
 
-def test_dual_stream_is_refused(adapters: dict) -> None:
-    with pytest.raises(VLIError, match="single_stream or dual_encoder"):
-        attention_relevance(adapters["dual_stream"], _item("dual_stream"))
-    with pytest.raises(VLIError, match="co-attention"):
-        propagate(adapters["dual_stream"].model, ActivationRecorder(torch.nn.Linear(1, 1)))
+def test_cross_attention_block_rule_by_hand() -> None:
+    """One head, one query, two context tokens, identity projections: the numbers worked out below.
+
+    x = [1, 0], context = [[1, 0], [0, 1]], LayerNorms replaced by identity. Scores q·k = [1, 0],
+    A = softmax([1, 0]/sqrt(2)); out = A·V = [A0, A1]; block output y = x + out.
+    """
+    from vlinterpret_panel.models.layers import CrossAttentionBlock
+    from vlinterpret_panel.relevancy.lrp import cross_block_relevance
+
+    block = CrossAttentionBlock(2, 1).double()
+    with torch.no_grad():
+        for norm in (block.norm_query, block.norm_context):
+            norm.forward = lambda x: x  # type: ignore[method-assign]
+        for linear in (block.attention.query, block.attention.key, block.attention.value, block.attention.output):
+            linear.weight.copy_(torch.eye(2, dtype=torch.float64))
+            linear.bias.zero_()
+    x = torch.tensor([[[1.0, 0.0]]], dtype=torch.float64)
+    context = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]], dtype=torch.float64)
+    recorder = ActivationRecorder(block)
+    with torch.no_grad():
+        output, probs = block(x, context)
+    recorder.close()
+    a0, a1 = probs[0, 0, 0].tolist()
+    relevance_out = torch.tensor([[[1.0, 1.0]]], dtype=torch.float64)  # R = 1 on each output feature: y = [1 + a0, a1]
+    relevance_x, relevance_context, relevance_attention = cross_block_relevance(block, recorder, relevance_out)
+    # Skip split of R = [1, 1] over x + out: x takes [1 / (1 + a0), 0] before renormalising by |totals|.
+    skip_x, skip_out = 1 / (1 + a0), a0 / (1 + a0) + 1.0
+    scale = 2 / (skip_x + skip_out)
+    # The attended branch [a0/(1+a0), 1] passes the identity output layer; A·V gives half to A, half to V:
+    # R^A_j = A_j * V_j·R_out / out / 2 per feature, V = context.
+    branch = np.array([a0 / (1 + a0), 1.0]) * scale
+    np.testing.assert_allclose(relevance_attention[0, 0, 0].numpy(), branch / 2, rtol=1e-7)  # ε = 1e-9 in divisions
+    # Conserved but for one term: key 1's score q·k1 is exactly 0, and the matmul rule gives a
+    # zero output no relevance (x / 0 is taken as 0), so R^A_1 = 0.5 stops there.
+    total = relevance_x.sum() + relevance_context.sum()
+    assert total.item() == pytest.approx(2.0 - branch[1] / 2, rel=1e-7)
+    np.testing.assert_allclose(output[0, 0].numpy(), [1 + a0, a1])

@@ -414,7 +414,12 @@ def test_methods_refuse_layouts_they_do_not_define():
     mixed = single_stream(layer_kind=["self", "cross_text_to_image"])
     with pytest.raises(VLIError, match="not both"):
         rollout(mixed)
-    with pytest.raises(VLIError, match="cross-attention"):
-        transformer_attribution(co_attention(attention_relevance=co_attention().attention))
     with pytest.raises(VLIError, match="needs 'text' and 'image'"):
         generic_relevancy(single_stream(), readout="text+image")
+
+
+def test_transformer_attribution_with_the_attention_as_its_relevance_is_the_generic_method():
+    # Both use the same update rules (co-attention included) with R^A in place of A in (∇A ⊙ ·)⁺.
+    captured = co_attention()
+    as_attribution = transformer_attribution(co_attention(attention_relevance=captured.attention))
+    np.testing.assert_allclose(as_attribution.values, generic_relevancy(captured).values)

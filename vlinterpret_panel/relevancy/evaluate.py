@@ -334,12 +334,11 @@ def evaluate(
 
 def supported_methods(adapter: ModelAdapter) -> tuple[list[str], list[str]]:
     """The methods this adapter can be evaluated with, and notes on the ones left out."""
-    from vlinterpret_panel.models.dual_encoder import DualEncoderModel
-    from vlinterpret_panel.models.single_stream import SingleStreamModel
+    from vlinterpret_panel.models.layers import BaseVLModel
 
-    if isinstance(getattr(adapter, "model", None), SingleStreamModel | DualEncoderModel):
+    if isinstance(getattr(adapter, "model", None), BaseVLModel):
         return list(METHODS), []
-    note = "transformer_attribution left out: LRP exists only for the built-in single_stream and dual_encoder models"
+    note = "transformer_attribution left out: its LRP exists only for the built-in models"
     return [m for m in METHODS if m != "transformer_attribution"], [note]
 
 

@@ -16,9 +16,10 @@ activations of one forward pass recorded by forward hooks (the model code is not
   input): the relevances add up;
 - divisions add ε = 1e-9 to the denominator, and 0/0 is 0.
 
-Supported: the single-stream model and each tower of the dual encoder (self-attention
-blocks). The dual-stream model's co-attention is not covered (``transformer_attribution``
-itself is defined for self-attention stacks only).
+Supported: the single-stream model, each tower of the dual encoder, and the dual-stream
+model: a cross-attention block ``x + Attn(LN(x), LN(context))`` takes the skip rule, gives its
+query path's relevance to ``x`` and its key/value paths' to ``context``; in a co-attention layer
+each stream's input collects its own block's share and the other block's context share.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from torch import Tensor, nn
 from vlinterpret_panel.adapters.base import ModelAdapter, ModelInput
 from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.models.dual_encoder import DualEncoderModel
-from vlinterpret_panel.models.layers import MultiHeadAttention, SelfAttentionBlock
+from vlinterpret_panel.models.dual_stream import CoAttentionLayer, DualStreamModel
+from vlinterpret_panel.models.layers import CrossAttentionBlock, MultiHeadAttention, SelfAttentionBlock
 from vlinterpret_panel.models.single_stream import SingleStreamModel
 from vlinterpret_panel.relevancy.inputs import Captured
 
@@ -134,6 +136,33 @@ def _merge_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(batch, length, heads * size)
 
 
+def attention_module_relevance(
+    attention: MultiHeadAttention, recorder: ActivationRecorder, relevance: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """From the relevance of an attention module's output: that of its query input, its key/value input and R^A.
+
+    The output projection takes the linear rule, A·V and Q·Kᵀ the matmul rule, softmax passes;
+    the key and value projections read the same input, so their relevances add up.
+    """
+    heads = attention.num_heads
+    relevance_mixed = linear_relevance(recorder.input_of(attention.output), _weight(attention.output), relevance)
+    queries, keys, values = (
+        _split_heads(recorder.output_of(linear), heads) for linear in (attention.query, attention.key, attention.value)
+    )
+    probabilities = recorder.outputs[attention][1].double()
+    relevance_probabilities, relevance_values = matmul_relevance(
+        probabilities, values, _split_heads(relevance_mixed, heads)
+    )
+    relevance_queries, relevance_keys_t = matmul_relevance(queries, keys.transpose(-1, -2), relevance_probabilities)
+    relevance_query_input = linear_relevance(
+        recorder.input_of(attention.query), _weight(attention.query), _merge_heads(relevance_queries)
+    )
+    relevance_context = linear_relevance(
+        recorder.input_of(attention.key), _weight(attention.key), _merge_heads(relevance_keys_t.transpose(-1, -2))
+    ) + linear_relevance(recorder.input_of(attention.value), _weight(attention.value), _merge_heads(relevance_values))
+    return relevance_query_input, relevance_context, relevance_probabilities
+
+
 def block_relevance(
     block: SelfAttentionBlock, recorder: ActivationRecorder, relevance: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -148,28 +177,44 @@ def block_relevance(
     relevance_normed = linear_relevance(recorder.input_of(mlp.dense_in), _weight(mlp.dense_in), relevance_hidden)
     relevance_middle = relevance_middle + relevance_normed
     relevance_input, relevance_attended = add_relevance(block_input, attended, relevance_middle)
-    relevance_mixed = linear_relevance(
-        recorder.input_of(attention.output), _weight(attention.output), relevance_attended
+    relevance_queries, relevance_context, relevance_attention = attention_module_relevance(
+        attention, recorder, relevance_attended
     )
-    heads = attention.num_heads
-    queries, keys, values = (
-        _split_heads(recorder.output_of(linear), heads) for linear in (attention.query, attention.key, attention.value)
+    return relevance_input + relevance_queries + relevance_context, relevance_attention
+
+
+def cross_block_relevance(
+    block: CrossAttentionBlock, recorder: ActivationRecorder, relevance: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Through ``x + Attn(LN(x), LN(context))``: relevance of ``x``, of ``context``, and R^A ``[B, H, Q, K]``."""
+    query_stream = recorder.input_of(block)
+    attended = recorder.output_of(block.attention.output)
+    relevance_skip, relevance_attended = add_relevance(query_stream, attended, relevance)
+    relevance_queries, relevance_context, relevance_attention = attention_module_relevance(
+        block.attention, recorder, relevance_attended
     )
-    probabilities = recorder.outputs[attention][1].double()
-    relevance_probabilities, relevance_values = matmul_relevance(
-        probabilities, values, _split_heads(relevance_mixed, heads)
+    return relevance_skip + relevance_queries, relevance_context, relevance_attention
+
+
+def co_attention_relevance(
+    layer: CoAttentionLayer, recorder: ActivationRecorder, relevance_text: Tensor, relevance_image: Tensor
+) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """Through one co-attention layer: relevance of its text and image inputs, and R^A of its four maps.
+
+    The maps come in execution order (text→image cross, image→text cross, text self, image
+    self). Each stream's input feeds its own cross block (query and skip) and the other
+    stream's (keys and values): the two relevances add up.
+    """
+    relevance_text_crossed, text_self = block_relevance(layer.text_self, recorder, relevance_text)
+    relevance_image_crossed, image_self = block_relevance(layer.image_self, recorder, relevance_image)
+    text_from_own, image_as_context, text_to_image = cross_block_relevance(
+        layer.text_cross, recorder, relevance_text_crossed
     )
-    relevance_queries, relevance_keys_t = matmul_relevance(queries, keys.transpose(-1, -2), relevance_probabilities)
-    normed = recorder.input_of(attention.query)
-    relevance_normed = sum(
-        linear_relevance(normed, _weight(linear), _merge_heads(part))
-        for linear, part in (
-            (attention.query, relevance_queries),
-            (attention.key, relevance_keys_t.transpose(-1, -2)),
-            (attention.value, relevance_values),
-        )
+    image_from_own, text_as_context, image_to_text = cross_block_relevance(
+        layer.image_cross, recorder, relevance_image_crossed
     )
-    return relevance_input + relevance_normed, relevance_probabilities
+    maps = [text_to_image, image_to_text, text_self, image_self]
+    return text_from_own + text_as_context, image_from_own + image_as_context, maps
 
 
 def stack_relevance(
@@ -207,18 +252,19 @@ def propagate(model: nn.Module, recorder: ActivationRecorder, output_index: int 
     Single stream: the answer logit ``output_index``; dual encoder: the image-text similarity
     (its only output for one pair).
     """
-    if isinstance(model, SingleStreamModel):
+    if isinstance(model, SingleStreamModel | DualStreamModel):
         logits = recorder.output_of(model.classifier)
         if logits.shape[0] != 1:
             raise VLIError("LRP explains one example at a time")
         start = torch.zeros_like(logits)
         start[0, output_index] = 1.0
         pooled = linear_relevance(recorder.input_of(model.classifier), _weight(model.classifier), start)
-        last = recorder.output_of(model.layers[-1])
-        relevance = torch.zeros_like(last)
-        relevance[:, 0] = pooled
-        inputs, attention = stack_relevance(list(model.layers), recorder, relevance)
-        return LRPResult(1.0, {"joint": inputs}, attention)
+        if isinstance(model, SingleStreamModel):
+            relevance = torch.zeros_like(recorder.output_of(model.layers[-1]))
+            relevance[:, 0] = pooled
+            inputs, attention = stack_relevance(list(model.layers), recorder, relevance)
+            return LRPResult(1.0, {"joint": inputs}, attention)
+        return _dual_stream_relevance(model, recorder, pooled)
     if isinstance(model, DualEncoderModel):
         text = recorder.output_of(model.text_projection)
         image = recorder.output_of(model.image_projection)
@@ -239,10 +285,22 @@ def propagate(model: nn.Module, recorder: ActivationRecorder, output_index: int 
             inputs[stream], tower_attention = stack_relevance(list(layers), recorder, relevance)
             attention += tower_attention
         return LRPResult(1.0, inputs, attention)
-    raise VLIError(
-        f"LRP is implemented for the built-in single_stream and dual_encoder models, not {type(model).__name__} "
-        "(the dual-stream co-attention has no LRP rules here)"
-    )
+    raise VLIError(f"LRP is implemented for the built-in models, not {type(model).__name__}")
+
+
+def _dual_stream_relevance(model: DualStreamModel, recorder: ActivationRecorder, pooled: Tensor) -> LRPResult:
+    """From the last co-attention layer's text [CLS] back through the co-attention layers, then each stream's stack."""
+    last_text, last_image, _ = recorder.outputs[model.cross_layers[-1]]  # type: ignore[misc]
+    relevance_text = torch.zeros_like(last_text.double())
+    relevance_text[:, 0] = pooled
+    relevance_image = torch.zeros_like(last_image.double())
+    cross_maps: list[Tensor] = []
+    for layer in reversed(model.cross_layers):
+        relevance_text, relevance_image, maps = co_attention_relevance(layer, recorder, relevance_text, relevance_image)
+        cross_maps = maps + cross_maps
+    text_inputs, text_maps = stack_relevance(list(model.text_layers), recorder, relevance_text)
+    image_inputs, image_maps = stack_relevance(list(model.image_layers), recorder, relevance_image)
+    return LRPResult(1.0, {"text": text_inputs, "image": image_inputs}, text_maps + image_maps + cross_maps)
 
 
 def attention_relevance(adapter: ModelAdapter, item: ModelInput, target: int | None = None) -> tuple[np.ndarray, float]:
@@ -252,11 +310,8 @@ def attention_relevance(adapter: ModelAdapter, item: ModelInput, target: int | N
     answer index (default: the predicted answer; the dual encoder explains its one score).
     """
     model = getattr(adapter, "model", None)
-    if not isinstance(model, SingleStreamModel | DualEncoderModel):
-        raise VLIError(
-            f"{adapter.name}: LRP needs a built-in single_stream or dual_encoder model (adapter.model); "
-            f"got {type(model).__name__}"
-        )
+    if not isinstance(model, SingleStreamModel | DualStreamModel | DualEncoderModel):
+        raise VLIError(f"{adapter.name}: LRP needs a built-in model (adapter.model); got {type(model).__name__}")
     recorder = ActivationRecorder(model)
     try:
         with torch.no_grad():
