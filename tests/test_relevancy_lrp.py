@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 
 from vlinterpret_panel.adapters.base import ModelInput
 from vlinterpret_panel.adapters.registry import load_adapter
+from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.models import world
 from vlinterpret_panel.relevancy import Captured, transformer_attribution
 from vlinterpret_panel.relevancy.lrp import (
@@ -70,13 +73,23 @@ def test_matmul_gives_each_operand_half() -> None:
     )
 
 
+def _unused_maps(adapter, item: ModelInput) -> list[int]:
+    """Maps nothing read at the answer depends on: the last co-attention layer's image-query maps."""
+    cross_layers = getattr(adapter.model, "cross_layers", [])
+    if not cross_layers:
+        return []
+    last = f"cross_layers.{len(cross_layers) - 1}."
+    names = [module.name for module in adapter.forward(item.image, item.text).attentions]
+    return [index for index, name in enumerate(names) if name in (last + "image_cross", last + "image_self")]
+
+
 @pytest.mark.parametrize("architecture", MODELS)
 def test_relevance_is_conserved_down_to_the_embeddings(adapters: dict, architecture: str) -> None:
     adapter = adapters[architecture]
-    model = adapter.model
     # The dual-stream answer is read at text [CLS]: the last layer's image->text cross-attention and
     # image self-attention feed nothing that reaches it, so they must get no relevance at all.
-    unused = [9, 11] if architecture == "dual_stream" else []
+    unused = _unused_maps(adapter, _item(architecture))
+    assert len(unused) == (2 if architecture == "dual_stream" else 0)
     for seed in range(3):
         item = _item(architecture, seed)
         frame, input_total = attention_relevance(adapter, item)
@@ -85,13 +98,28 @@ def test_relevance_is_conserved_down_to_the_embeddings(adapters: dict, architect
         per_map = np.abs(frame).sum(axis=(1, 2, 3))
         assert np.isfinite(frame).all()
         assert (per_map[unused] == 0).all() and (np.delete(per_map, unused) > 0).all(), per_map
-    if architecture == "dual_stream":
-        assert [c.kind for c in adapter.forward(item.image, item.text).attentions][9:] == [
-            "cross_image_to_text",
-            "text_self",
-            "image_self",
-        ]
-        assert len(model.cross_layers) == 2
+
+
+def test_dual_stream_relevance_reaches_both_streams_and_sits_in_each_maps_block(adapters: dict) -> None:
+    adapter = adapters["dual_stream"]
+    item = _item("dual_stream")
+    frame, _ = attention_relevance(adapter, item)
+    modules = adapter.forward(item.image, item.text).attentions
+    assert frame.shape[0] == len(modules)
+    for layer, module in enumerate(modules):
+        inside = np.zeros(frame.shape[2:], dtype=bool)
+        inside[np.ix_(module.query_tokens, module.key_tokens)] = True
+        # R^A of a text->image map lives on text rows x image columns, and so on.
+        assert (frame[layer][:, ~inside] == 0).all(), module.name
+    recorder = ActivationRecorder(adapter.model)
+    with torch.no_grad():
+        adapter.forward(item.image, item.text)
+    recorder.close()
+    result = propagate(adapter.model, recorder, 0)
+    # Both streams' embeddings get relevance, and it comes from the explained logit alone.
+    assert set(result.inputs) == {"text", "image"}
+    assert all(np.abs(part.numpy()).sum() > 0 for part in result.inputs.values())
+    assert result.input_total == pytest.approx(1.0, abs=1e-4)
 
 
 def test_recorder_removes_its_hooks(adapters: dict) -> None:
@@ -128,6 +156,21 @@ def test_transformer_attribution_runs_on_every_built_in_model(adapters: dict, ar
     assert real.shape == relevancy.values.shape
     assert (real >= 0).all() and real.sum() > 0
     assert relevancy.image.max() > 0
+
+
+def test_models_without_lrp_rules_get_a_clear_error() -> None:
+    not_built_in = SimpleNamespace(name="hf_vilt", model=None)
+    with pytest.raises(VLIError, match="LRP needs a built-in model"):
+        attention_relevance(not_built_in, _item("single_stream"))  # type: ignore[arg-type]
+    with pytest.raises(VLIError, match="LRP is implemented for the built-in models"):
+        propagate(torch.nn.Linear(1, 1), ActivationRecorder(torch.nn.Linear(1, 1)))
+
+
+def test_transformer_attribution_without_lrp_relevance_says_how_to_get_it(adapters: dict) -> None:
+    adapter = adapters["dual_stream"]
+    record, info = adapter.run(_item("dual_stream"), gradients=True)
+    with pytest.raises(VLIError, match="captured_with_lrp"):
+        transformer_attribution(Captured.from_record(record, info))
 
 
 def test_cross_attention_block_rule_by_hand() -> None:
@@ -167,3 +210,10 @@ def test_cross_attention_block_rule_by_hand() -> None:
     total = relevance_x.sum() + relevance_context.sum()
     assert total.item() == pytest.approx(2.0 - branch[1] / 2, rel=1e-7)
     np.testing.assert_allclose(output[0, 0].numpy(), [1 + a0, a1])
+    # The query path goes to x: skip share 1/(1+a0) plus Q·Kᵀ's half of R^A_0, halved again, a0/(4(1+a0)).
+    # The key/value paths go to the context: token 0 gets a0/(4(1+a0)) by its key and a0/(2(1+a0)) by its
+    # value; token 1 only its value's half of R^A_1 = 1/2 (its key meets the zero score).
+    np.testing.assert_allclose(relevance_x[0, 0].numpy(), [1 / (1 + a0) + a0 / (4 * (1 + a0)), 0.0], rtol=1e-7)
+    np.testing.assert_allclose(
+        relevance_context[0].numpy(), [[3 * a0 / (4 * (1 + a0)), 0.0], [0.0, 0.5]], rtol=1e-7, atol=1e-12
+    )

@@ -9,6 +9,7 @@ follow-up does for its gradient-weighted maps.
 
 from __future__ import annotations
 
+from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.relevancy.common import read_out
 from vlinterpret_panel.relevancy.generic import propagate_relevance
 from vlinterpret_panel.relevancy.inputs import Captured
@@ -23,9 +24,14 @@ def transformer_attribution(captured: Captured, *, readout: str | None = None, s
     Self-attention stacks as in the original (no renormalisation; their ViT evaluation used
     ``start_layer=1``); cross modules by the generic method's co-attention rules.
     """
-    relevance_of_attention = captured.require("attention_relevance", "transformer_attribution")
+    if captured.attention_relevance is None:
+        raise VLIError(
+            "transformer_attribution needs the LRP relevance of each attention map: get it with "
+            "relevancy.lrp.captured_with_lrp(adapter, item), which supports the built-in models only "
+            "(there are no LRP rules for Hugging Face models)"
+        )
     captured.require("attention_gradient", "transformer_attribution")
-    relevance = propagate_relevance(captured, relevance_of_attention, start_layer)
+    relevance = propagate_relevance(captured, captured.attention_relevance, start_layer)
     return read_out(
         captured, "transformer_attribution", readout, lambda token, _: relevance[token], {"start_layer": start_layer}
     )
