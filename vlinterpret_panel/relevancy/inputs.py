@@ -235,8 +235,8 @@ class Captured:
                 "(grad enabled, not under torch.no_grad or inference_mode)"
             )
         raise VLIError(
-            f"{method} needs the LRP relevance of each attention map (attention_relevance); "
-            "LRP propagation through the model is not implemented yet"
+            f"{method} needs the LRP relevance of each attention map (attention_relevance): "
+            "use relevancy.lrp.captured_with_lrp (built-in models only; Hugging Face models have no LRP rules)"
         )
 
 
