@@ -71,8 +71,17 @@ def _message(app: AppPage, text: str) -> str:
     """The whole text of the message that contains ``text``, once it shows."""
     message = app.page.get_by_text(text).first
     message.wait_for(state="visible", timeout=60_000)
-    app.wait_until(lambda: text in message.inner_text(), timeout=10, what=f"the message {text!r}")
-    return message.inner_text()
+    seen = ""
+
+    def shows_text() -> bool:
+        # Keep the text that matched: the sidebar is rebuilt after an add, so a second read of
+        # the locator can land on the replaced (empty) element.
+        nonlocal seen
+        seen = message.inner_text()
+        return text in seen
+
+    app.wait_until(shows_text, timeout=10, what=f"the message {text!r}")
+    return seen
 
 
 def _blue_share(pixels: np.ndarray) -> float:
