@@ -217,6 +217,10 @@ def _block_index(rows: np.ndarray, cols: np.ndarray) -> tuple[slice | np.ndarray
     return (rows if row_run is None else row_run), (cols if col_run is None else col_run)
 
 
+KeepMasks = np.ndarray | Sequence[np.ndarray] | None
+"""Token deletion for a batch: None, one bool mask (one pair), or one mask per pair."""
+
+
 class BatchedAdapter(ModelAdapter):
     """An adapter whose model runs several examples per pass: implement ``run_examples`` only.
 
@@ -245,7 +249,7 @@ class BatchedAdapter(ModelAdapter):
         self,
         images: Sequence[np.ndarray],
         texts: Sequence[str],
-        keep_tokens: np.ndarray | Sequence[np.ndarray] | None = None,
+        keep_tokens: KeepMasks = None,
     ) -> list[torch.Tensor]:
         """Each pair's ``ForwardCapture.output``; override to skip building captures when only scores are wanted."""
         return [capture.output for capture in self.run_examples(images, texts, keep_tokens)]

@@ -31,7 +31,13 @@ import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
 
-from vlinterpret_panel.adapters.base import AttentionCapture, BatchedAdapter, ForwardCapture, HiddenCapture
+from vlinterpret_panel.adapters.base import (
+    AttentionCapture,
+    BatchedAdapter,
+    ForwardCapture,
+    HiddenCapture,
+    KeepMasks,
+)
 from vlinterpret_panel.adapters.hf_common import PixelMap, check_image, keep_index
 from vlinterpret_panel.adapters.registry import register_builtin
 from vlinterpret_panel.errors import VLIError
@@ -163,7 +169,7 @@ class BuiltinAdapter(BatchedAdapter):
         self,
         images: Sequence[np.ndarray],
         texts: Sequence[str],
-        keep_tokens: np.ndarray | Sequence[np.ndarray] | None,
+        keep_tokens: KeepMasks,
     ) -> list[ForwardCapture]:
         """Run the pairs; ``keep_tokens`` (one mask, or one per pair) deletes tokens, positions kept."""
         return self._by_group(images, texts, keep_tokens, self._captures)
@@ -172,7 +178,7 @@ class BuiltinAdapter(BatchedAdapter):
         self,
         images: Sequence[np.ndarray],
         texts: Sequence[str],
-        keep_tokens: np.ndarray | Sequence[np.ndarray] | None = None,
+        keep_tokens: KeepMasks = None,
     ) -> list[torch.Tensor]:
         """Each pair's ``ForwardCapture.output`` without building the captures (perturbation tests)."""
         return self._by_group(images, texts, keep_tokens, self._outputs)
@@ -181,7 +187,7 @@ class BuiltinAdapter(BatchedAdapter):
         self,
         images: Sequence[np.ndarray],
         texts: Sequence[str],
-        keep_tokens: np.ndarray | Sequence[np.ndarray] | None,
+        keep_tokens: KeepMasks,
         run: Callable[[Sequence[np.ndarray], Sequence[str], list | None], list],
     ) -> list:
         """``run`` once per group of pairs keeping equally many patches and text tokens, results in pair order.
