@@ -83,3 +83,29 @@ def test_unknown_method_fails_before_running(tmp_path: Path) -> None:
     with pytest.raises(VLIError, match="unknown relevancy method"):
         extract("single_stream", scene_sources(1), tmp_path / "store", relevancy=["lrp"], progress=False)
     assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.parametrize("name", ["single_stream", "dual_stream", "dual_encoder"])
+def test_transformer_attribution_is_stored_with_its_lrp_pass(name: str, tmp_path: Path) -> None:
+    from vlinterpret_panel.relevancy.lrp import captured_with_lrp
+
+    adapter: BuiltinAdapter = load_adapter(name)
+    sources = scene_sources(2, seed=SEED, text="caption" if name == "dual_encoder" else "question")
+    report = extract(adapter, sources, tmp_path / "store", relevancy=["transformer_attribution"], progress=False)
+    assert report.written == 2 and not report.failures
+    direct = compute_relevancy(captured_with_lrp(adapter, sources[0].load()), "transformer_attribution").values
+    stored = open_dataset(tmp_path / "store").sel(example=sources[0].example_id)
+    values = stored.relevancy.sel({"relevancy_method": "transformer_attribution"}).values[: len(direct)]
+    np.testing.assert_allclose(values, direct, rtol=1e-6, atol=1e-9)
+    assert np.abs(direct).sum() > 0
+
+
+def test_lrp_methods_are_refused_before_running_for_models_without_lrp(tmp_path: Path) -> None:
+    from tests.hf_tiny import tiny_vilt
+    from vlinterpret_panel.adapters.hf_vilt import ViltAdapter
+
+    model, processor = tiny_vilt(tmp_path / "vilt")
+    adapter = ViltAdapter(model, processor, name="tiny-vilt")
+    with pytest.raises(VLIError, match="built-in models only, not 'tiny-vilt'"):
+        extract(adapter, scene_sources(1), tmp_path / "store", relevancy=["transformer_attribution"], progress=False)
+    assert not (tmp_path / "store").exists()

@@ -204,16 +204,40 @@ def check_relevancy_methods(methods: Sequence[str]) -> list[str]:
     return methods
 
 
+def check_lrp_support(adapter: ModelAdapter) -> None:
+    """Refuse, before any example runs, an LRP method for a model without LRP rules (all but the built-in ones)."""
+    from vlinterpret_panel.models.layers import BaseVLModel
+
+    if not isinstance(getattr(adapter, "model", None), BaseVLModel):
+        raise VLIError(
+            f"{', '.join(sorted(LRP_METHODS))} needs LRP through the model's layers, which exists for the "
+            f"built-in models only, not {adapter.name!r}"
+        )
+
+
 def needs_gradients(methods: Sequence[str]) -> bool:
     """Whether any of ``methods`` needs d(target)/d(attention), i.e. one gradient run per example."""
     return any(m not in ATTENTION_ONLY_METHODS for m in methods)
 
 
-def add_relevancy(record: ExampleRecord, info: ModelInfo, methods: Sequence[str]) -> None:
-    """Compute each method's relevancy for ``record``'s target into ``record.relevancy``; drop the gradients."""
+LRP_METHODS = frozenset({"transformer_attribution"})
+"""Methods that also need the LRP relevance of every attention map (``relevancy.lrp``, built-in models)."""
+
+
+def add_relevancy(
+    record: ExampleRecord, info: ModelInfo, methods: Sequence[str], attention_relevance: np.ndarray | None = None
+) -> None:
+    """Compute each method's relevancy for ``record``'s target into ``record.relevancy``; drop the gradients.
+
+    ``attention_relevance`` (LRP, the schema's attention frame) is needed by ``LRP_METHODS``.
+    """
+    import dataclasses
+
     from vlinterpret_panel.relevancy import Captured, compute_relevancy
 
     captured = Captured.from_record(record, info)
+    if attention_relevance is not None:
+        captured = dataclasses.replace(captured, attention_relevance=attention_relevance)
     record.relevancy = {method: compute_relevancy(captured, method).values for method in methods}
     record.attention_gradient = None
 
@@ -248,11 +272,16 @@ def run_batch(
             except Exception as error:  # reported per example, never dropped
                 results.append(error)
     if relevancy:
-        for index, result in enumerate(results):
+        for index, (item, result) in enumerate(zip(items, results, strict=True)):
             if isinstance(result, BaseException):
                 continue
             try:
-                add_relevancy(*result, relevancy)
+                frame = None
+                if LRP_METHODS.intersection(relevancy):
+                    from vlinterpret_panel.relevancy.lrp import attention_relevance
+
+                    frame, _ = attention_relevance(adapter, item)
+                add_relevancy(*result, relevancy, frame)
             except Exception as error:  # a method that fails on an example fails that example
                 results[index] = error
     return results
@@ -405,6 +434,8 @@ def extract(
     provenance = _provenance(spec, options, batch_size, precision, relevancy)
     if todo and isinstance(adapter, str) and not (workers or scheduler):
         adapter = _cached_adapter(adapter, options)  # load errors come before the progress bar
+    if LRP_METHODS.intersection(relevancy) and isinstance(adapter, ModelAdapter):
+        check_lrp_support(adapter)
     if examples_per_shard is None:
         if workers or scheduler:
             examples_per_shard = DISTRIBUTED_EXAMPLES_PER_SHARD
