@@ -254,16 +254,18 @@ def _padded(array: np.ndarray, shape: Sequence[int], fill: Any) -> np.ndarray:
 def _stacked_padded(arrays: Sequence[np.ndarray], shape: Sequence[int], fill: Any, dtype: Any) -> np.ndarray:
     """``arrays`` stacked on a new first axis, each in the top-left corner of ``shape``, the rest ``fill``.
 
-    One allocation and one copy of each array: padding each and then stacking copied a
-    ViLT-sized shard's attention twice.
+    One allocation and one write of each value: padding each and then stacking copied a
+    ViLT-sized shard's attention twice, and filling a padded example before copying it in
+    wrote it twice. Only the padding is filled: along each axis, the part past the array.
     """
     out = np.empty((len(arrays), *shape), dtype=dtype)
     for index, array in enumerate(arrays):
         array = np.asarray(array, dtype=dtype)
         inside = tuple(slice(0, n) for n in array.shape)
-        if array.shape != tuple(shape):
-            out[index].fill(fill)
         out[(index, *inside)] = array
+        for axis, size in enumerate(array.shape):
+            if size != shape[axis]:
+                out[(index, *inside[:axis], slice(size, None))] = fill
     return out
 
 
