@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import io
+import shutil
+import threading
 from pathlib import Path
 
+import holoviews as hv
 import numpy as np
 import pandas as pd
 import pytest
@@ -13,6 +16,7 @@ import xarray as xr
 from vlinterpret_panel import open_dataset
 from vlinterpret_panel.maps import example_tokens
 from vlinterpret_panel.schema import IMAGE, TEXT
+from vlinterpret_panel.ui import head_summary
 from vlinterpret_panel.ui.app import Dashboard
 from vlinterpret_panel.ui.export import current_view_table
 from vlinterpret_panel.ui.head_summary import MEAN_COLUMN, summary_table
@@ -114,3 +118,47 @@ def test_lasso_of_patches_selects_them_all(dashboard: Dashboard) -> None:
     dashboard.image.lasso.event(index=[0, 1, 2])
     assert dashboard.selection.tokens == sorted(info.image_tokens()[:3].tolist())
     assert all(info.modality[t] == IMAGE for t in dashboard.selection.tokens)
+
+
+def test_a_large_store_summary_computes_in_the_background_once_for_all_sessions(
+    relevancy_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = tmp_path / "store"
+    shutil.copytree(relevancy_store, store, ignore=shutil.ignore_patterns(".cache"))
+    ds = open_dataset(store)
+    monkeypatch.setattr(head_summary, "BACKGROUND_ABOVE_BYTES", 0)
+    release, started = threading.Event(), threading.Event()
+    compute = head_summary.compute_head_statistics
+
+    def held_compute(ds: xr.Dataset) -> xr.Dataset:
+        started.set()
+        assert release.wait(60)
+        return compute(ds)
+
+    monkeypatch.setattr(head_summary, "compute_head_statistics", held_compute)
+    sessions = [Dashboard(ds), Dashboard(ds)]
+    example = str(ds.example.values[0])
+    try:
+        for session in sessions:
+            session.selection.scope = "dataset"
+            summary = session.head_summary
+            hv.renderer("bokeh").get_plot(summary._heatmap * summary._marker)  # the page's plot, following the streams
+        assert started.wait(30)
+        waiting = [session.head_summary._heatmap.last for session in sessions]
+        assert all("computing statistics of" in w.opts.get().kwargs["title"] and len(w) == 0 for w in waiting)
+        pending = {id(s.head_summary._pending) for s in sessions}
+        assert len(pending) == 1 and None not in {s.head_summary._pending for s in sessions}
+        answered = sessions[0].head_summary._summary("cross_modal", "example", example, [], "raw")
+        assert len(answered) > 0  # other summaries still answer
+        sessions[0].head_summary._check_pending()
+        assert sessions[0].head_summary._pending is not None  # not done: nothing redrawn yet
+    finally:
+        release.set()
+    sessions[0].head_summary._pending.result(timeout=60)
+    for session in sessions:
+        session.head_summary._check_pending()
+        assert session.head_summary._pending is None and session.head_summary._poller is None
+        redrawn = session.head_summary._heatmap.last  # a new frame, not the cached placeholder
+        assert "all examples" in redrawn.opts.get().kwargs["title"]
+    expected = summary_table(ds, "cross_modal", "dataset", example, [], "raw")
+    np.testing.assert_allclose(redrawn.data["value"], expected["value"])
