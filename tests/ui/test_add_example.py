@@ -84,6 +84,25 @@ def _message(app: AppPage, text: str) -> str:
     return seen
 
 
+_HEADINGS_JS = """() => {
+    const found = [];
+    const walk = (root) => root.querySelectorAll('*').forEach((e) => {
+        if (e.tagName === 'H3') {
+            const style = getComputedStyle(e);
+            found.push([e.textContent.trim(), style.fontSize, style.fontWeight, style.marginTop]);
+        }
+        if (e.shadowRoot) walk(e.shadowRoot);
+    });
+    walk(document);
+    return found;
+}"""
+
+
+def _headings(app: AppPage) -> dict[str, list[str]]:
+    """Each section heading's font size, weight and margin as the page shows them."""
+    return {text: style for text, *style in app.page.evaluate(_HEADINGS_JS)}
+
+
 def _blue_share(pixels: np.ndarray) -> float:
     """Share of pixels whose blue clearly dominates (the uploaded square, under the attention overlay)."""
     return float(((pixels[..., 2] - pixels[..., :2].max(axis=-1)) > 25).mean())
@@ -97,6 +116,8 @@ def test_uploading_an_image_adds_it_to_the_store_and_selects_it(
     app.open()
     page.get_by_text("3 examples", exact=False).first.wait_for(timeout=30_000)
     before = _snapshot(live_store)
+    headings = _headings(app)
+    assert {"Examples", "Head and token", "Add example"} <= set(headings)
 
     page.locator("input[type=file]").set_input_files(
         {"name": "notes.png", "mimeType": "image/png", "buffer": b"these are notes, not pixels"}
@@ -123,6 +144,7 @@ def test_uploading_an_image_adds_it_to_the_store_and_selects_it(
     assert page.get_by_text(f"{example}: {QUESTION}").count() >= 1  # the browser lists it
     app.wait_until(lambda: f"example={example}" in page.evaluate("window.location.href"), what="the URL")
     page.screenshot(path=str(tmp_path / "added.png"))
+    assert _headings(app) == headings  # the rebuilt sidebar looks as it did (its headings were 2x larger)
     app.wait_until(lambda: _blue_share(app.pixels(QUESTION[:20])) > 0.3, what="the uploaded image in the view")
 
     other.page.get_by_text("4 examples", exact=False).first.wait_for(timeout=30_000)  # another session follows

@@ -26,6 +26,7 @@ from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.live import MAX_TEXT_CHARS, MAX_UPLOAD_BYTES, AddedExample, LiveModel, SceneDraft, decode_image
 from vlinterpret_panel.live import random_scene as draw_scene
 from vlinterpret_panel.store import shard_signature
+from vlinterpret_panel.ui.common import heading
 from vlinterpret_panel.ui.selection import Selection, default_tokens, valid_tokens
 
 logger = logging.getLogger(__name__)
@@ -128,7 +129,7 @@ class AddExample(pn.viewable.Viewer):
 
     def __panel__(self) -> pn.viewable.Viewable:
         return pn.Column(
-            "### Add example",
+            heading("Add example"),
             pn.pane.Markdown(f"A PNG or JPEG of at most {MAX_UPLOAD_BYTES // 2**20} MB, or a random scene."),
             self.upload,
             self.draw,

@@ -21,7 +21,7 @@ from holoviews.operation.datashader import datashade, dynspread
 from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.maps import LRUCache, example_tokens
 from vlinterpret_panel.schema import IMAGE, TEXT
-from vlinterpret_panel.ui.common import PLOT_SIZE, SELECTED_COLOR, dynamic_map, guarded
+from vlinterpret_panel.ui.common import PLOT_SIZE, SELECTED_COLOR, dynamic_map, guarded, heading
 from vlinterpret_panel.ui.image import image_element
 from vlinterpret_panel.ui.selection import Selection
 
@@ -193,9 +193,9 @@ class EmbeddingView(pn.viewable.Viewer):
         )
         tables = pn.Column(
             pn.pane.HoloViews(self._preview, linked_axes=False),
-            "#### Nearest tokens across the dataset",
+            heading("Nearest tokens across the dataset", level=4),
             neighbours,
-            "#### Tokens in the box selection",
+            heading("Tokens in the box selection", level=4),
             self._listed,
             width=480,
         )

@@ -9,6 +9,7 @@ import panel as pn
 import param
 import xarray as xr
 
+from vlinterpret_panel.ui.common import heading
 from vlinterpret_panel.ui.selection import Selection, valid_tokens
 
 ANY = "any"
@@ -122,7 +123,7 @@ class ExampleBrowser(pn.viewable.Viewer):
             if name in self._table
         ]
         return pn.Column(
-            "### Examples",
+            heading("Examples"),
             *filters,
             self._count,
             self._choice,

@@ -10,6 +10,7 @@ import panel as pn
 import xarray as xr
 
 from vlinterpret_panel.maps import example_tokens, token_attention
+from vlinterpret_panel.ui.common import heading
 from vlinterpret_panel.ui.selection import Selection
 
 
@@ -81,4 +82,4 @@ class ExportPanel(pn.viewable.Viewer):
 
         self.selection.param.watch(rename, ["example", "layer", "head"])
         rename()
-        return pn.Column("### Export", "PNG: the save tool above each plot.", pn.Row(netcdf, csv))
+        return pn.Column(heading("Export"), "PNG: the save tool above each plot.", pn.Row(netcdf, csv))

@@ -26,7 +26,7 @@ from vlinterpret_panel.stats import (
     examples_digest,
     layer_means,
 )
-from vlinterpret_panel.ui.common import PLOT_SIZE, SELECTED_COLOR, dynamic_map, guarded
+from vlinterpret_panel.ui.common import PLOT_SIZE, SELECTED_COLOR, card_title, dynamic_map, guarded
 from vlinterpret_panel.ui.selection import NORMALIZATIONS, SCOPES, Selection
 
 MEAN_COLUMN = "mean"
@@ -195,7 +195,7 @@ class HeadSummary(pn.viewable.Viewer):
         normalize = pn.widgets.RadioButtonGroup.from_param(self.selection.param.normalize, options=list(NORMALIZATIONS))
         help_text = pn.Card(
             pn.pane.Markdown("\n".join(f"- **{name}**: {text}" for name, text in STATISTICS.items())),
-            title="what the statistics mean",
+            header=card_title("what the statistics mean"),
             collapsed=True,
             width=PLOT_SIZE + 120,
         )

@@ -9,7 +9,7 @@ import xarray as xr
 
 from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.maps import example_index, example_tokens, values_on_image
-from vlinterpret_panel.ui.common import OVERLAY_ALPHA, OVERLAY_CMAP, PLOT_SIZE, dynamic_map, guarded
+from vlinterpret_panel.ui.common import OVERLAY_ALPHA, OVERLAY_CMAP, PLOT_SIZE, dynamic_map, guarded, heading
 from vlinterpret_panel.ui.image import image_element, image_plot_size, map_element
 from vlinterpret_panel.ui.selection import Selection
 from vlinterpret_panel.ui.text import coloured_tokens, token_labels, token_layout
@@ -95,6 +95,6 @@ class RelevancyView(pn.viewable.Viewer):
         return pn.Column(
             method,
             pn.Row(pn.pane.HoloViews(self._image, linked_axes=False), pn.pane.HoloViews(self._text, linked_axes=False)),
-            "#### All methods",
+            heading("All methods", level=4),
             pn.pane.HoloViews(self._all_methods, linked_axes=False),
         )

@@ -8,6 +8,7 @@ import xarray as xr
 
 from vlinterpret_panel.maps import example_tokens
 from vlinterpret_panel.schema import TEXT
+from vlinterpret_panel.ui.common import heading
 from vlinterpret_panel.ui.selection import Selection
 
 MEAN = "mean"
@@ -68,4 +69,4 @@ class TokenControls(pn.viewable.Viewer):
             self.selection.select(tokens=[text_tokens[event.new % len(text_tokens)]])
 
     def __panel__(self) -> pn.viewable.Viewable:
-        return pn.Column("### Head and token", self._layer, self._head, self._token, self._movie)
+        return pn.Column(heading("Head and token"), self._layer, self._head, self._token, self._movie)
