@@ -28,8 +28,8 @@ browser:
 		else echo "browser tests need Debian's chromium: sudo apt-get install chromium"; fi; }
 
 lint: $(STAMP)
-	$(BIN)/ruff check vlinterpret_panel tests extract benchmarks dashboards
-	$(BIN)/ruff format --check vlinterpret_panel tests extract benchmarks dashboards
+	$(BIN)/ruff check vlinterpret_panel tests extract benchmarks dashboards docs/make_screenshots.py
+	$(BIN)/ruff format --check vlinterpret_panel tests extract benchmarks dashboards docs/make_screenshots.py
 
 test: $(STAMP) browser lint
 	$(BIN)/python -m pytest

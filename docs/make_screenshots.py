@@ -7,71 +7,32 @@ Debian's chromium with Playwright, and stops the server at the end. The example 
 correctly answered "what color is the ...?" question; the query token is its shape word; the
 layer and head are where that word's attention lands most on the patches of the object the
 question is about (the store's ``target_mask``). Plots are found as the browser tests find
-them (``tests/ui/conftest.py``): through Bokeh's own views, by title.
+them (``tests/ui/browser.py``): through Bokeh's own views, by title.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
-from playwright.sync_api import Page, sync_playwright
+from playwright.sync_api import Page
 
+# The repository root, for tests.ui.browser when run as ``python docs/make_screenshots.py``.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.ui.browser import REPO, AppPage, chromium, panel_serve_command, served
 from vlinterpret_panel import open_dataset
 from vlinterpret_panel.maps import example_tokens
 from vlinterpret_panel.schema import TEXT
 
-REPO = Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 PAGE_SIZE = {"width": 1600, "height": 1100}
 TALL_SIZE = {"width": 1600, "height": 1500}  # element shots: views below the fold fit without scrolling
 MARGIN = 8
-
-# The bounding box of the plot titled ``prefix...`` (levels=0) or of its ``levels``-th enclosing layout.
-_BOX_JS = """([prefix, levels]) => {
-  const seen = new Set();
-  function find(view) {
-    if (!view || seen.has(view)) return null;
-    seen.add(view);
-    if (view.frame && view.model.title && view.model.title.text.startsWith(prefix)) return view;
-    for (const child of (view.child_views ?? [])) { const hit = find(child); if (hit) return hit; }
-    return null;
-  }
-  let view = null;
-  for (const root of Object.values(Bokeh.index)) { view = find(root); if (view) break; }
-  if (!view) return null;
-  for (let i = 0; i < levels && view.parent; i++) view = view.parent;
-  const box = view.el.getBoundingClientRect();
-  return {x: box.left, y: box.top, width: box.width, height: box.height};
-}"""
-
-_TITLES_JS = """() => {
-  const out = [], seen = new Set();
-  function walk(view) {
-    if (!view || seen.has(view)) return;
-    seen.add(view);
-    if (view.frame && view.model.title) out.push(view.model.title.text);
-    for (const child of (view.child_views ?? [])) walk(child);
-  }
-  for (const view of Object.values(Bokeh.index)) walk(view);
-  return out;
-}"""
 
 
 def choose(store: Path) -> dict:
@@ -106,51 +67,16 @@ def choose(store: Path) -> dict:
     }
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def start_server(store: Path, port: int, log: object) -> subprocess.Popen:
-    command = [
-        sys.executable, "-m", "panel", "serve", str(REPO / "dashboards" / "app.py"),
-        "--address", "127.0.0.1", "--port", str(port), "--allow-websocket-origin", f"127.0.0.1:{port}",
-        "--args", str(store),
-    ]  # fmt: skip
-    server = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/app", timeout=30) as response:
-                if response.status == 200:
-                    return server
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                raise RuntimeError("panel serve did not start") from None
-            time.sleep(0.5)
-
-
-class Shooter:
+class Shooter(AppPage):
     """One browser page of the app and the screenshots taken of it."""
 
-    def __init__(self, page: Page, out: Path) -> None:
-        self.page, self.out = page, out
-        self.errors: list[str] = []
-        page.on("console", lambda message: message.type == "error" and self.errors.append(message.text))
-        page.on("pageerror", lambda error: self.errors.append(str(error)))
+    def __init__(self, page: Page, url: str, out: Path) -> None:
+        super().__init__(page, url)
+        self.out = out
 
-    def titles(self) -> list[str]:
-        return self.page.evaluate(_TITLES_JS)
-
-    def wait_for_figure(self, prefix: str, timeout: float = 90) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if any(title.startswith(prefix) for title in self.titles()):
-                return
-            time.sleep(0.25)
-        raise RuntimeError(f"no plot titled {prefix!r}: {self.titles()}")
+    def wait_for_figure(self, prefix: str, timeout: float = 90) -> dict:
+        # The shipped store is larger than the tests' one: its first views take longer.
+        return super().wait_for_figure(prefix, timeout)
 
     def settle(self, seconds: float = 1.5, timeout: float = 120) -> None:
         """Wait until nothing shows a loading spinner, then a little longer for the canvases to paint."""
@@ -159,12 +85,6 @@ class Shooter:
         while time.monotonic() < deadline and self.page.locator(".pn-loading").count():
             time.sleep(0.25)
         self.page.wait_for_timeout(int(seconds * 1000))
-
-    def box(self, prefix: str, levels: int = 0) -> dict:
-        box = self.page.evaluate(_BOX_JS, [prefix, levels])
-        if box is None:
-            raise RuntimeError(f"no plot titled {prefix!r}: {self.titles()}")
-        return box
 
     def shoot(self, name: str, clip: dict | None = None) -> None:
         path = self.out / name
@@ -200,67 +120,58 @@ def run(store: Path, out: Path) -> None:
     query = f"?example={chosen['example']}&layer={layer}&head={head_query}&tokens=[{token}]"
     heatmap = f"layer {layer}, " + ("mean of heads" if head is None else f"head {head}")
     out.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    with tempfile.TemporaryDirectory() as tmp:
-        log_path = Path(tmp) / "panel-serve.log"
-        with log_path.open("w") as log:
-            server = start_server(store, port, log)
-            try:
-                with sync_playwright() as playwright:
-                    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-                    try:
-                        page = browser.new_context(viewport=PAGE_SIZE).new_page()
-                        shots = Shooter(page, out)
-                        page.goto(f"http://127.0.0.1:{port}/app{query}")
-                        for prefix in ("cross_modal", heatmap, chosen["text"][:20], f"attention from {token}:"):
-                            shots.wait_for_figure(prefix)
-                        shots.settle(2.5)
-                        shots.shoot("dashboard.png")
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        served(lambda port: panel_serve_command(store, port), Path(tmp) / "panel-serve.log") as (url, _server),
+        chromium() as browser,
+    ):
+        shots = Shooter(browser.new_context(viewport=PAGE_SIZE).new_page(), url, out)
+        page = shots.page
+        shots.open(query)
+        for prefix in ("cross_modal", heatmap, chosen["text"][:20], f"attention from {token}:"):
+            shots.wait_for_figure(prefix)
+        shots.settle(2.5)
+        shots.shoot("dashboard.png")
 
-                        shots.resize(TALL_SIZE)
-                        shots.shoot("head-summary.png", shots.box("cross_modal", 1))
-                        shots.shoot("attention-heatmap.png", shots.box(heatmap, 2))
-                        shots.shoot("image-view.png", shots.box(chosen["text"][:20], 1))
-                        shots.shoot("text-view.png", shots.box(f"attention from {token}:"))
-                        shots.shoot("example-browser.png", shots.sidebar_box("Examples", "Head and token"))
+        shots.resize(TALL_SIZE)
+        shots.shoot("head-summary.png", shots.box("cross_modal", 1))
+        shots.shoot("attention-heatmap.png", shots.box(heatmap, 2))
+        shots.shoot("image-view.png", shots.box(chosen["text"][:20], 1))
+        shots.shoot("text-view.png", shots.box(f"attention from {token}:"))
+        shots.shoot("example-browser.png", shots.sidebar_box("Examples", "Head and token"))
 
-                        shots.tab("Embeddings")
-                        shots.wait_for_figure("hidden layer")
-                        shots.settle(3.0)
-                        shots.shoot("embedding-view.png", shots.box("hidden layer", 2))
+        shots.tab("Embeddings")
+        shots.wait_for_figure("hidden layer")
+        shots.settle(3.0)
+        shots.shoot("embedding-view.png", shots.box("hidden layer", 2))
 
-                        shots.tab("Relevancy")
-                        shots.wait_for_figure("text relevancy for")
-                        shots.settle(2.0)
-                        shots.shoot("relevancy-view.png", shots.box("text relevancy for", 3))
+        shots.tab("Relevancy")
+        shots.wait_for_figure("text relevancy for")
+        shots.settle(2.0)
+        shots.shoot("relevancy-view.png", shots.box("text relevancy for", 3))
 
-                        shots.tab("Compare heads")
-                        add = page.get_by_role("button", name="add the selected head")
-                        add.wait_for()
-                        add.click()  # the URL's head beside the default (last layer's mean)
-                        if head is not None:
-                            other = (head + 1) % chosen["heads"]
-                            page.locator(".bk-input-group").filter(has=page.get_by_text("head", exact=True)).locator(
-                                "select"
-                            ).select_option(str(other))
-                            shots.settle(1.0)
-                            add.click()
-                        slider = page.locator(".bk-input-group").filter(has_text="layer:").locator(".noUi-handle")
-                        slider.first.focus()
-                        slider.first.press("ArrowLeft" if layer > 0 else "ArrowRight")
-                        shots.settle(1.0)
-                        add.click()
-                        shots.wait_for_figure("L")
-                        shots.settle(2.0)
-                        shots.shoot("head-comparison.png", shots.box("L", 4))
-                    finally:
-                        browser.close()
-            finally:
-                server.terminate()
-                server.wait(timeout=30)
-        if shots.errors:
-            print("console errors:\n" + "\n".join(shots.errors))
-        print(json.dumps(chosen))
+        shots.tab("Compare heads")
+        add = page.get_by_role("button", name="add the selected head")
+        add.wait_for()
+        add.click()  # the URL's head beside the default (last layer's mean)
+        if head is not None:
+            other = (head + 1) % chosen["heads"]
+            page.locator(".bk-input-group").filter(has=page.get_by_text("head", exact=True)).locator(
+                "select"
+            ).select_option(str(other))
+            shots.settle(1.0)
+            add.click()
+        slider = page.locator(".bk-input-group").filter(has_text="layer:").locator(".noUi-handle")
+        slider.first.focus()
+        slider.first.press("ArrowLeft" if layer > 0 else "ArrowRight")
+        shots.settle(1.0)
+        add.click()
+        shots.wait_for_figure("L")
+        shots.settle(2.0)
+        shots.shoot("head-comparison.png", shots.box("L", 4))
+    if shots.errors:
+        print("console errors:\n" + "\n".join(shots.errors))
+    print(json.dumps(chosen))
 
 
 def main() -> None:

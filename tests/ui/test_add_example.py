@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.ui.conftest import AppPage, served
+from tests.ui.browser import APP_VIEWPORT, AppPage, app_page, served
 from vlinterpret_panel import open_dataset
 from vlinterpret_panel.extract import extract, scene_sources
 from vlinterpret_panel.live import random_scene
@@ -55,10 +55,8 @@ def live_url(live_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 @pytest.fixture
 def live_app(browser: object, live_url: str) -> Iterator[AppPage]:
-    context = browser.new_context(viewport={"width": 1600, "height": 1300})
-    page = context.new_page()
-    yield AppPage(page, live_url)
-    context.close()
+    with app_page(browser, live_url) as page:
+        yield page
 
 
 def _png(pixels: np.ndarray) -> bytes:
@@ -111,7 +109,7 @@ def _blue_share(pixels: np.ndarray) -> float:
 def test_uploading_an_image_adds_it_to_the_store_and_selects_it(
     live_app: AppPage, browser: object, live_url: str, live_store: Path, tmp_path: Path
 ) -> None:
-    other = AppPage(browser.new_context(viewport={"width": 1600, "height": 1300}).new_page(), live_url).open()
+    other = AppPage(browser.new_context(viewport=APP_VIEWPORT).new_page(), live_url).open()
     app, page = live_app, live_app.page
     app.open()
     page.get_by_text("3 examples", exact=False).first.wait_for(timeout=30_000)

@@ -8,7 +8,8 @@ from urllib.parse import parse_qs, urlparse
 import numpy as np
 import pytest
 
-from tests.ui.conftest import AppPage, changed_fraction
+from tests.ui.browser import AppPage
+from tests.ui.conftest import changed_fraction
 from vlinterpret_panel import open_dataset
 from vlinterpret_panel.maps import example_tokens
 from vlinterpret_panel.schema import TEXT

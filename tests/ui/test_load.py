@@ -28,8 +28,8 @@ import numpy as np
 import psutil
 import pytest
 
-from tests.ui.conftest import AppPage, panel_serve_command
-from tests.ui.conftest import served as serve_on_free_port
+from tests.ui.browser import APP_VIEWPORT, AppPage, panel_serve_command
+from tests.ui.browser import served as serve_on_free_port
 from vlinterpret_panel import open_dataset
 from vlinterpret_panel.maps import example_tokens
 from vlinterpret_panel.schema import TEXT
@@ -171,7 +171,7 @@ def _open_sessions(browser: object, url: str, store: Path, sessions: int) -> lis
         text_tokens = [int(t) for t in info.tokens_of(TEXT)]
         layout = token_layout(info)
         boxes = layout[np.isin(layout.token, text_tokens)]
-        context = browser.new_context(viewport={"width": 1600, "height": 1300})
+        context = browser.new_context(viewport=APP_VIEWPORT)
         session = Session(
             app=AppPage(context.new_page(), url),
             example=example,

@@ -1,0 +1,210 @@
+"""Drive the dashboard in Debian's chromium: serve it on a free port, launch the browser, find plots.
+
+Shared by the browser tests (``tests/ui/conftest.py`` and the test modules) and by
+``docs/make_screenshots.py``, so both find a plot the same way: through Bokeh's own views
+(frame boxes and scales), by title, so a click or a clip lands on a given plot or data coordinate.
+Imports no pytest: the screenshot script uses it outside a test run.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Error as PlaywrightError
+
+REPO = Path(__file__).resolve().parents[2]
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+APP_VIEWPORT = {"width": 1600, "height": 1300}
+
+# Defines ``findPlot(prefix)``: the first Bokeh plot view whose title starts with ``prefix``, or null.
+_FIND_PLOT_JS = """
+  function findPlot(prefix) {
+    const seen = new Set();
+    function find(view) {
+      if (!view || seen.has(view)) return null;
+      seen.add(view);
+      if (view.frame && view.model.title && view.model.title.text.startsWith(prefix)) return view;
+      for (const child of (view.child_views ?? [])) { const hit = find(child); if (hit) return hit; }
+      return null;
+    }
+    for (const root of Object.values(Bokeh.index)) { const view = find(root); if (view) return view; }
+    return null;
+  }
+"""
+
+# Every titled plot: its title and its frame's box on the page.
+FIGURES_JS = """() => {
+  const out = [], seen = new Set();
+  function walk(view) {
+    if (!view || seen.has(view)) return;
+    seen.add(view);
+    if (view.frame && view.model.title) {
+      const box = view.el.getBoundingClientRect(), frame = view.frame.bbox;
+      out.push({title: view.model.title.text, left: box.left + frame.left, top: box.top + frame.top,
+                width: frame.width, height: frame.height});
+    }
+    for (const child of (view.child_views ?? [])) walk(child);
+  }
+  for (const view of Object.values(Bokeh.index)) walk(view);
+  return out;
+}"""
+
+# The page position of data coordinates (x, y) in the plot titled ``prefix...`` (factors for categorical axes).
+DATA_TO_PAGE_JS = f"""([prefix, x, y]) => {{
+  {_FIND_PLOT_JS}
+  const view = findPlot(prefix);
+  if (!view) return null;
+  const frame = view.frame, box = view.el.getBoundingClientRect();
+  const sx = typeof x === 'string' ? frame.x_range.synthetic(x) : x;
+  const sy = typeof y === 'string' ? frame.y_range.synthetic(y) : y;
+  return [box.left + frame.x_scale.compute(sx), box.top + frame.y_scale.compute(sy)];
+}}"""
+
+# The bounding box of the plot titled ``prefix...`` (levels=0) or of its ``levels``-th enclosing layout.
+BOX_JS = f"""([prefix, levels]) => {{
+  {_FIND_PLOT_JS}
+  let view = findPlot(prefix);
+  if (!view) return null;
+  for (let i = 0; i < levels && view.parent; i++) view = view.parent;
+  const box = view.el.getBoundingClientRect();
+  return {{x: box.left, y: box.top, width: box.width, height: box.height}};
+}}"""
+
+
+def free_port() -> int:
+    """A localhost TCP port that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def panel_serve_command(store: Path, port: int) -> list[str]:
+    """``panel serve dashboards/app.py --args STORE`` bound to localhost on ``port``."""
+    return [
+        sys.executable, "-m", "panel", "serve", str(REPO / "dashboards" / "app.py"),
+        "--address", "127.0.0.1", "--port", str(port), f"--allow-websocket-origin=127.0.0.1:{port}",
+        "--args", str(store),
+    ]  # fmt: skip
+
+
+@contextmanager
+def served(command_for_port: Callable[[int], list[str]], log_path: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Start a dashboard server on a free localhost port, wait until it answers: its URL and process."""
+    port = free_port()
+    with log_path.open("w") as log:
+        server = subprocess.Popen(command_for_port(port), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
+        url = f"http://127.0.0.1:{port}/app"
+        try:
+            deadline = time.monotonic() + 90
+            while True:
+                try:
+                    with urllib.request.urlopen(url, timeout=30) as response:
+                        if response.status == 200:
+                            break
+                except OSError:
+                    if server.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"the server did not start: {log_path.read_text()}") from None
+                    time.sleep(0.5)
+            yield url, server
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+
+@contextmanager
+def chromium() -> Iterator[Browser]:
+    """Debian's chromium (not Playwright's download), launched headless by Playwright."""
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+class AppPage:
+    """One browser session of the dashboard, with the console errors and failed requests it logged."""
+
+    def __init__(self, page: Page, url: str) -> None:
+        self.page, self.url = page, url
+        self.errors: list[str] = []
+        page.on("console", lambda message: message.type == "error" and self.errors.append(message.text))
+        page.on("pageerror", lambda error: self.errors.append(str(error)))
+        page.on("requestfailed", lambda request: self.errors.append(f"request failed: {request.url}"))
+
+    def open(self, query: str = "") -> AppPage:
+        self.page.goto(self.url + query)
+        self.wait_for_figure("layer ")
+        return self
+
+    def figures(self) -> list[dict]:
+        return self.page.evaluate(FIGURES_JS)
+
+    def figure(self, prefix: str) -> dict:
+        matches = [f for f in self.figures() if f["title"].startswith(prefix)]
+        assert matches, f"no plot titled {prefix!r}: {[f['title'] for f in self.figures()]}"
+        return matches[0]
+
+    def wait_for_figure(self, prefix: str, timeout: float = 60) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                return self.figure(prefix)
+            except (AssertionError, PlaywrightError):
+                time.sleep(0.25)
+        return self.figure(prefix)
+
+    def click_data(self, prefix: str, x: float | str, y: float | str) -> None:
+        """Click the plot titled ``prefix...`` at data coordinates ``(x, y)`` (factors for categorical axes)."""
+        position = self.page.evaluate(DATA_TO_PAGE_JS, [prefix, x, y])
+        assert position is not None, f"no plot titled {prefix!r}"
+        self.page.mouse.click(*position)
+
+    def box(self, prefix: str, levels: int = 0) -> dict:
+        """The page box (x, y, width, height) of the plot titled ``prefix...`` or its ``levels``-th layout."""
+        box = self.page.evaluate(BOX_JS, [prefix, levels])
+        assert box is not None, f"no plot titled {prefix!r}: {[f['title'] for f in self.figures()]}"
+        return box
+
+    def pixels(self, prefix: str) -> np.ndarray:
+        """The RGB pixels of a plot's frame, as shown."""
+        frame = self.figure(prefix)
+        clip = {key: frame[key] for key in ("width", "height")} | {"x": frame["left"], "y": frame["top"]}
+        return np.asarray(Image.open(io.BytesIO(self.page.screenshot(clip=clip))).convert("RGB"), dtype=np.int16)
+
+    def wait_until(self, condition, timeout: float = 20, what: str = "condition") -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if condition():
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"timed out waiting for {what}")
+
+
+@contextmanager
+def app_page(browser: Browser, url: str, viewport: dict | None = None) -> Iterator[AppPage]:
+    """An ``AppPage`` of ``url`` in a fresh browser context (``APP_VIEWPORT`` unless told), closed after."""
+    context = browser.new_context(viewport=viewport or APP_VIEWPORT)
+    try:
+        yield AppPage(context.new_page(), url)
+    finally:
+        context.close()
