@@ -173,11 +173,15 @@ class AppPage:
                 time.sleep(0.25)
         return self.figure(prefix)
 
-    def click_data(self, prefix: str, x: float | str, y: float | str) -> None:
-        """Click the plot titled ``prefix...`` at data coordinates ``(x, y)`` (factors for categorical axes)."""
+    def data_position(self, prefix: str, x: float | str, y: float | str) -> tuple[float, float]:
+        """The page position of data coordinates ``(x, y)`` (factors for categorical axes) in the plot ``prefix...``."""
         position = self.page.evaluate(DATA_TO_PAGE_JS, [prefix, x, y])
         assert position is not None, f"no plot titled {prefix!r}"
-        self.page.mouse.click(*position)
+        return position[0], position[1]
+
+    def click_data(self, prefix: str, x: float | str, y: float | str) -> None:
+        """Click the plot titled ``prefix...`` at data coordinates ``(x, y)``."""
+        self.page.mouse.click(*self.data_position(prefix, x, y))
 
     def box(self, prefix: str, levels: int = 0) -> dict:
         """The page box (x, y, width, height) of the plot titled ``prefix...`` or its ``levels``-th layout."""

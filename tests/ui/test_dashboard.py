@@ -12,7 +12,8 @@ from tests.ui.browser import AppPage
 from tests.ui.conftest import changed_fraction
 from vlinterpret_panel import open_dataset
 from vlinterpret_panel.maps import example_tokens
-from vlinterpret_panel.schema import TEXT
+from vlinterpret_panel.schema import IMAGE, TEXT
+from vlinterpret_panel.ui.embedding import projection_table
 from vlinterpret_panel.ui.text import token_layout
 
 pytestmark = pytest.mark.browser
@@ -117,6 +118,29 @@ def test_layer_slider_changes_the_embedding_view(app: AppPage) -> None:
     handle.press("ArrowLeft")
     app.wait_until(lambda: app.figure("hidden layer")["title"] != title_before, what="the layer in the title")
     app.wait_until(lambda: changed_fraction(before, app.pixels("hidden layer")) > 0.01, what="the cloud to change")
+    assert app.errors == []
+
+
+def test_hovering_a_token_in_the_embedding_outlines_it_on_the_image(app: AppPage, relevancy_store: Path) -> None:
+    ds = open_dataset(relevancy_store)
+    example = str(ds.example.values[2])
+    app.open(f"?example={example}")
+    app.page.get_by_text("Embeddings", exact=True).click()
+    layer = int(app.wait_for_figure("hidden layer")["title"].split()[2])
+    app.wait_for_figure("selected:")
+    mine = projection_table(ds, layer).query("example == @example").reset_index(drop=True)
+    points = mine[["x", "y"]].to_numpy()
+    gaps = np.hypot(*(points[:, None] - points[None]).transpose(2, 0, 1)) + np.eye(len(points)) * 1e9
+    patches = mine.index[mine["modality"] == IMAGE]
+    patch = mine.loc[patches[np.argmax(gaps[patches].min(axis=1))]]  # the image token farthest from the others
+    before = app.pixels("selected:")
+    x, y = app.data_position("hidden layer", float(patch.x), float(patch.y))
+    app.page.mouse.move(x - 40, y - 40)
+    app.page.mouse.move(x, y, steps=4)
+    app.wait_for_figure(f"hover: {patch.token_text}")
+    app.wait_until(lambda: changed_fraction(before, app.pixels("hover:")) > 0.005, what="the outline on the image")
+    app.page.mouse.move(x + 2000, y, steps=2)  # off the map: the preview keeps the last hovered token
+    assert app.figure("hover:")["title"] == f"hover: {patch.token_text}"
     assert app.errors == []
 
 

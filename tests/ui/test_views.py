@@ -18,6 +18,7 @@ from vlinterpret_panel.maps import example_tokens
 from vlinterpret_panel.schema import IMAGE, TEXT
 from vlinterpret_panel.ui import head_summary
 from vlinterpret_panel.ui.app import Dashboard
+from vlinterpret_panel.ui.embedding import projection_table
 from vlinterpret_panel.ui.export import current_view_table
 from vlinterpret_panel.ui.head_summary import MEAN_COLUMN, summary_table
 from vlinterpret_panel.ui.text import token_layout
@@ -162,3 +163,25 @@ def test_a_large_store_summary_computes_in_the_background_once_for_all_sessions(
         assert "all examples" in redrawn.opts.get().kwargs["title"]
     expected = summary_table(ds, "cross_modal", "dataset", example, [], "raw")
     np.testing.assert_allclose(redrawn.data["value"], expected["value"])
+
+
+def test_the_embedding_previews_the_token_under_the_pointer_only_when_near_one(
+    dashboard: Dashboard, ds: xr.Dataset
+) -> None:
+    view, selection = dashboard.embedding, dashboard.selection
+    table = projection_table(ds, selection.hidden_layer)
+    mine = table[table["example"] == selection.example]
+    token = mine[mine["modality"] == IMAGE].iloc[-1]
+    view.pointer.event(x=float(token.x), y=float(token.y))
+    assert view.hovered == int(token.token)
+    preview = view._preview[()]
+    assert preview.opts.get().kwargs["title"].startswith(f"hover: {token.token_text}")
+    outline = preview.get(2).data  # the dashed box under the pointer, on the image
+    box = example_tokens(ds, selection.example).token_box[int(token.token)]
+    np.testing.assert_allclose(outline[["x0", "y0", "x1", "y1"]].to_numpy()[0], box)
+    far = float(table["x"].max() + (table["x"].max() - table["x"].min()))
+    view.pointer.event(x=far, y=float(token.y))
+    assert view.hovered is None
+    view.pointer.event(x=float(token.x), y=float(token.y))
+    selection.hidden_layer = 0 if selection.hidden_layer else 1  # another map: the old position means nothing
+    assert view.hovered is None

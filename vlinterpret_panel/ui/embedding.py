@@ -2,8 +2,10 @@
 
 The cloud is datashaded (re-rasterised on zoom through RangeXY), coloured by modality, label or
 example; the current example's tokens are drawn on top with hover, the selected token starred and
-its nearest token of the other modality marked. A box selection lists the tokens inside it, and a
-table gives the selected token's nearest neighbours across the dataset in hidden space.
+its nearest token of the other modality marked. Hovering one of them outlines it on the example's
+image beside the map (VL-InterpreT's hover preview); a tap selects it. A box selection lists the
+tokens inside it, and a table gives the selected token's nearest neighbours across the dataset in
+hidden space.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ LISTED_POINTS = 200
 PLAY_INTERVAL_MS = 1500
 NEIGHBOUR_TEXT_CHARACTERS = 32
 PREVIEW_SIZE = 200
+HOVER_RADIUS = 0.03
+"""How near (a share of the map's larger extent) the pointer must be to a token to preview it."""
+HOVER_COLOR = "#ff9f1c"
 _PROJECTIONS = LRUCache(16)
 
 
@@ -57,6 +62,7 @@ class EmbeddingView(pn.viewable.Viewer):
     """Hidden-state projection per layer, with play, colouring, point listing and nearest neighbours."""
 
     color_by = param.Selector(default="modality", objects=list(COLOR_BY))
+    hovered = param.Integer(default=None, allow_None=True, doc="The current example's token under the pointer.")
 
     def __init__(self, ds: xr.Dataset, selection: Selection, **params) -> None:
         super().__init__(**params)
@@ -80,7 +86,13 @@ class EmbeddingView(pn.viewable.Viewer):
         self.bounds.add_subscriber(self._list_points)
         self.tap = hv.streams.Tap(source=self._cloud_plot, x=None, y=None)
         self.tap.add_subscriber(self._tapped)
-        self._preview = dynamic_map(self._patch_preview, streams=[hv.streams.Params(selection, ["example", "tokens"])])
+        self.pointer = hv.streams.PointerXY(source=self._cloud_plot, x=None, y=None)
+        self.pointer.add_subscriber(self._pointed)
+        selection.param.watch(lambda event: setattr(self, "hovered", None), ["example", "hidden_layer"])
+        self._preview = dynamic_map(
+            self._patch_preview,
+            streams=[hv.streams.Params(selection, ["example", "tokens"]), hv.streams.Params(self, ["hovered"])],
+        )
         self._play = pn.widgets.Player(
             label="play layers",
             start=0,
@@ -139,26 +151,56 @@ class EmbeddingView(pn.viewable.Viewer):
         distance = np.hypot(others["x"] - chosen["x"].iloc[0], others["y"] - chosen["y"].iloc[0])
         return others.iloc[[int(np.argmin(distance.to_numpy()))]]
 
-    def _tapped(self, x: float | None, y: float | None) -> None:
-        """Select the current example's token nearest the tap in the map."""
+    def token_near(self, x: float | None, y: float | None, *, within: float | None = None) -> int | None:
+        """The current example's token nearest ``(x, y)`` in the map; None if none lies ``within`` that distance."""
         if x is None or y is None:
-            return
+            return None
         table = projection_table(self._ds, self.selection.hidden_layer)
         mine = table[table["example"] == self.selection.example]
-        if len(mine):
-            nearest = int(np.argmin(np.hypot(mine["x"] - x, mine["y"] - y).to_numpy()))
-            self.selection.select(tokens=[int(mine["token"].iloc[nearest])])
+        if not len(mine):
+            return None
+        distance = np.hypot(mine["x"] - x, mine["y"] - y).to_numpy()
+        nearest = int(np.argmin(distance))
+        if within is not None and distance[nearest] > within:
+            return None
+        return int(mine["token"].iloc[nearest])
 
-    def _patch_preview(self, example: str, tokens: list[int]) -> hv.Overlay:
-        """The example's image with the selected image tokens outlined (VL-InterpreT's hover preview)."""
+    def _tapped(self, x: float | None, y: float | None) -> None:
+        """Select the current example's token nearest the tap in the map."""
+        token = self.token_near(x, y)
+        if token is not None:
+            self.selection.select(tokens=[token])
+
+    def _pointed(self, x: float | None, y: float | None) -> None:
+        """Preview the current example's token under the pointer, if one is within ``HOVER_RADIUS``."""
+        try:
+            table = projection_table(self._ds, self.selection.hidden_layer)
+        except (VLIError, ImportError):  # the cloud's callback reports the error
+            return
+        extent = max(np.ptp(table["x"].to_numpy()), np.ptp(table["y"].to_numpy()), 1e-12)
+        self.hovered = self.token_near(x, y, within=HOVER_RADIUS * extent)
+
+    def _patch_preview(self, example: str, tokens: list[int], hovered: int | None) -> hv.Overlay:
+        """The example's image with the selected image tokens outlined, and the hovered one (VL-InterpreT's preview)."""
         info = example_tokens(self._ds, example)
-        boxes = [tuple(info.token_box[t]) for t in tokens if t < info.n_tokens and np.isfinite(info.token_box[t]).all()]
+
+        def boxes(chosen: list[int]) -> list[tuple]:
+            return [
+                tuple(info.token_box[t]) for t in chosen if t < info.n_tokens and np.isfinite(info.token_box[t]).all()
+            ]
+
         names = ", ".join(str(info.token_text[t]) for t in tokens[:3] if t < info.n_tokens)
+        title = f"selected: {names}"
+        if hovered is not None and hovered < info.n_tokens:
+            title = f"hover: {info.token_text[hovered]}"
         picture = image_element(info.image).opts(
             invert_yaxis=True, xaxis=None, yaxis=None, frame_width=PREVIEW_SIZE, frame_height=PREVIEW_SIZE
         )
-        outline = hv.Rectangles(boxes).opts(fill_alpha=0, line_color=SELECTED_COLOR, line_width=3)
-        return (picture * outline).opts(title=f"selected: {names}"[:40])
+        selected = hv.Rectangles(boxes(tokens)).opts(fill_alpha=0, line_color=SELECTED_COLOR, line_width=3)
+        under_pointer = hv.Rectangles(boxes([] if hovered is None else [hovered])).opts(
+            fill_alpha=0, line_color=HOVER_COLOR, line_width=3, line_dash="dashed"
+        )
+        return (picture * selected * under_pointer).opts(title=title[:40])
 
     def _list_points(self, bounds: tuple[float, float, float, float] | None) -> None:
         if bounds is None:
