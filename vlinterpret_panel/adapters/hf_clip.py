@@ -17,16 +17,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from vlinterpret_panel.adapters.base import AttentionCapture, BatchedAdapter, ForwardCapture, HiddenCapture
+from vlinterpret_panel.adapters.base import BatchedAdapter, ForwardCapture, HiddenCapture
 from vlinterpret_panel.adapters.hf_common import (
     check_image,
     clip_style_pixel_map,
-    example_maps,
     forward_hooks,
     image_token_labels,
     keep_index,
-    load_pretrained,
-    model_options,
+    layer_attentions,
+    load_model_and_processor,
     tapping,
     token_labels,
     use_capture_attention,
@@ -73,8 +72,7 @@ class ClipAdapter(BatchedAdapter):
         """Load model and processor from a Hub name or a local directory."""
         from transformers import CLIPModel, CLIPProcessor
 
-        model = load_pretrained(CLIPModel.from_pretrained, name_or_path, "CLIP model", **model_options(options))
-        processor = load_pretrained(CLIPProcessor.from_pretrained, name_or_path, "CLIP processor")
+        model, processor = load_model_and_processor(CLIPModel, CLIPProcessor, name_or_path, "CLIP", options)
         return cls(model, processor, name=options.get("name", name_or_path))
 
     def run_examples(
@@ -122,27 +120,23 @@ class ClipAdapter(BatchedAdapter):
                 positions, boxes = positions[kept_image], boxes[kept_image]
             image_tokens, image_modality = image_token_labels(positions)
             text_index = None if n_text == input_ids.shape[1] else torch.arange(n_text)
-            text_tokens_at = range(n_text)
-            image_tokens_at = range(n_text, n_text + len(positions))
-            attentions = [
-                AttentionCapture(
-                    name=f"text_model.encoder.layers.{layer}.self_attn",
-                    kind="text_self",
-                    probabilities=example_maps(tap, call, example, text_index),
-                    query_tokens=text_tokens_at,
-                    key_tokens=text_tokens_at,
-                )
-                for layer, call in enumerate(text_calls)
-            ] + [
-                AttentionCapture(
-                    name=f"vision_model.encoder.layers.{layer}.self_attn",
-                    kind="image_self",
-                    probabilities=example_maps(tap, call, example, None),
-                    query_tokens=image_tokens_at,
-                    key_tokens=image_tokens_at,
-                )
-                for layer, call in enumerate(vision_calls)
-            ]
+            attentions = layer_attentions(
+                tap,
+                text_calls,
+                example,
+                text_index,
+                name="text_model.encoder.layers.{layer}.self_attn",
+                kind="text_self",
+                tokens=range(n_text),
+            ) + layer_attentions(
+                tap,
+                vision_calls,
+                example,
+                None,
+                name="vision_model.encoder.layers.{layer}.self_attn",
+                kind="image_self",
+                tokens=range(n_text, n_text + len(positions)),
+            )
             text_states = outputs.text_model_output.hidden_states
             vision_states = outputs.vision_model_output.hidden_states
             captures.append(

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vlinterpret_panel.adapters.base import AttentionCapture, HiddenCapture
 from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.schema import IMAGE, SPECIAL, TEXT
 
@@ -169,6 +170,23 @@ def model_options(options: dict[str, Any]) -> dict[str, Any]:
     return {"dtype": getattr(torch, str(dtype))}
 
 
+def load_model_and_processor(
+    model_class: Any,
+    processor_class: Any,
+    name_or_path: str,
+    family: str,
+    options: dict[str, Any],
+    part: str = "processor",
+) -> tuple[Any, Any]:
+    """A checkpoint's model (in the ``dtype`` option, if given) and its processor or tokenizer (``part``).
+
+    Errors name the family and the part that failed, e.g. "cannot load the ViLT processor ...".
+    """
+    model = load_pretrained(model_class.from_pretrained, name_or_path, f"{family} model", **model_options(options))
+    processor = load_pretrained(processor_class.from_pretrained, name_or_path, f"{family} {part}")
+    return model, processor
+
+
 def token_labels(tokenizer: Any, ids: Sequence[int]) -> tuple[list[str], list[str]]:
     """Token strings and their modality (``special`` for the tokenizer's special ids, else ``text``)."""
     special_ids = set(tokenizer.all_special_ids)
@@ -299,3 +317,53 @@ def example_maps(tap: AttentionTap, call: int, example: int, index: torch.Tensor
     if index is None:
         return maps
     return maps.index_select(1, index).index_select(2, index)
+
+
+def layer_attentions(
+    tap: AttentionTap,
+    calls: Sequence[int],
+    example: int,
+    index: torch.Tensor | None,
+    *,
+    name: str,
+    kind: str,
+    tokens: Sequence[int],
+) -> list[AttentionCapture]:
+    """One ``AttentionCapture`` per layer of a stack whose layers attend over the same ``tokens``.
+
+    ``calls[layer]`` is the layer's tap call; ``name`` is formatted with ``layer``; ``index``
+    restricts the maps to the example's real tokens as in ``example_maps``.
+    """
+    return [
+        AttentionCapture(
+            name=name.format(layer=layer),
+            kind=kind,
+            probabilities=example_maps(tap, call, example, index),
+            query_tokens=tokens,
+            key_tokens=tokens,
+        )
+        for layer, call in enumerate(calls)
+    ]
+
+
+def stage_hidden_states(
+    hidden_states: Sequence[torch.Tensor],
+    example: int,
+    index: torch.Tensor | None,
+    *,
+    layer_name: str,
+    tokens: Sequence[int],
+) -> list[HiddenCapture]:
+    """The example's hidden states after the embeddings and after each layer of a single-sequence stack.
+
+    ``hidden_states`` is transformers' tuple (embeddings first); ``layer_name`` is formatted
+    with ``layer``; ``index`` selects the example's real tokens (None: all of them).
+    """
+    return [
+        HiddenCapture(
+            name="embeddings" if stage == 0 else layer_name.format(layer=stage - 1),
+            states=states[example] if index is None else states[example, index],
+            token_indices=tokens,
+        )
+        for stage, states in enumerate(hidden_states)
+    ]

@@ -18,15 +18,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from vlinterpret_panel.adapters.base import AttentionCapture, BatchedAdapter, ForwardCapture, HiddenCapture
+from vlinterpret_panel.adapters.base import BatchedAdapter, ForwardCapture
 from vlinterpret_panel.adapters.hf_common import (
     check_image,
     clip_style_pixel_map,
-    example_maps,
     forward_hooks,
     keep_index,
-    load_pretrained,
-    model_options,
+    layer_attentions,
+    load_model_and_processor,
+    stage_hidden_states,
     tapping,
     token_labels,
     use_capture_attention,
@@ -77,10 +77,9 @@ class LlavaAdapter(BatchedAdapter):
         """Load model and processor; ``prompt_template`` may be given as an option."""
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-        model = load_pretrained(
-            LlavaForConditionalGeneration.from_pretrained, name_or_path, "LLaVA model", **model_options(options)
+        model, processor = load_model_and_processor(
+            LlavaForConditionalGeneration, AutoProcessor, name_or_path, "LLaVA", options
         )
-        processor = load_pretrained(AutoProcessor.from_pretrained, name_or_path, "LLaVA processor")
         return cls(
             model,
             processor,
@@ -144,24 +143,22 @@ class LlavaAdapter(BatchedAdapter):
                     tokens=tokens,
                     modality=modality,
                     token_box=boxes,
-                    attentions=[
-                        AttentionCapture(
-                            name=f"model.language_model.layers.{layer}.self_attn",
-                            kind="self",
-                            probabilities=example_maps(tap, call, example, index),
-                            query_tokens=every,
-                            key_tokens=every,
-                        )
-                        for layer, call in enumerate(calls)
-                    ],
-                    hidden_states=[
-                        HiddenCapture(
-                            name="embeddings" if stage == 0 else f"model.language_model.layers.{stage - 1}",
-                            states=states[example] if index is None else states[example, index],
-                            token_indices=every,
-                        )
-                        for stage, states in enumerate(outputs.hidden_states)
-                    ],
+                    attentions=layer_attentions(
+                        tap,
+                        calls,
+                        example,
+                        index,
+                        name="model.language_model.layers.{layer}.self_attn",
+                        kind="self",
+                        tokens=every,
+                    ),
+                    hidden_states=stage_hidden_states(
+                        outputs.hidden_states,
+                        example,
+                        index,
+                        layer_name="model.language_model.layers.{layer}",
+                        tokens=every,
+                    ),
                     output=outputs.logits[example, last],
                     output_labels=self.labels,
                     readout_tokens={"next_token": last},

@@ -31,8 +31,7 @@ from vlinterpret_panel.adapters.hf_common import (
     check_image,
     forward_hooks,
     keep_index,
-    load_pretrained,
-    model_options,
+    load_model_and_processor,
     tapping,
 )
 from vlinterpret_panel.adapters.hf_common import token_labels as text_labels
@@ -118,10 +117,9 @@ class LxmertAdapter(BatchedAdapter):
         """Load model and tokenizer; ``regions`` (required) and ``answers`` are passed on."""
         from transformers import AutoTokenizer, LxmertForQuestionAnswering
 
-        model = load_pretrained(
-            LxmertForQuestionAnswering.from_pretrained, name_or_path, "LXMERT model", **model_options(options)
+        model, tokenizer = load_model_and_processor(
+            LxmertForQuestionAnswering, AutoTokenizer, name_or_path, "LXMERT", options, "tokenizer"
         )
-        tokenizer = load_pretrained(AutoTokenizer.from_pretrained, name_or_path, "LXMERT tokenizer")
         return cls(
             model,
             tokenizer,

@@ -18,16 +18,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from vlinterpret_panel.adapters.base import AttentionCapture, BatchedAdapter, ForwardCapture, HiddenCapture
+from vlinterpret_panel.adapters.base import BatchedAdapter, ForwardCapture
 from vlinterpret_panel.adapters.hf_common import (
     PixelMap,
     check_image,
-    example_maps,
     forward_hooks,
     image_token_labels,
     keep_index,
-    load_pretrained,
-    model_options,
+    layer_attentions,
+    load_model_and_processor,
+    stage_hidden_states,
     tapping,
     token_labels,
 )
@@ -59,10 +59,9 @@ class ViltAdapter(BatchedAdapter):
         """Load model and processor from a Hub name or a local directory."""
         from transformers import ViltForQuestionAnswering, ViltProcessor
 
-        model = load_pretrained(
-            ViltForQuestionAnswering.from_pretrained, name_or_path, "ViLT model", **model_options(options)
+        model, processor = load_model_and_processor(
+            ViltForQuestionAnswering, ViltProcessor, name_or_path, "ViLT", options
         )
-        processor = load_pretrained(ViltProcessor.from_pretrained, name_or_path, "ViLT processor")
         return cls(model, processor, name=options.get("name", name_or_path))
 
     def _embed_images(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -168,32 +167,23 @@ class ViltAdapter(BatchedAdapter):
             tokens, modality, patch_position, boxes = tokens[kept], modality[kept], patch_position[kept], boxes[kept]
             layout = np.arange(len(kept))
         index = None if np.array_equal(layout, np.arange(sequence_length)) else torch.as_tensor(layout)
-        n_tokens = len(tokens)
-        every = range(n_tokens)
-        attentions = [
-            AttentionCapture(
-                name=f"vilt.encoder.layer.{layer}.attention",
-                kind="self",
-                probabilities=example_maps(tap, layer, example, index),
-                query_tokens=every,
-                key_tokens=every,
-            )
-            for layer in range(len(tap.calls))
-        ]
-        hidden = [
-            HiddenCapture(
-                name="embeddings" if stage == 0 else f"vilt.encoder.layer.{stage - 1}",
-                states=states[example] if index is None else states[example, index],
-                token_indices=every,
-            )
-            for stage, states in enumerate(outputs.hidden_states)
-        ]
+        every = range(len(tokens))
         return ForwardCapture(
             tokens=tokens.tolist(),
             modality=modality.tolist(),
             token_box=boxes,
-            attentions=attentions,
-            hidden_states=hidden,
+            attentions=layer_attentions(
+                tap,
+                range(len(tap.calls)),
+                example,
+                index,
+                name="vilt.encoder.layer.{layer}.attention",
+                kind="self",
+                tokens=every,
+            ),
+            hidden_states=stage_hidden_states(
+                outputs.hidden_states, example, index, layer_name="vilt.encoder.layer.{layer}", tokens=every
+            ),
             output=outputs.logits[example],
             output_labels=self.labels,
             readout_tokens={"answer": 0},
