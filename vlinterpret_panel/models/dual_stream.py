@@ -8,12 +8,13 @@ from vlinterpret_panel.models.layers import (
     AttentionMap,
     BaseVLModel,
     CrossAttentionBlock,
+    KeptTokens,
     ModelConfig,
-    PatchEmbedding,
     SelfAttentionBlock,
-    TextEmbedding,
     VLModelOutput,
     init_weights,
+    run_self_attention_stack,
+    self_attention_stack,
 )
 
 
@@ -57,47 +58,26 @@ class DualStreamModel(BaseVLModel):
     """Text layers, image layers, then co-attention layers; the answer is read at text [CLS]."""
 
     def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.config = config
-        hidden, heads, inner = config.hidden_size, config.num_heads, config.intermediate_size
-        self.text_embedding = TextEmbedding(config.vocab_size, config.max_text_length, hidden)
-        self.patch_embedding = PatchEmbedding(config.image_size, config.patch_size, hidden)
-        self.text_layers = nn.ModuleList(
-            SelfAttentionBlock(hidden, heads, inner) for _ in range(config.num_text_layers)
-        )
-        self.image_layers = nn.ModuleList(
-            SelfAttentionBlock(hidden, heads, inner) for _ in range(config.num_image_layers)
-        )
+        super().__init__(config)
+        self.text_layers = self_attention_stack(config, config.num_text_layers)
+        self.image_layers = self_attention_stack(config, config.num_image_layers)
         self.cross_layers = nn.ModuleList(CoAttentionLayer(config) for _ in range(config.num_cross_layers))
-        self.final_norm = nn.LayerNorm(hidden)
-        self.classifier = nn.Linear(hidden, config.num_answers)
+        self.final_norm = nn.LayerNorm(config.hidden_size)
+        self.classifier = nn.Linear(config.hidden_size, config.num_answers)
 
         self.apply(init_weights)
 
-    def forward(
-        self,
-        text_ids: Tensor,
-        text_mask: Tensor,
-        pixels: Tensor,
-        text_keep: Tensor | None = None,
-        image_keep: Tensor | None = None,
-    ) -> VLModelOutput:
-        """Answer logits for ``[B, T]`` question ids and ``[B, 3, H, W]`` pixels in [-1, 1]."""
-        kept = self.select_tokens(text_ids, text_mask, pixels, text_keep, image_keep)
+    def forward_tokens(self, kept: KeptTokens, pixels: Tensor) -> VLModelOutput:
+        """Answer logits for the kept question tokens and the kept patches of ``pixels``."""
         text = self.text_embedding(kept.text_ids, kept.text_positions)
         image = self.patch_embedding(pixels, kept.image_positions)
-        text_states, image_states = [text], [image]
-        attentions: list[AttentionMap] = []
-        for index, layer in enumerate(self.text_layers):
-            text, probs = layer(text, kept.text_mask)
-            text_states.append(text)
-            attentions.append(AttentionMap(f"text_layers.{index}.attention", "text_self", index, "text", "text", probs))
-        for index, layer in enumerate(self.image_layers):
-            image, probs = layer(image)
-            image_states.append(image)
-            attentions.append(
-                AttentionMap(f"image_layers.{index}.attention", "image_self", index, "image", "image", probs)
-            )
+        text, text_states, attentions = run_self_attention_stack(
+            self.text_layers, text, kept.text_mask, name="text_layers", kind="text_self", stream="text"
+        )
+        image, image_states, image_maps = run_self_attention_stack(
+            self.image_layers, image, None, name="image_layers", kind="image_self", stream="image"
+        )
+        attentions += image_maps
         for index, layer in enumerate(self.cross_layers):
             text, image, maps = layer(text, image, kept.text_mask)
             text_states.append(text)
@@ -105,22 +85,13 @@ class DualStreamModel(BaseVLModel):
             for module, kind, probs in maps:
                 query_stream, key_stream = _STREAMS[kind]
                 attentions.append(
-                    AttentionMap(
-                        f"cross_layers.{index}.{module}",
-                        kind,
-                        index,
-                        query_stream,
-                        key_stream,
-                        probs,
-                    )
+                    AttentionMap(f"cross_layers.{index}.{module}", kind, index, query_stream, key_stream, probs)
                 )
         logits = self.classifier(self.final_norm(text[:, 0]))
-        return VLModelOutput(
-            logits=logits,
-            attentions=attentions,
-            hidden_states={"text": text_states, "image": image_states},
-            text_positions=kept.text_positions,
-            image_positions=kept.image_positions,
-            text_mask=kept.text_mask,
+        return VLModelOutput.from_kept(
+            kept,
+            logits,
+            attentions,
+            {"text": text_states, "image": image_states},
             stream_layout={"text": ("text",), "image": ("image",)},
         )

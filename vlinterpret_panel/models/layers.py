@@ -168,6 +168,36 @@ class PatchEmbedding(nn.Module):
         return self.projection(patches) + self.positions(positions)
 
 
+def self_attention_stack(config: ModelConfig, num_layers: int) -> nn.ModuleList:
+    """``num_layers`` self-attention blocks sized by ``config`` (one encoder stack of a model)."""
+    return nn.ModuleList(
+        SelfAttentionBlock(config.hidden_size, config.num_heads, config.intermediate_size) for _ in range(num_layers)
+    )
+
+
+def run_self_attention_stack(
+    layers: nn.ModuleList,
+    x: Tensor,
+    key_mask: Tensor | None,
+    *,
+    name: str,
+    kind: str,
+    stream: str,
+) -> tuple[Tensor, list[Tensor], list[AttentionMap]]:
+    """Run ``x`` through a stack of ``SelfAttentionBlock`` and record what the models report.
+
+    Returns the final states, the hidden states (``x`` first, then after each block) and one
+    ``AttentionMap`` per block, named ``f"{name}.{index}.attention"`` after the stack's attribute
+    so that map names match the module names in the model.
+    """
+    states, attentions = [x], []
+    for index, layer in enumerate(layers):
+        x, probs = layer(x, key_mask)
+        states.append(x)
+        attentions.append(AttentionMap(f"{name}.{index}.attention", kind, index, stream, stream, probs))
+    return x, states, attentions
+
+
 def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
     """Select tokens ``x[b, index[b, k]]`` from ``[B, N, D]`` with ``index`` ``[B, K]``."""
     return x.gather(1, index[:, :, None].expand(-1, -1, x.shape[-1]))
@@ -247,6 +277,30 @@ class VLModelOutput:
     text_embeds: Tensor | None = None
     image_embeds: Tensor | None = None
 
+    @classmethod
+    def from_kept(
+        cls,
+        kept: KeptTokens,
+        logits: Tensor,
+        attentions: list[AttentionMap],
+        hidden_states: dict[str, list[Tensor]],
+        stream_layout: dict[str, tuple[str, ...]],
+        text_embeds: Tensor | None = None,
+        image_embeds: Tensor | None = None,
+    ) -> VLModelOutput:
+        """An output whose positions and text mask are those of the tokens the pass ran on."""
+        return cls(
+            logits=logits,
+            attentions=attentions,
+            hidden_states=hidden_states,
+            text_positions=kept.text_positions,
+            image_positions=kept.image_positions,
+            text_mask=kept.text_mask,
+            stream_layout=stream_layout,
+            text_embeds=text_embeds,
+            image_embeds=image_embeds,
+        )
+
 
 @dataclass
 class KeptTokens:
@@ -259,15 +313,39 @@ class KeptTokens:
 
 
 class BaseVLModel(nn.Module):
-    """Shared token selection for the built-in models.
+    """Shared embeddings, token selection and forward signature of the built-in models.
 
     ``forward(text_ids, text_mask, pixels, text_keep=None, image_keep=None)``: ``text_keep``
     and ``image_keep`` list the original indices of the text tokens / image patches to keep
     (``[K]`` for the whole batch or ``[B, K]``); deleted tokens are simply absent and the kept
     ones keep their original position embeddings. The text ``[CLS]`` (index 0) must be kept.
+    Subclasses register their remaining modules after ``super().__init__(config)`` (the
+    embeddings come first in every state dict) and implement ``forward_tokens``.
     """
 
     config: ModelConfig
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.text_embedding = TextEmbedding(config.vocab_size, config.max_text_length, config.hidden_size)
+        self.patch_embedding = PatchEmbedding(config.image_size, config.patch_size, config.hidden_size)
+
+    def forward(
+        self,
+        text_ids: Tensor,
+        text_mask: Tensor,
+        pixels: Tensor,
+        text_keep: Tensor | None = None,
+        image_keep: Tensor | None = None,
+    ) -> VLModelOutput:
+        """Run the model on ``[B, T]`` ids and ``[B, 3, H, W]`` pixels in [-1, 1], minus deleted tokens."""
+        kept = self.select_tokens(text_ids, text_mask, pixels, text_keep, image_keep)
+        return self.forward_tokens(kept, pixels)
+
+    def forward_tokens(self, kept: KeptTokens, pixels: Tensor) -> VLModelOutput:
+        """The model proper, on the already selected tokens (see ``select_tokens``)."""
+        raise NotImplementedError
 
     def select_tokens(
         self,
