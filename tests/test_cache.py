@@ -66,9 +66,19 @@ def test_single_file_store_caches_in_a_hidden_sibling_directory(tmp_path):
 def test_unwritable_cache_warns_and_still_returns(tmp_path):
     ds = _store_ds(tmp_path / "store")
     (tmp_path / "store" / cache.CACHE_DIRECTORY).write_text("a file where the cache directory would go")
+    calls = []
+
+    def compute() -> xr.Dataset:
+        calls.append(1)
+        return _result(4.0)
+
     with pytest.warns(UserWarning, match="could not cache"):
-        result = cache.cached(ds, "thing", {}, lambda: _result(4.0))
+        result = cache.cached(ds, "thing", {}, compute)
     assert float(result["v"][0]) == 4.0
+    again = cache.cached(ds, "thing", {}, compute)  # kept in memory: not computed again
+    assert float(again["v"][0]) == 4.0 and len(calls) == 1
+    newer = _store_ds(tmp_path / "store", "shard-b.nc:2:2")
+    assert cache.load(newer, "thing", {}) is None  # another store version has its own entry
 
 
 def test_damaged_entry_is_recomputed_and_clear_removes_all(tmp_path):

@@ -26,6 +26,7 @@ CACHE_DIRECTORY = ".cache"
 _SUFFIXES = (".nc", ".npy")
 _MEMORY_ENTRIES = 16
 _memory: OrderedDict[tuple[str, int], xr.Dataset] = OrderedDict()
+_UNSAVED = -1  # the "mtime" of a result that could not be written beside its store
 
 
 def cache_directory(ds: xr.Dataset) -> Path | None:
@@ -61,8 +62,10 @@ def _drop_other_versions(path: Path) -> None:
 def load(ds: xr.Dataset, kind: str, params: Mapping[str, Any]) -> xr.Dataset | None:
     """The cached result, in memory, or None when it was never computed for this store version."""
     path = cache_path(ds, kind, params)
-    if path is None or not path.exists():
+    if path is None:
         return None
+    if not path.exists():
+        return _memory.get((str(path), _UNSAVED))
     key = (str(path), path.stat().st_mtime_ns)
     if key in _memory:
         _memory.move_to_end(key)
@@ -72,16 +75,23 @@ def load(ds: xr.Dataset, kind: str, params: Mapping[str, Any]) -> xr.Dataset | N
             result = cached.load()
     except (OSError, ValueError):  # a damaged cache file is recomputed, never trusted
         return None
+    _remember(key, result)
+    return result
+
+
+def _remember(key: tuple[str, int], result: xr.Dataset) -> None:
+    """Keep ``result`` in the in-memory layer, dropping the least recently used beyond ``_MEMORY_ENTRIES``."""
     _memory[key] = result
     while len(_memory) > _MEMORY_ENTRIES:
         _memory.popitem(last=False)
-    return result
 
 
 def save(ds: xr.Dataset, kind: str, params: Mapping[str, Any], result: xr.Dataset) -> Path | None:
     """Write ``result`` atomically beside the store and drop entries of older store versions.
 
-    A store on read-only media still works: the failure to write is a warning, not an error.
+    A store on read-only media still works: the failure to write is a warning, not an error,
+    and the result is kept in this process's memory (``_MEMORY_ENTRIES`` at most) instead, so
+    a dashboard does not compute it again on every request.
     """
     path = cache_path(ds, kind, params)
     if path is None:
@@ -97,7 +107,11 @@ def save(ds: xr.Dataset, kind: str, params: Mapping[str, Any], result: xr.Datase
             Path(temporary).unlink(missing_ok=True)
             raise
     except OSError as error:
-        warnings.warn(f"could not cache {kind} beside the store ({error}); it will be recomputed", stacklevel=2)
+        warnings.warn(
+            f"could not cache {kind} beside the store ({error}); kept in memory until this process ends",
+            stacklevel=2,
+        )
+        _remember((str(path), _UNSAVED), result)
         return None
     _drop_other_versions(path)
     return path
