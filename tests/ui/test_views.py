@@ -16,7 +16,7 @@ import xarray as xr
 from vlinterpret_panel import open_dataset
 from vlinterpret_panel.maps import example_tokens
 from vlinterpret_panel.schema import IMAGE, TEXT
-from vlinterpret_panel.ui import head_summary
+from vlinterpret_panel.ui import embedding, head_summary
 from vlinterpret_panel.ui.app import Dashboard
 from vlinterpret_panel.ui.embedding import projection_table
 from vlinterpret_panel.ui.export import current_view_table
@@ -147,18 +147,18 @@ def test_a_large_store_summary_computes_in_the_background_once_for_all_sessions(
         assert started.wait(30)
         waiting = [session.head_summary._heatmap.last for session in sessions]
         assert all("computing statistics of" in w.opts.get().kwargs["title"] and len(w) == 0 for w in waiting)
-        pending = {id(s.head_summary._pending) for s in sessions}
-        assert len(pending) == 1 and None not in {s.head_summary._pending for s in sessions}
+        pending = {id(s.head_summary.redraw.waiting_for) for s in sessions}
+        assert len(pending) == 1 and None not in {s.head_summary.redraw.waiting_for for s in sessions}
         answered = sessions[0].head_summary._summary("cross_modal", "example", example, [], "raw")
         assert len(answered) > 0  # other summaries still answer
-        sessions[0].head_summary._check_pending()
-        assert sessions[0].head_summary._pending is not None  # not done: nothing redrawn yet
+        sessions[0].head_summary.redraw.check()
+        assert sessions[0].head_summary.redraw.waiting_for is not None  # not done: nothing redrawn yet
     finally:
         release.set()
-    sessions[0].head_summary._pending.result(timeout=60)
+    sessions[0].head_summary.redraw.waiting_for.result(timeout=60)
     for session in sessions:
-        session.head_summary._check_pending()
-        assert session.head_summary._pending is None and session.head_summary._poller is None
+        session.head_summary.redraw.check()
+        assert session.head_summary.redraw.waiting_for is None and session.head_summary.redraw._poller is None
         redrawn = session.head_summary._heatmap.last  # a new frame, not the cached placeholder
         assert "all examples" in redrawn.opts.get().kwargs["title"]
     expected = summary_table(ds, "cross_modal", "dataset", example, [], "raw")
@@ -185,3 +185,47 @@ def test_the_embedding_previews_the_token_under_the_pointer_only_when_near_one(
     view.pointer.event(x=float(token.x), y=float(token.y))
     selection.hidden_layer = 0 if selection.hidden_layer else 1  # another map: the old position means nothing
     assert view.hovered is None
+
+
+def test_a_large_store_layer_map_computes_in_the_background_and_the_view_redraws(
+    relevancy_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = tmp_path / "store"
+    shutil.copytree(relevancy_store, store, ignore=shutil.ignore_patterns(".cache"))
+    ds = open_dataset(store)
+    monkeypatch.setattr(embedding, "BACKGROUND_ABOVE_BYTES", 0)
+    embedding._PROJECTIONS.clear()  # the copy has the store's signature: maps of earlier tests would be ready
+    release, started = threading.Event(), threading.Event()
+    compute = embedding.projection_table
+
+    def held_compute(ds: xr.Dataset, hidden_layer: int) -> pd.DataFrame:
+        started.set()
+        assert release.wait(60)
+        return compute(ds, hidden_layer)
+
+    monkeypatch.setattr(embedding, "projection_table", held_compute)
+    sessions = [Dashboard(ds), Dashboard(ds)]
+    views = [session.embedding for session in sessions]
+    try:
+        for view in views:
+            hv.renderer("bokeh").get_plot(view._cloud_plot * view._current)  # the page's plot
+        assert started.wait(30)
+        assert len({id(view.redraw.waiting_for) for view in views}) == 1 and views[0].redraw.waiting_for is not None
+        assert views[0]._status.visible and "Computing the map of hidden layer" in views[0]._status.object
+        assert len(views[0]._current.last.get(0)) == 0  # no tokens drawn yet
+        layer, example = sessions[0].selection.hidden_layer, sessions[0].selection.example
+        tokens = list(sessions[0].selection.tokens)
+        views[0]._tapped(0.0, 0.0)  # taps and hovers wait for the map
+        views[0]._pointed(0.0, 0.0)
+        assert sessions[0].selection.tokens == tokens and views[0].hovered is None
+    finally:
+        release.set()
+    views[0].redraw.waiting_for.result(timeout=60)
+    table = compute(ds, layer)
+    for view in views:
+        view.redraw.check()
+        assert view.redraw.waiting_for is None and not view._status.visible
+        mine = table[table["example"] == example]
+        assert len(view._current.last.get(0)) == len(mine)  # redrawn with the map, not the placeholder
+        x0, x1 = view._cloud_plot.last.range("x")
+        assert x0 <= table["x"].min() and table["x"].max() <= x1

@@ -5,10 +5,13 @@ example; the current example's tokens are drawn on top with hover, the selected 
 its nearest token of the other modality marked. Hovering one of them outlines it on the example's
 image beside the map (VL-InterpreT's hover preview); a tap selects it. A box selection lists the
 tokens inside it, and a table gives the selected token's nearest neighbours across the dataset in
-hidden space.
+hidden space. A layer's map of a large store is computed in the background (``ui.background``):
+the view says so and draws itself when the map is ready, while the other views keep answering.
 """
 
 from __future__ import annotations
+
+from concurrent.futures import Future
 
 import colorcet
 import datashader
@@ -22,7 +25,8 @@ from holoviews.operation.datashader import datashade, dynspread
 
 from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.maps import LRUCache, example_tokens
-from vlinterpret_panel.schema import IMAGE, TEXT
+from vlinterpret_panel.schema import IMAGE, PAD, TEXT
+from vlinterpret_panel.ui.background import Redraw, pending, store_key
 from vlinterpret_panel.ui.common import PLOT_SIZE, SELECTED_COLOR, dynamic_map, guarded, heading
 from vlinterpret_panel.ui.image import image_element
 from vlinterpret_panel.ui.selection import Selection
@@ -35,7 +39,50 @@ PREVIEW_SIZE = 200
 HOVER_RADIUS = 0.03
 """How near (a share of the map's larger extent) the pointer must be to a token to preview it."""
 HOVER_COLOR = "#ff9f1c"
+BACKGROUND_ABOVE_BYTES = 64 * 2**20
+"""Hidden states of one layer above which its map is computed in the background (a few seconds here)."""
 _PROJECTIONS = LRUCache(16)
+
+
+def _projection_key(ds: xr.Dataset, hidden_layer: int) -> tuple:
+    return (ds.attrs.get("store_signature") or id(ds), int(hidden_layer))
+
+
+def projection_in_background(ds: xr.Dataset, hidden_layer: int) -> Future | None:
+    """The running computation of a layer's map (``projection_table``), or None when it can be read now.
+
+    None for layers of at most ``BACKGROUND_ABOVE_BYTES`` and for datasets without a store path.
+    """
+    key = store_key(ds, "projection", int(hidden_layer))
+    if key is None or ds["hidden_states"].isel(hidden_layer=0).nbytes <= BACKGROUND_ABOVE_BYTES:
+        return None
+    return pending(
+        key,
+        lambda: _projection_key(ds, hidden_layer) in _PROJECTIONS,
+        lambda: projection_table(ds, hidden_layer),
+    )
+
+
+def _empty_cloud(categories: list[str] | None = None) -> hv.Points:
+    """A cloud with no points that datashader can still shade: it needs a range and at least one category.
+
+    The plot keeps the legend of its first frame, so a placeholder drawn before the map is
+    ready carries the categories the map will have (``cloud_categories``).
+    """
+    points = pd.DataFrame({"x": [], "y": [], "category": pd.Categorical([], categories=categories or [""])})
+    return hv.Points(points, ["x", "y"], ["category"]).redim.range(x=(0, 1), y=(0, 1))
+
+
+def cloud_categories(ds: xr.Dataset, color_by: str) -> list[str]:
+    """The colour categories of the map for ``color_by``, in the order the map's categorical gets them, without it."""
+    if color_by == "modality":
+        values = np.unique(ds["modality"].values.astype(str))
+        values = values[values != PAD]
+    elif color_by in ("label", "correct") and color_by in ds:
+        values = np.unique(ds[color_by].values.astype(str))
+    else:
+        values = np.unique(ds["example"].values.astype(str))
+    return sorted(map(str, values))
 
 
 def projection_table(ds: xr.Dataset, hidden_layer: int) -> pd.DataFrame:
@@ -50,7 +97,7 @@ def projection_table(ds: xr.Dataset, hidden_layer: int) -> pd.DataFrame:
         table["example"] = table["example"].astype(str)
         return table
 
-    return _PROJECTIONS.get((ds.attrs.get("store_signature") or id(ds), int(hidden_layer)), load)
+    return _PROJECTIONS.get(_projection_key(ds, hidden_layer), load)
 
 
 def other_modality(modality: str) -> str | None:
@@ -68,18 +115,33 @@ class EmbeddingView(pn.viewable.Viewer):
         super().__init__(**params)
         self._ds, self.selection = ds, selection
         self.param.color_by.objects = [name for name in COLOR_BY if name in ds or name in ("modality", "example")]
+        self.redraw = Redraw()  # once a layer's map, computed in the background, is ready
+        self._status = pn.pane.Alert("", alert_type="info", visible=False, width=PLOT_SIZE + 200)
         cloud = dynamic_map(
             self._cloud,
-            streams=[hv.streams.Params(selection, ["hidden_layer"]), hv.streams.Params(self, ["color_by"])],
+            streams=[
+                hv.streams.Params(selection, ["hidden_layer"]),
+                hv.streams.Params(self, ["color_by"]),
+                self.redraw.stream,
+            ],
         )
-        self._cloud_plot = dynspread(
-            datashade(cloud, aggregator=datashader.count_cat("category"), color_key=list(colorcet.glasbey))
-        ).opts(tools=["box_select", "tap"], frame_width=PLOT_SIZE + 140, frame_height=PLOT_SIZE + 140)
+        # Each layer's map has its own extent: a transient RangeXY forgets the last zoom once it
+        # has been used and ``framewise`` refits the axes to each new map (HoloViews #1434).
+        shaded = datashade(
+            cloud,
+            aggregator=datashader.count_cat("category"),
+            color_key=list(colorcet.glasbey),
+            streams=[hv.streams.RangeXY(transient=True)],
+        )
+        self._cloud_plot = dynspread(shaded).opts(
+            tools=["box_select", "tap"], frame_width=PLOT_SIZE + 140, frame_height=PLOT_SIZE + 140, framewise=True
+        )
         self._cloud_plot = self._cloud_plot.apply.opts(
             title=pn.bind(self.title, selection.param.hidden_layer, self.param.color_by)
         )
         self._current = dynamic_map(
-            self._current_tokens, streams=[hv.streams.Params(selection, ["hidden_layer", "example", "tokens"])]
+            self._current_tokens,
+            streams=[hv.streams.Params(selection, ["hidden_layer", "example", "tokens"]), self.redraw.stream],
         )
         self.bounds = hv.streams.BoundsXY(source=self._cloud_plot, bounds=None)
         self._listed = pn.pane.DataFrame(pd.DataFrame(), max_rows=LISTED_POINTS, sizing_mode="stretch_width")
@@ -104,10 +166,25 @@ class EmbeddingView(pn.viewable.Viewer):
         )
         self._play.link(selection, value="hidden_layer", bidirectional=True)
 
-    def _cloud(self, hidden_layer: int, color_by: str) -> hv.Points:
-        @guarded(self.selection, lambda message: hv.Points([], ["x", "y"], ["category"]).opts(title=message[:80]))
+    def ready_table(self, hidden_layer: int) -> pd.DataFrame | None:
+        """The layer's map as a table, or None while it is computed in the background (the views redraw then)."""
+        running = projection_in_background(self._ds, hidden_layer)
+        if running is not None:
+            self.redraw.when_done(running)
+            tokens = int(self._ds["seq_len"].sum()) if "seq_len" in self._ds else None
+            of = f" for {tokens:,} tokens" if tokens else ""
+            self._status.object = f"Computing the map of hidden layer {hidden_layer}{of} (once per store)..."
+            self._status.visible = True
+            return None
+        self._status.visible = False
+        return projection_table(self._ds, hidden_layer)
+
+    def _cloud(self, hidden_layer: int, color_by: str, counter: int = 0) -> hv.Points:
+        @guarded(self.selection, lambda message: _empty_cloud().opts(title=message[:80]))
         def draw() -> hv.Points:
-            table = projection_table(self._ds, hidden_layer)
+            table = self.ready_table(hidden_layer)
+            if table is None:
+                return _empty_cloud(cloud_categories(self._ds, color_by))
             categories = table[color_by].astype(str) if color_by in table else table["modality"].astype(str)
             points = pd.DataFrame({"x": table["x"], "y": table["y"], "category": categories.astype("category")})
             return hv.Points(points, ["x", "y"], ["category"])
@@ -120,11 +197,13 @@ class EmbeddingView(pn.viewable.Viewer):
         name = f" ({names[hidden_layer]})" if names is not None else ""
         return f"hidden layer {hidden_layer}{name} · all examples' tokens · colour: {color_by}"
 
-    def _current_tokens(self, hidden_layer: int, example: str, tokens: list[int]) -> hv.Overlay:
+    def _current_tokens(self, hidden_layer: int, example: str, tokens: list[int], counter: int = 0) -> hv.Overlay:
         empty = hv.Points([], ["x", "y"], ["token", "token_text", "modality"])
         try:
-            table = projection_table(self._ds, hidden_layer)
+            table = self.ready_table(hidden_layer)
         except (VLIError, ImportError):  # the cloud's callback reports the error once
+            table = None
+        if table is None:
             return empty * empty.clone() * empty.clone()
         mine = table[table["example"] == example]
         current = hv.Points(mine, ["x", "y"], ["token", "token_text", "modality"]).opts(
@@ -155,7 +234,9 @@ class EmbeddingView(pn.viewable.Viewer):
         """The current example's token nearest ``(x, y)`` in the map; None if none lies ``within`` that distance."""
         if x is None or y is None:
             return None
-        table = projection_table(self._ds, self.selection.hidden_layer)
+        table = self.ready_table(self.selection.hidden_layer)
+        if table is None:
+            return None
         mine = table[table["example"] == self.selection.example]
         if not len(mine):
             return None
@@ -174,8 +255,10 @@ class EmbeddingView(pn.viewable.Viewer):
     def _pointed(self, x: float | None, y: float | None) -> None:
         """Preview the current example's token under the pointer, if one is within ``HOVER_RADIUS``."""
         try:
-            table = projection_table(self._ds, self.selection.hidden_layer)
+            table = self.ready_table(self.selection.hidden_layer)
         except (VLIError, ImportError):  # the cloud's callback reports the error
+            return
+        if table is None:
             return
         extent = max(np.ptp(table["x"].to_numpy()), np.ptp(table["y"].to_numpy()), 1e-12)
         self.hovered = self.token_near(x, y, within=HOVER_RADIUS * extent)
@@ -206,7 +289,9 @@ class EmbeddingView(pn.viewable.Viewer):
         if bounds is None:
             return
         x0, y0, x1, y1 = bounds
-        table = projection_table(self._ds, self.selection.hidden_layer)
+        table = self.ready_table(self.selection.hidden_layer)
+        if table is None:
+            return
         inside = table[table.x.between(min(x0, x1), max(x0, x1)) & table.y.between(min(y0, y1), max(y0, y1))]
         self._listed.object = inside.drop(columns=["x", "y"]).head(LISTED_POINTS)
 
@@ -242,5 +327,7 @@ class EmbeddingView(pn.viewable.Viewer):
             width=480,
         )
         return pn.Column(
-            controls, pn.Row(pn.pane.HoloViews(self._cloud_plot * self._current, linked_axes=False), tables)
+            controls,
+            self._status,
+            pn.Row(pn.pane.HoloViews(self._cloud_plot * self._current, linked_axes=False), tables),
         )

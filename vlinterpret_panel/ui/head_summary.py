@@ -8,8 +8,7 @@ heatmap says so and redraws itself when the statistics are cached beside the sto
 
 from __future__ import annotations
 
-import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 import holoviews as hv
 import numpy as np
@@ -23,44 +22,27 @@ from vlinterpret_panel.stats import (
     available_statistics,
     cached_head_statistics,
     compute_head_statistics,
-    examples_digest,
     layer_means,
 )
+from vlinterpret_panel.ui.background import Redraw, pending, store_key
 from vlinterpret_panel.ui.common import PLOT_SIZE, SELECTED_COLOR, card_title, dynamic_map, guarded
 from vlinterpret_panel.ui.selection import NORMALIZATIONS, SCOPES, Selection
 
 MEAN_COLUMN = "mean"
 BACKGROUND_ABOVE_BYTES = 256 * 2**20
 """Attention (decoded) above which a store's statistics are computed in the background: ~4 s of work here."""
-POLL_MS = 500
-
-_STATISTICS_WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vli-head-statistics")
-_RUNNING: dict[tuple[str, str, str], Future] = {}
-_RUNNING_LOCK = threading.Lock()
 
 
 def statistics_in_background(ds: xr.Dataset) -> Future | None:
     """The running computation of ``ds``'s statistics table, or None when a summary can be drawn now.
 
     None when the table is cached, the store is small (``BACKGROUND_ABOVE_BYTES``) or has no
-    cache directory (nothing to hand the result over in). Sessions asking for one store version
-    share one computation; its failure is raised to the next request, which then starts afresh.
+    cache directory (nothing to hand the result over in). See ``ui.background.pending``.
     """
-    if ds["attention"].nbytes <= BACKGROUND_ABOVE_BYTES or cache_directory(ds) is None:
+    key = store_key(ds, "head_statistics")
+    if ds["attention"].nbytes <= BACKGROUND_ABOVE_BYTES or key is None or cache_directory(ds) is None:
         return None
-    key = (str(ds.attrs["store_path"]), str(ds.attrs["store_signature"]), examples_digest(ds))
-    with _RUNNING_LOCK:
-        running = _RUNNING.get(key)
-        if running is not None and running.done():
-            del _RUNNING[key]
-            running.result()  # a failure is raised to this request (the next one retries)
-            return None
-        if running is not None:
-            return running
-        if cached_head_statistics(ds) is not None:
-            return None
-        _RUNNING[key] = _STATISTICS_WORKER.submit(compute_head_statistics, ds)
-        return _RUNNING[key]
+    return pending(key, lambda: cached_head_statistics(ds) is not None, lambda: compute_head_statistics(ds))
 
 
 def summary_table(
@@ -115,16 +97,12 @@ class HeadSummary(pn.viewable.Viewer):
         if selection.statistic not in self._statistics:
             selection.statistic = self._statistics[0]
         summary_stream = hv.streams.Params(selection, ["statistic", "scope", "example", "subset", "normalize"])
-        # Fired when background statistics arrive: HoloViews memoizes on stream values, so a
-        # redraw with the same selection needs a value that changes.
-        self._statistics_ready = hv.streams.Counter()
-        self._heatmap = dynamic_map(self._summary, streams=[summary_stream, self._statistics_ready])
+        self.redraw = Redraw()  # once the dataset's statistics, computed in the background, are cached
+        self._heatmap = dynamic_map(self._summary, streams=[summary_stream, self.redraw.stream])
         marker_stream = hv.streams.Params(selection, ["layer", "head"])
         self._marker = dynamic_map(self._selected_cell, streams=[marker_stream])
         self.tap = hv.streams.Tap(source=self._heatmap, x=None, y=None)
         self.tap.add_subscriber(self._tapped)
-        self._pending: Future | None = None
-        self._poller: pn.io.callbacks.PeriodicCallback | None = None
 
     def _empty(self, message: str) -> hv.HeatMap:
         return hv.HeatMap([], ["head", "layer"], ["value", "raw"]).opts(title=message[:80])
@@ -135,9 +113,9 @@ class HeadSummary(pn.viewable.Viewer):
         @guarded(self.selection, self._empty)
         def draw() -> hv.HeatMap:
             if scope != "example" and statistic in STATISTICS:
-                pending = statistics_in_background(self._ds)
-                if pending is not None:
-                    self._redraw_when_done(pending)
+                running = statistics_in_background(self._ds)
+                if running is not None:
+                    self.redraw.when_done(running)
                     return self._empty(f"computing statistics of {self._ds.sizes['example']} examples...")
             table = summary_table(self._ds, statistic, scope, example, subset, normalize)
             where = {"example": example, "dataset": "all examples", "filtered": f"{len(subset)} filtered examples"}
@@ -155,21 +133,6 @@ class HeadSummary(pn.viewable.Viewer):
             )
 
         return draw()
-
-    def _redraw_when_done(self, pending: Future) -> None:
-        """Check ``pending`` every ``POLL_MS`` from this session's event loop; redraw once it is done."""
-        self._pending = pending
-        if self._poller is None:
-            self._poller = pn.state.add_periodic_callback(self._check_pending, period=POLL_MS)
-
-    def _check_pending(self) -> None:
-        if self._pending is None or not self._pending.done():
-            return
-        self._pending = None
-        if self._poller is not None:
-            self._poller.stop()
-            self._poller = None
-        self._statistics_ready.event()
 
     def _selected_cell(self, layer: int, head: int | None) -> hv.Points:
         column = MEAN_COLUMN if head is None else str(head)
