@@ -7,6 +7,7 @@ import shutil
 import threading
 from pathlib import Path
 
+import colorcet
 import holoviews as hv
 import numpy as np
 import pandas as pd
@@ -229,3 +230,16 @@ def test_a_large_store_layer_map_computes_in_the_background_and_the_view_redraws
         assert len(view._current.last.get(0)) == len(mine)  # redrawn with the map, not the placeholder
         x0, x1 = view._cloud_plot.last.range("x")
         assert x0 <= table["x"].min() and table["x"].max() <= x1
+
+
+@pytest.mark.parametrize("color_by", ["modality", "label", "example"])
+def test_the_embedding_legend_names_the_map_categories_in_datashaders_colours(
+    dashboard: Dashboard, ds: xr.Dataset, color_by: str
+) -> None:
+    table = projection_table(ds, dashboard.selection.hidden_layer)
+    categories = list(table[color_by].astype(str).astype("category").cat.categories)
+    assert embedding.cloud_categories(ds, color_by) == categories  # what the placeholder and legend use
+    legend = dashboard.embedding.legend(color_by)
+    for name, color in list(zip(categories, colorcet.glasbey, strict=False))[: embedding.LEGEND_ENTRIES]:
+        assert f'color:{color}">&#9679;</span> {name}<' in legend
+    assert ("more" in legend) == (len(categories) > embedding.LEGEND_ENTRIES)

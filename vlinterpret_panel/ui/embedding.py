@@ -11,6 +11,7 @@ the view says so and draws itself when the map is ready, while the other views k
 
 from __future__ import annotations
 
+import html
 from concurrent.futures import Future
 
 import colorcet
@@ -36,6 +37,7 @@ LISTED_POINTS = 200
 PLAY_INTERVAL_MS = 1500
 NEIGHBOUR_TEXT_CHARACTERS = 32
 PREVIEW_SIZE = 200
+LEGEND_ENTRIES = 16
 HOVER_RADIUS = 0.03
 """How near (a share of the map's larger extent) the pointer must be to a token to preview it."""
 HOVER_COLOR = "#ff9f1c"
@@ -133,8 +135,13 @@ class EmbeddingView(pn.viewable.Viewer):
             color_key=list(colorcet.glasbey),
             streams=[hv.streams.RangeXY(transient=True)],
         )
+        # The plot would keep its first frame's legend whatever the colouring: ``legend`` draws it.
         self._cloud_plot = dynspread(shaded).opts(
-            tools=["box_select", "tap"], frame_width=PLOT_SIZE + 140, frame_height=PLOT_SIZE + 140, framewise=True
+            tools=["box_select", "tap"],
+            frame_width=PLOT_SIZE + 140,
+            frame_height=PLOT_SIZE + 140,
+            framewise=True,
+            show_legend=False,
         )
         self._cloud_plot = self._cloud_plot.apply.opts(
             title=pn.bind(self.title, selection.param.hidden_layer, self.param.color_by)
@@ -190,6 +197,19 @@ class EmbeddingView(pn.viewable.Viewer):
             return hv.Points(points, ["x", "y"], ["category"])
 
         return draw()
+
+    def legend(self, color_by: str) -> str:
+        """The map's colour key as HTML: each category's colour as datashader gives it (``LEGEND_ENTRIES`` at most)."""
+        categories = cloud_categories(self._ds, color_by)
+        entries = [
+            f'<span style="white-space:nowrap;margin-right:12px"><span style="color:{color}">&#9679;</span> '
+            f"{html.escape(name)}</span>"
+            for name, color in zip(categories[:LEGEND_ENTRIES], colorcet.glasbey, strict=False)
+        ]
+        more = len(categories) - LEGEND_ENTRIES
+        if more > 0:
+            entries.append(f"<span>... and {more} more</span>")
+        return f"<b>{html.escape(color_by)}</b>: " + " ".join(entries)
 
     def title(self, hidden_layer: int, color_by: str) -> str:
         """The cloud's title: which hidden state, and how it is coloured."""
@@ -329,5 +349,11 @@ class EmbeddingView(pn.viewable.Viewer):
         return pn.Column(
             controls,
             self._status,
-            pn.Row(pn.pane.HoloViews(self._cloud_plot * self._current, linked_axes=False), tables),
+            pn.Row(
+                pn.Column(
+                    pn.pane.HTML(pn.bind(self.legend, self.param.color_by), width=PLOT_SIZE + 200),
+                    pn.pane.HoloViews(self._cloud_plot * self._current, linked_axes=False),
+                ),
+                tables,
+            ),
         )
