@@ -54,7 +54,9 @@ def heading(text: str, level: int = 3) -> pn.pane.Markdown:
 
 def card_title(text: str) -> pn.pane.HTML:
     """A ``pn.Card`` header (its ``header=``) that keeps its first look in rebuilt views, like ``heading``."""
-    return pn.pane.HTML(f"<h3>{html.escape(text)}</h3>", css_classes=["card-title"], stylesheets=[_CARD_TITLE_CSS])
+    return pn.pane.HTML(
+        f"<h3>{html.escape(text)}</h3>", css_classes=["card-title"], stylesheets=[_CARD_TITLE_CSS], margin=(5, 0)
+    )
 
 
 def dynamic_map(callback: Callable, streams: list) -> hv.DynamicMap:
