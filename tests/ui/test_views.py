@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import shutil
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import colorcet
@@ -122,22 +123,39 @@ def test_lasso_of_patches_selects_them_all(dashboard: Dashboard) -> None:
     assert all(info.modality[t] == IMAGE for t in dashboard.selection.tokens)
 
 
-def test_a_large_store_summary_computes_in_the_background_once_for_all_sessions(
-    relevancy_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def uncached_ds(relevancy_store: Path, tmp_path: Path) -> xr.Dataset:
+    """A copy of the UI store without its cache: every dataset-wide result is still to compute."""
     store = tmp_path / "store"
     shutil.copytree(relevancy_store, store, ignore=shutil.ignore_patterns(".cache"))
-    ds = open_dataset(store)
-    monkeypatch.setattr(head_summary, "BACKGROUND_ABOVE_BYTES", 0)
-    release, started = threading.Event(), threading.Event()
-    compute = head_summary.compute_head_statistics
+    return open_dataset(store)
 
-    def held_compute(ds: xr.Dataset) -> xr.Dataset:
+
+def _held_in_background(
+    monkeypatch: pytest.MonkeyPatch, module: object, function: str
+) -> tuple[threading.Event, threading.Event, Callable]:
+    """Make ``module`` run every store in the background and hold ``function`` until released.
+
+    Returns (release, started, the original function).
+    """
+    monkeypatch.setattr(module, "BACKGROUND_ABOVE_BYTES", 0)
+    release, started = threading.Event(), threading.Event()
+    original = getattr(module, function)
+
+    def held(*args: object) -> object:
         started.set()
         assert release.wait(60)
-        return compute(ds)
+        return original(*args)
 
-    monkeypatch.setattr(head_summary, "compute_head_statistics", held_compute)
+    monkeypatch.setattr(module, function, held)
+    return release, started, original
+
+
+def test_a_large_store_summary_computes_in_the_background_once_for_all_sessions(
+    uncached_ds: xr.Dataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ds = uncached_ds
+    release, started, _ = _held_in_background(monkeypatch, head_summary, "compute_head_statistics")
     sessions = [Dashboard(ds), Dashboard(ds)]
     example = str(ds.example.values[0])
     try:
@@ -189,22 +207,11 @@ def test_the_embedding_previews_the_token_under_the_pointer_only_when_near_one(
 
 
 def test_a_large_store_layer_map_computes_in_the_background_and_the_view_redraws(
-    relevancy_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    uncached_ds: xr.Dataset, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = tmp_path / "store"
-    shutil.copytree(relevancy_store, store, ignore=shutil.ignore_patterns(".cache"))
-    ds = open_dataset(store)
-    monkeypatch.setattr(embedding, "BACKGROUND_ABOVE_BYTES", 0)
+    ds = uncached_ds
     embedding._PROJECTIONS.clear()  # the copy has the store's signature: maps of earlier tests would be ready
-    release, started = threading.Event(), threading.Event()
-    compute = embedding.projection_table
-
-    def held_compute(ds: xr.Dataset, hidden_layer: int) -> pd.DataFrame:
-        started.set()
-        assert release.wait(60)
-        return compute(ds, hidden_layer)
-
-    monkeypatch.setattr(embedding, "projection_table", held_compute)
+    release, started, compute = _held_in_background(monkeypatch, embedding, "projection_table")
     sessions = [Dashboard(ds), Dashboard(ds)]
     views = [session.embedding for session in sessions]
     try:
