@@ -68,6 +68,22 @@ def test_large_layers_are_searched_from_the_store_or_a_cached_copy_with_the_same
     assert again.equals(neighbors.nearest_tokens(ds, 0, 1, 2, k=3, memory_budget=0, use_cache=False))
 
 
+@pytest.mark.parametrize("memory_budget", [neighbors.DEFAULT_MEMORY_BUDGET, 0])  # held in memory; copied to disk
+def test_prepare_layer_makes_the_layer_ready_for_fast_queries(tmp_path, memory_budget):
+    path = tmp_path / "store"
+    write_synthetic_store(path, SPEC, examples_per_shard=3)
+    fresh = open_dataset(path)
+    neighbors._layers.clear()
+    assert not neighbors.layer_ready(fresh, 1, memory_budget=memory_budget)
+    neighbors.prepare_layer(fresh, 1, memory_budget=memory_budget)
+    assert neighbors.layer_ready(fresh, 1, memory_budget=memory_budget)
+    assert not neighbors.layer_ready(fresh, 0, memory_budget=memory_budget)
+    copies = list(cache.cache_directory(fresh).glob(f"{neighbors.CACHE_KIND}-1-*.npy"))
+    assert len(copies) == (memory_budget == 0)
+    ready = neighbors.nearest_tokens(fresh, 2, 5, 1, k=6, memory_budget=memory_budget)
+    assert ready.equals(neighbors.nearest_tokens(fresh, 2, 5, 1, k=6, memory_budget=memory_budget, use_cache=False))
+
+
 def test_identical_token_in_another_example_is_found_at_distance_zero():
     records = [synthetic_record(SPEC, index) for index in range(3)]
     records[2].hidden_states[1, 4] = records[0].hidden_states[1, 7]

@@ -128,6 +128,36 @@ def _check_modality(modality: str | Sequence[str] | None) -> set[str] | None:
     return wanted
 
 
+def layer_ready(ds: xr.Dataset, hidden_layer: int, *, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> bool:
+    """Whether a query at ``hidden_layer`` reads the layer from memory or its copy beside the store.
+
+    False when the next query would first scan the whole layer from the store (the slow first
+    query, which ``prepare_layer`` runs ahead of time).
+    """
+    hidden_layer = check_hidden_layer(ds, hidden_layer)
+    key = _layer_key(ds, hidden_layer)
+    if key is None:
+        return False
+    if key in _layers:
+        return True
+    n_points = int(np.sum(ds["modality"].values != PAD))
+    if n_points * ds.sizes["feature"] * 4 <= memory_budget:
+        return False
+    params = {"hidden_layer": hidden_layer, "examples": examples_digest(ds), "points": n_points}
+    path = cache.cache_path(ds, f"{CACHE_KIND}-{hidden_layer}", params, suffix=".npy")
+    return path is not None and path.exists()
+
+
+def prepare_layer(
+    ds: xr.Dataset, hidden_layer: int, *, batch_tokens: int = 50_000, memory_budget: int = DEFAULT_MEMORY_BUDGET
+) -> None:
+    """Scan ``hidden_layer`` once so later queries are fast: held in memory, or copied beside the store."""
+    hidden_layer = check_hidden_layer(ds, hidden_layer)
+    example_index, token_index = real_tokens(ds)
+    for _ in _batches(ds, hidden_layer, example_index, token_index, batch_tokens, memory_budget, use_cache=True):
+        pass
+
+
 def nearest_tokens(
     ds: xr.Dataset,
     example: int | str,

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from vlinterpret_panel import open_dataset
+from vlinterpret_panel import neighbors, open_dataset
 from vlinterpret_panel.maps import example_tokens
 from vlinterpret_panel.schema import IMAGE, TEXT
 from vlinterpret_panel.ui import embedding, head_summary
@@ -250,3 +250,28 @@ def test_the_embedding_legend_names_the_map_categories_in_datashaders_colours(
     for name, color in list(zip(categories, colorcet.glasbey, strict=False))[: embedding.LEGEND_ENTRIES]:
         assert f'color:{color}">&#9679;</span> {name}<' in legend
     assert ("more" in legend) == (len(categories) > embedding.LEGEND_ENTRIES)
+
+
+def test_the_first_nearest_token_search_of_a_large_layer_reads_it_in_the_background(
+    uncached_ds: xr.Dataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ds = uncached_ds
+    neighbors._layers.clear()
+    release, started, _ = _held_in_background(monkeypatch, embedding, "prepare_layer")
+    view = Dashboard(ds).embedding
+    selection = view.selection
+    args = (selection.example, [1], selection.hidden_layer)
+    try:
+        waiting = view.neighbours(*args)
+        assert started.wait(30)
+        assert "Reading hidden layer" in waiting.object and view.neighbours_redraw.waiting_for is not None
+    finally:
+        release.set()
+    view.neighbours_redraw.waiting_for.result(timeout=60)
+    counter = view.neighbours_redraw.stream.counter
+    view.neighbours_redraw.check()
+    assert view.neighbours_redraw.stream.counter == counter + 1  # the bound table redraws
+    table = view.neighbours(*args).object
+    expected = ds.vli.nearest_tokens(selection.example, 1, selection.hidden_layer)
+    columns = ["example", "token", "distance"]
+    assert len(table) == 10 and table[columns].equals(expected[columns])

@@ -26,6 +26,7 @@ from holoviews.operation.datashader import datashade, dynspread
 
 from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.maps import LRUCache, example_tokens
+from vlinterpret_panel.neighbors import layer_ready, prepare_layer
 from vlinterpret_panel.schema import IMAGE, PAD, TEXT
 from vlinterpret_panel.ui.background import Redraw, pending, store_key
 from vlinterpret_panel.ui.common import PLOT_SIZE, SELECTED_COLOR, dynamic_map, guarded, heading
@@ -42,7 +43,7 @@ HOVER_RADIUS = 0.03
 """How near (a share of the map's larger extent) the pointer must be to a token to preview it."""
 HOVER_COLOR = "#ff9f1c"
 BACKGROUND_ABOVE_BYTES = 64 * 2**20
-"""Hidden states of one layer above which its map is computed in the background (a few seconds here)."""
+"""Hidden states of one layer above which its map, and its first read for the search, run in the background."""
 _PROJECTIONS = LRUCache(16)
 
 
@@ -87,6 +88,17 @@ def cloud_categories(ds: xr.Dataset, color_by: str) -> list[str]:
     return sorted(map(str, values))
 
 
+def search_in_background(ds: xr.Dataset, hidden_layer: int) -> Future | None:
+    """The running first read of a layer for ``nearest_tokens``, or None when a search can run now.
+
+    Same rule as ``projection_in_background``: large layers of stores with a path only.
+    """
+    key = store_key(ds, "neighbours", int(hidden_layer))
+    if key is None or ds["hidden_states"].isel(hidden_layer=0).nbytes <= BACKGROUND_ABOVE_BYTES:
+        return None
+    return pending(key, lambda: layer_ready(ds, hidden_layer), lambda: prepare_layer(ds, hidden_layer))
+
+
 def projection_table(ds: xr.Dataset, hidden_layer: int) -> pd.DataFrame:
     """The projection of one hidden layer as a table (one row per token), cached per store and layer."""
 
@@ -118,6 +130,7 @@ class EmbeddingView(pn.viewable.Viewer):
         self._ds, self.selection = ds, selection
         self.param.color_by.objects = [name for name in COLOR_BY if name in ds or name in ("modality", "example")]
         self.redraw = Redraw()  # once a layer's map, computed in the background, is ready
+        self.neighbours_redraw = Redraw()  # once a layer is read for the nearest-token search
         self._status = pn.pane.Alert("", alert_type="info", visible=False, width=PLOT_SIZE + 200)
         cloud = dynamic_map(
             self._cloud,
@@ -315,11 +328,15 @@ class EmbeddingView(pn.viewable.Viewer):
         inside = table[table.x.between(min(x0, x1), max(x0, x1)) & table.y.between(min(y0, y1), max(y0, y1))]
         self._listed.object = inside.drop(columns=["x", "y"]).head(LISTED_POINTS)
 
-    def neighbours(self, example: str, tokens: list[int], hidden_layer: int) -> pn.viewable.Viewable:
+    def neighbours(self, example: str, tokens: list[int], hidden_layer: int, counter: int = 0) -> pn.viewable.Viewable:
         """The selected token's nearest tokens across the dataset, in hidden space (not in the 2-D map)."""
         if len(tokens) != 1:
             return pn.pane.Markdown("Select one token to see its nearest neighbours.")
         try:
+            running = search_in_background(self._ds, hidden_layer)
+            if running is not None:
+                self.neighbours_redraw.when_done(running)
+                return pn.pane.Markdown(f"Reading hidden layer {hidden_layer} for the search (once per store)...")
             nearest = self._ds.vli.nearest_tokens(example, tokens[0], hidden_layer, k=10)
         except (VLIError, ImportError) as error:
             return pn.pane.Alert(str(error), alert_type="warning")
@@ -329,7 +346,13 @@ class EmbeddingView(pn.viewable.Viewer):
     def __panel__(self) -> pn.viewable.Viewable:
         selection = self.selection
         neighbours = pn.param.ParamFunction(
-            pn.bind(self.neighbours, selection.param.example, selection.param.tokens, selection.param.hidden_layer),
+            pn.bind(
+                self.neighbours,
+                selection.param.example,
+                selection.param.tokens,
+                selection.param.hidden_layer,
+                self.neighbours_redraw.stream.param.counter,
+            ),
             lazy=True,
             loading_indicator=True,
         )
