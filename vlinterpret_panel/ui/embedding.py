@@ -45,6 +45,9 @@ HOVER_COLOR = "#ff9f1c"
 BACKGROUND_ABOVE_BYTES = 64 * 2**20
 """Hidden states of one layer above which its map, and its first read for the search, run in the background."""
 _PROJECTIONS = LRUCache(16)
+# One example's rows and a map's extent, per map: a pointer move must not scan a million-token table (45 ms).
+_EXAMPLE_ROWS = LRUCache(64)
+_EXTENTS = LRUCache(16)
 
 
 def _projection_key(ds: xr.Dataset, hidden_layer: int) -> tuple:
@@ -238,7 +241,7 @@ class EmbeddingView(pn.viewable.Viewer):
             table = None
         if table is None:
             return empty * empty.clone() * empty.clone()
-        mine = table[table["example"] == example]
+        mine = self._example_rows(table, hidden_layer, example)
         current = hv.Points(mine, ["x", "y"], ["token", "token_text", "modality"]).opts(
             color="white", line_color="black", size=6, tools=["hover"]
         )
@@ -263,6 +266,11 @@ class EmbeddingView(pn.viewable.Viewer):
         distance = np.hypot(others["x"] - chosen["x"].iloc[0], others["y"] - chosen["y"].iloc[0])
         return others.iloc[[int(np.argmin(distance.to_numpy()))]]
 
+    def _example_rows(self, table: pd.DataFrame, hidden_layer: int, example: str) -> pd.DataFrame:
+        """The rows of ``example`` in the layer's map ``table``, cached per map."""
+        key = (_projection_key(self._ds, hidden_layer), example)
+        return _EXAMPLE_ROWS.get(key, lambda: table[table["example"] == example])
+
     def token_near(self, x: float | None, y: float | None, *, within: float | None = None) -> int | None:
         """The current example's token nearest ``(x, y)`` in the map; None if none lies ``within`` that distance."""
         if x is None or y is None:
@@ -270,7 +278,7 @@ class EmbeddingView(pn.viewable.Viewer):
         table = self.ready_table(self.selection.hidden_layer)
         if table is None:
             return None
-        mine = table[table["example"] == self.selection.example]
+        mine = self._example_rows(table, self.selection.hidden_layer, self.selection.example)
         if not len(mine):
             return None
         distance = np.hypot(mine["x"] - x, mine["y"] - y).to_numpy()
@@ -293,7 +301,10 @@ class EmbeddingView(pn.viewable.Viewer):
             return
         if table is None:
             return
-        extent = max(np.ptp(table["x"].to_numpy()), np.ptp(table["y"].to_numpy()), 1e-12)
+        extent = _EXTENTS.get(
+            _projection_key(self._ds, self.selection.hidden_layer),
+            lambda: max(np.ptp(table["x"].to_numpy()), np.ptp(table["y"].to_numpy()), 1e-12),
+        )
         self.hovered = self.token_near(x, y, within=HOVER_RADIUS * extent)
 
     def _patch_preview(self, example: str, tokens: list[int], hovered: int | None) -> hv.Overlay:
