@@ -7,7 +7,7 @@ a store (capture, records, padding, validation, compressed netCDF shards on disk
 ``dandelin/vilt-b32-finetuned-vqa``'s size with random weights (no download), and our
 built-in single-stream model once ``vlinterpret_panel.adapters.builtin`` registers it.
 
-For the built-in model it also prints the floor of any extraction that stores float16: the
+For each model it also prints the floor of any extraction that stores float16: the
 bare pass plus only converting its attention and hidden states to 16 bits and writing them
 zstd-compressed to netCDF (no tokens, checks or metadata), done one after the other, and
 ideally overlapped (the forward on one core, conversion and write on the other).
@@ -50,6 +50,8 @@ class Case:
     adapter: ModelAdapter
     sources: list[ExampleSource]
     bare: Callable[[list[np.ndarray], list[str]], object]
+    maps: Callable[[list[np.ndarray], list[str]], tuple[list[torch.Tensor], list[torch.Tensor]]] | None = None
+    """A forward returning every layer's attention ``[B, H, L, L]`` and every stage's hidden states ``[B, L, D]``."""
 
 
 def _vilt_base(directory: Path) -> tuple[object, object]:
@@ -83,7 +85,12 @@ def _vilt_case(name: str, model: object, processor: object, sources: list[Exampl
         inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
         return model(**inputs)
 
-    return Case(name, ViltAdapter(model, processor, name=name), sources, bare)
+    def maps(images: list[np.ndarray], texts: list[str]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
+        output = model(**inputs, output_attentions=True, output_hidden_states=True)
+        return list(output.attentions), list(output.hidden_states)
+
+    return Case(name, ViltAdapter(model, processor, name=name), sources, bare, maps)
 
 
 def _builtin_case(count: int) -> Case | None:
@@ -103,7 +110,11 @@ def _builtin_case(count: int) -> Case | None:
         ids, mask = texts_to_ids(texts)
         return model(ids, mask, images_to_pixels(images))
 
-    return Case("builtin single_stream", adapter, scene_sources(count), bare)
+    def maps(images: list[np.ndarray], texts: list[str]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        output = bare(images, texts)
+        return [m.probs for m in output.attentions], next(iter(output.hidden_states.values()))
+
+    return Case("builtin single_stream", adapter, scene_sources(count), bare, maps)
 
 
 def _time_bare(case: Case, batch_size: int) -> float:
@@ -170,12 +181,12 @@ def measure(case: Case, batch_size: int, repeats: int) -> None:
         f"records_to_dataset {dataset_seconds:.2f} s, write_shard (value checks, packing, zstd) "
         f"{write_seconds:.2f} s for {records} records"
     )
-    if case.name.startswith("builtin"):
+    if case.maps is not None:
         _time_floor(case, batch_size, repeats, bare)
 
 
 def _time_floor(case: Case, batch_size: int, repeats: int, bare: float) -> None:
-    """Print the least any float16-storing extraction can cost for ``case`` (a built-in model): see the module doc."""
+    """Print the least any float16-storing extraction can cost for ``case``: see the module doc."""
     import netCDF4
 
     items = [source.load() for source in case.sources]
@@ -185,21 +196,21 @@ def _time_floor(case: Case, batch_size: int, repeats: int, bare: float) -> None:
     one_thread = min(_time_bare(case, batch_size) for _ in range(repeats))
     torch.set_num_threads(threads)
     with torch.no_grad():
-        outputs = [case.bare([i.image for i in batch], [i.text for i in batch]) for batch in batches]
+        outputs = [case.maps([i.image for i in batch], [i.text for i in batch]) for batch in batches]
 
     def convert() -> tuple[np.ndarray, np.ndarray]:
-        attention = np.concatenate(
-            [
-                torch.stack([m.probs for m in out.attentions], 1).mul(65534).round().to(torch.int32).numpy()
-                for out in outputs
-            ]
-        ).astype(np.uint16)
-        hidden = np.concatenate(
-            [
-                torch.stack(next(iter(out.hidden_states.values())), 1).to(torch.float16).numpy().view(np.uint16)
-                for out in outputs
-            ]
-        )
+        # Straight into the 16-bit arrays, batch by batch and layer by layer, the scaling done in place.
+        attention = np.empty((len(items), len(outputs[0][0]), *outputs[0][0][0].shape[1:]), np.uint16)
+        hidden = np.empty((len(items), len(outputs[0][1]), *outputs[0][1][0].shape[1:]), np.uint16)
+        start = 0
+        for maps, states in outputs:
+            stop = start + len(maps[0])
+            for layer, probs in enumerate(maps):
+                scaled = probs.mul(65534).round_()
+                attention[start:stop, layer] = scaled.to(torch.uint16).numpy()
+            for stage, state in enumerate(states):
+                hidden[start:stop, stage] = state.to(torch.float16).numpy().view(np.uint16)
+            start = stop
         return attention, hidden
 
     def write(arrays: tuple[np.ndarray, np.ndarray], path: str) -> None:
