@@ -52,6 +52,15 @@ def _scan(
         yield points, hidden_vectors(ds, hidden_layer, slice(first, last))[example_index[points] - first, token[points]]
 
 
+def _copy_entry(ds: xr.Dataset, hidden_layer: int, n_points: int) -> tuple[str, dict]:
+    """The cache kind and parameters of a layer's contiguous copy beside the store."""
+    return f"{CACHE_KIND}-{hidden_layer}", {
+        "hidden_layer": hidden_layer,
+        "examples": examples_digest(ds),
+        "points": n_points,
+    }
+
+
 def _batches(
     ds: xr.Dataset,
     hidden_layer: int,
@@ -90,8 +99,7 @@ def _batches(
         matrix.flush()
         del matrix
 
-    params = {"hidden_layer": hidden_layer, "examples": examples_digest(ds), "points": len(token)}
-    copy = cache.cached_array(ds, f"{CACHE_KIND}-{hidden_layer}", params, write) if use_cache else None
+    copy = cache.cached_array(ds, *_copy_entry(ds, hidden_layer, len(token)), write) if use_cache else None
     if copy is None:
         yield from _scan(ds, hidden_layer, example_index, token, batch_tokens)
         return
@@ -143,8 +151,7 @@ def layer_ready(ds: xr.Dataset, hidden_layer: int, *, memory_budget: int = DEFAU
     n_points = int(np.sum(ds["modality"].values != PAD))
     if n_points * ds.sizes["feature"] * 4 <= memory_budget:
         return False
-    params = {"hidden_layer": hidden_layer, "examples": examples_digest(ds), "points": n_points}
-    path = cache.cache_path(ds, f"{CACHE_KIND}-{hidden_layer}", params, suffix=".npy")
+    path = cache.cache_path(ds, *_copy_entry(ds, hidden_layer, n_points), suffix=".npy")
     return path is not None and path.exists()
 
 

@@ -54,6 +54,26 @@ def pending(key: Hashable, is_ready: Callable[[], bool], compute: Callable[[], o
         return _RUNNING[key]
 
 
+def pending_for_store(
+    ds: xr.Dataset,
+    parts: tuple[Hashable, ...],
+    *,
+    nbytes: int,
+    above: int,
+    is_ready: Callable[[], bool],
+    compute: Callable[[], object],
+) -> Future | None:
+    """``pending`` for work of ``nbytes`` on a stored dataset: None (do it now) at ``above`` bytes or less.
+
+    Work on a dataset without a store path also runs in the request: there is no store version
+    to name it by, and such datasets are built in memory, small.
+    """
+    if nbytes <= above:
+        return None
+    key = store_key(ds, *parts)
+    return None if key is None else pending(key, is_ready, compute)
+
+
 class Redraw:
     """Redraws the DynamicMaps that take ``stream`` once the background run they wait for is done.
 

@@ -28,7 +28,7 @@ from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.maps import LRUCache, example_tokens
 from vlinterpret_panel.neighbors import layer_ready, prepare_layer
 from vlinterpret_panel.schema import IMAGE, PAD, TEXT
-from vlinterpret_panel.ui.background import Redraw, pending, store_key
+from vlinterpret_panel.ui.background import Redraw, pending_for_store
 from vlinterpret_panel.ui.common import PLOT_SIZE, SELECTED_COLOR, dynamic_map, guarded, heading
 from vlinterpret_panel.ui.image import image_element
 from vlinterpret_panel.ui.selection import Selection
@@ -48,10 +48,16 @@ _PROJECTIONS = LRUCache(16)
 # One example's rows and a map's extent, per map: a pointer move must not scan a million-token table (45 ms).
 _EXAMPLE_ROWS = LRUCache(64)
 _EXTENTS = LRUCache(16)
+_CATEGORIES = LRUCache(16)
 
 
 def _projection_key(ds: xr.Dataset, hidden_layer: int) -> tuple:
     return (ds.attrs.get("store_signature") or id(ds), int(hidden_layer))
+
+
+def _layer_bytes(ds: xr.Dataset) -> int:
+    """Bytes of one hidden layer's states (decoded), from the metadata."""
+    return ds["hidden_states"].nbytes // max(1, ds.sizes["hidden_layer"])
 
 
 def projection_in_background(ds: xr.Dataset, hidden_layer: int) -> Future | None:
@@ -59,13 +65,13 @@ def projection_in_background(ds: xr.Dataset, hidden_layer: int) -> Future | None
 
     None for layers of at most ``BACKGROUND_ABOVE_BYTES`` and for datasets without a store path.
     """
-    key = store_key(ds, "projection", int(hidden_layer))
-    if key is None or ds["hidden_states"].isel(hidden_layer=0).nbytes <= BACKGROUND_ABOVE_BYTES:
-        return None
-    return pending(
-        key,
-        lambda: _projection_key(ds, hidden_layer) in _PROJECTIONS,
-        lambda: projection_table(ds, hidden_layer),
+    return pending_for_store(
+        ds,
+        ("projection", int(hidden_layer)),
+        nbytes=_layer_bytes(ds),
+        above=BACKGROUND_ABOVE_BYTES,
+        is_ready=lambda: _projection_key(ds, hidden_layer) in _PROJECTIONS,
+        compute=lambda: projection_table(ds, hidden_layer),
     )
 
 
@@ -80,15 +86,22 @@ def _empty_cloud(categories: list[str] | None = None) -> hv.Points:
 
 
 def cloud_categories(ds: xr.Dataset, color_by: str) -> list[str]:
-    """The colour categories of the map for ``color_by``, in the order the map's categorical gets them, without it."""
-    if color_by == "modality":
-        values = np.unique(ds["modality"].values.astype(str))
-        values = values[values != PAD]
-    elif color_by in ("label", "correct") and color_by in ds:
-        values = np.unique(ds[color_by].values.astype(str))
-    else:
-        values = np.unique(ds["example"].values.astype(str))
-    return sorted(map(str, values))
+    """The colour categories of the map for ``color_by``, in the order the map's categorical gets them, without it.
+
+    Cached per store version: the modality categories read every token's modality.
+    """
+
+    def read() -> list[str]:
+        if color_by == "modality":
+            values = np.unique(ds["modality"].values.astype(str))
+            values = values[values != PAD]
+        elif color_by in ("label", "correct") and color_by in ds:
+            values = np.unique(ds[color_by].values.astype(str))
+        else:
+            values = np.unique(ds["example"].values.astype(str))
+        return sorted(map(str, values))
+
+    return _CATEGORIES.get((ds.attrs.get("store_signature") or id(ds), color_by), read)
 
 
 def search_in_background(ds: xr.Dataset, hidden_layer: int) -> Future | None:
@@ -96,10 +109,14 @@ def search_in_background(ds: xr.Dataset, hidden_layer: int) -> Future | None:
 
     Same rule as ``projection_in_background``: large layers of stores with a path only.
     """
-    key = store_key(ds, "neighbours", int(hidden_layer))
-    if key is None or ds["hidden_states"].isel(hidden_layer=0).nbytes <= BACKGROUND_ABOVE_BYTES:
-        return None
-    return pending(key, lambda: layer_ready(ds, hidden_layer), lambda: prepare_layer(ds, hidden_layer))
+    return pending_for_store(
+        ds,
+        ("neighbours", int(hidden_layer)),
+        nbytes=_layer_bytes(ds),
+        above=BACKGROUND_ABOVE_BYTES,
+        is_ready=lambda: layer_ready(ds, hidden_layer),
+        compute=lambda: prepare_layer(ds, hidden_layer),
+    )
 
 
 def projection_table(ds: xr.Dataset, hidden_layer: int) -> pd.DataFrame:
@@ -191,6 +208,9 @@ class EmbeddingView(pn.viewable.Viewer):
 
     def ready_table(self, hidden_layer: int) -> pd.DataFrame | None:
         """The layer's map as a table, or None while it is computed in the background (the views redraw then)."""
+        if _projection_key(self._ds, hidden_layer) in _PROJECTIONS:  # loaded: every pointer move comes here
+            self._status.visible = False
+            return projection_table(self._ds, hidden_layer)
         running = projection_in_background(self._ds, hidden_layer)
         if running is not None:
             self.redraw.when_done(running)

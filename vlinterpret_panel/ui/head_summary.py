@@ -16,7 +16,6 @@ import pandas as pd
 import panel as pn
 import xarray as xr
 
-from vlinterpret_panel.cache import cache_directory
 from vlinterpret_panel.stats import (
     STATISTICS,
     available_statistics,
@@ -24,7 +23,7 @@ from vlinterpret_panel.stats import (
     compute_head_statistics,
     layer_means,
 )
-from vlinterpret_panel.ui.background import Redraw, pending, store_key
+from vlinterpret_panel.ui.background import Redraw, pending_for_store
 from vlinterpret_panel.ui.common import PLOT_SIZE, SELECTED_COLOR, card_title, dynamic_map, guarded
 from vlinterpret_panel.ui.selection import NORMALIZATIONS, SCOPES, Selection
 
@@ -36,13 +35,17 @@ BACKGROUND_ABOVE_BYTES = 256 * 2**20
 def statistics_in_background(ds: xr.Dataset) -> Future | None:
     """The running computation of ``ds``'s statistics table, or None when a summary can be drawn now.
 
-    None when the table is cached, the store is small (``BACKGROUND_ABOVE_BYTES``) or has no
-    cache directory (nothing to hand the result over in). See ``ui.background.pending``.
+    None when the table is cached or the store is small (``BACKGROUND_ABOVE_BYTES``); see
+    ``ui.background.pending_for_store``.
     """
-    key = store_key(ds, "head_statistics")
-    if ds["attention"].nbytes <= BACKGROUND_ABOVE_BYTES or key is None or cache_directory(ds) is None:
-        return None
-    return pending(key, lambda: cached_head_statistics(ds) is not None, lambda: compute_head_statistics(ds))
+    return pending_for_store(
+        ds,
+        ("head_statistics",),
+        nbytes=ds["attention"].nbytes,
+        above=BACKGROUND_ABOVE_BYTES,
+        is_ready=lambda: cached_head_statistics(ds) is not None,
+        compute=lambda: compute_head_statistics(ds),
+    )
 
 
 def summary_table(
