@@ -51,37 +51,34 @@ def test_matches_brute_force(ds, modality):
     assert result["token_text"].tolist() == [tokens[e, t] for _, e, t in expected]
 
 
-def test_large_layers_are_searched_from_the_store_or_a_cached_copy_with_the_same_answer(ds):
-    in_memory = neighbors.nearest_tokens(ds, "synth-0000004", 3, 2, k=5)
-    streamed = neighbors.nearest_tokens(
-        ds, "synth-0000004", 3, 2, k=5, batch_tokens=30, memory_budget=0, use_cache=False
-    )
+def test_layers_are_searched_in_memory_from_the_store_or_from_a_cached_copy_with_the_same_answer(ds):
+    in_memory = neighbors.nearest_tokens(ds, "synth-0000004", 3, 2, k=5, layer=neighbors.read_layer(ds, 2))
+    streamed = neighbors.nearest_tokens(ds, "synth-0000004", 3, 2, k=5, batch_tokens=30, use_cache=False)
     assert in_memory.equals(streamed)
     copies = cache.cache_directory(ds).glob(f"{neighbors.CACHE_KIND}-2-*.npy")
     assert not list(copies)
-    neighbors._layers.clear()  # forget the layer the first search kept in memory
-    from_copy = neighbors.nearest_tokens(ds, "synth-0000004", 3, 2, k=5, batch_tokens=30, memory_budget=0)
+    from_copy = neighbors.nearest_tokens(ds, "synth-0000004", 3, 2, k=5, batch_tokens=30)
     assert in_memory.equals(from_copy)
     (copy,) = cache.cache_directory(ds).glob(f"{neighbors.CACHE_KIND}-2-*.npy")
     assert np.load(copy, mmap_mode="r").shape == (int(ds["seq_len"].sum()), ds.sizes["feature"])
-    again = neighbors.nearest_tokens(ds, 0, 1, 2, k=3, memory_budget=0)  # read from the copy
-    assert again.equals(neighbors.nearest_tokens(ds, 0, 1, 2, k=3, memory_budget=0, use_cache=False))
+    again = neighbors.nearest_tokens(ds, 0, 1, 2, k=3)  # read from the copy
+    assert again.equals(neighbors.nearest_tokens(ds, 0, 1, 2, k=3, use_cache=False))
 
 
-@pytest.mark.parametrize("memory_budget", [neighbors.DEFAULT_MEMORY_BUDGET, 0])  # held in memory; copied to disk
-def test_prepare_layer_makes_the_layer_ready_for_fast_queries(tmp_path, memory_budget):
+@pytest.mark.parametrize("in_memory", [True, False])  # held in memory; copied to disk
+def test_prepare_search_makes_the_layer_ready_for_fast_queries(tmp_path, monkeypatch, in_memory):
     path = tmp_path / "store"
     write_synthetic_store(path, SPEC, examples_per_shard=3)
     fresh = open_dataset(path)
-    neighbors._layers.clear()
-    assert not neighbors.layer_ready(fresh, 1, memory_budget=memory_budget)
-    neighbors.prepare_layer(fresh, 1, memory_budget=memory_budget)
-    assert neighbors.layer_ready(fresh, 1, memory_budget=memory_budget)
-    assert not neighbors.layer_ready(fresh, 0, memory_budget=memory_budget)
+    monkeypatch.setattr(neighbors, "fits_in_memory", lambda ds: in_memory)
+    assert not fresh.vli.search_ready(1)
+    fresh.vli.prepare_search(1)
+    assert fresh.vli.search_ready(1)
+    assert not fresh.vli.search_ready(0)
     copies = list(cache.cache_directory(fresh).glob(f"{neighbors.CACHE_KIND}-1-*.npy"))
-    assert len(copies) == (memory_budget == 0)
-    ready = neighbors.nearest_tokens(fresh, 2, 5, 1, k=6, memory_budget=memory_budget)
-    assert ready.equals(neighbors.nearest_tokens(fresh, 2, 5, 1, k=6, memory_budget=memory_budget, use_cache=False))
+    assert len(copies) == (not in_memory)
+    ready = fresh.vli.nearest_tokens(2, 5, 1, k=6)
+    assert ready.equals(neighbors.nearest_tokens(fresh, 2, 5, 1, k=6, use_cache=False))
 
 
 def test_identical_token_in_another_example_is_found_at_distance_zero():

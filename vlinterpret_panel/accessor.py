@@ -1,17 +1,46 @@
-"""``ds.vli``: the analysis API that notebooks and dashboard views share.
+"""``ds.vli``: the analysis API that notebooks and dashboard views share, and the owner of a dataset's identity.
 
-Each method delegates to the module that owns the computation (``maps``, ``stats``,
-``projection``, ``neighbors``), so nothing is computed in two places. Import
+xarray creates an accessor once per Dataset object and keeps it on that object, so
+``ds.vli`` holds what identifies the data behind ``ds`` (``identity``: the store version and
+a digest of the examples and every other index it holds) and is the one place reads are
+cached: example tokens, attention blocks and tables live in process-wide ``LRUCache``s keyed
+by that identity. Two Dataset objects over the same data share entries; a subset never
+shares the store's. The computations stay pure functions in ``maps``, ``stats``,
+``projection`` and ``neighbors``; every method here delegates to one of them. Import
 ``vlinterpret_panel`` (or this module) to register the accessor.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
+from functools import cached_property
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import xarray as xr
+
+from vlinterpret_panel import maps
+from vlinterpret_panel.cache import DatasetIdentity, LRUCache, dataset_identity
+from vlinterpret_panel.errors import VLIError
+from vlinterpret_panel.schema import PAD
+
+# A ViLT-sized (example, layer) block is 12 heads x 185 x 185 float32 = 1.6 MB: 48 of them is < 100 MB.
+_BLOCKS: LRUCache[Hashable, np.ndarray] = LRUCache(48)
+_TOKENS: LRUCache[Hashable, maps.ExampleTokens] = LRUCache(64)
+# Small derived tables: the example browser's rows, a layer's map as a table, one example's rows of it.
+_TABLES: LRUCache[Hashable, Any] = LRUCache(64)
+# Hidden layers held in memory for the nearest-token search (each at most neighbors.DEFAULT_MEMORY_BUDGET).
+_LAYERS: LRUCache[Hashable, np.ndarray] = LRUCache(4)
+
+CORRECT_NAMES = {1: "correct", 0: "incorrect", -1: "unknown"}
+PROJECTION_COLUMNS = ("example", "token", "modality", "token_text", "label", "correct")
+
+
+def clear_caches() -> None:
+    """Forget every in-process read (e.g. after a store was rewritten in place under the same signature)."""
+    for kept in (_BLOCKS, _TOKENS, _TABLES, _LAYERS):
+        kept.clear()
 
 
 @xr.register_dataset_accessor("vli")
@@ -21,11 +50,50 @@ class VLIAccessor:
     def __init__(self, ds: xr.Dataset) -> None:
         self._ds = ds
 
+    # Identity and lookups
+
+    @cached_property
+    def identity(self) -> DatasetIdentity:
+        """What the data behind this object are: store version and selection (computed once per object)."""
+        return dataset_identity(self._ds)
+
+    def key(self, *parts: Hashable) -> tuple[Hashable, ...]:
+        """A cache key for ``parts`` of this dataset (its identity first)."""
+        return (*self.identity.key, *parts)
+
+    def position(self, example: int | str) -> int:
+        """Position of ``example`` (an index, or an example id) in this dataset."""
+        return maps.example_position(self._ds, example)
+
+    def example_id(self, example: int | str) -> str:
+        """The id of ``example`` (an index, or an id, checked)."""
+        return str(self._ds.indexes["example"][self.position(example)])
+
+    def tokens(self, example: int | str) -> maps.ExampleTokens:
+        """Tokens, modalities, boxes, text and image of one example (cached)."""
+        position = self.position(example)
+        return _TOKENS.get(self.key("tokens", position), lambda: maps.read_example_tokens(self._ds, position))
+
+    def layer_block(self, example: int | str, layer: int) -> np.ndarray:
+        """All heads of one (example, layer) attention block, real tokens only (cached: a click reads it once)."""
+        tokens = self.tokens(example)
+        layer = maps.check_layer(self._ds, layer)
+        return _BLOCKS.get(
+            self.key("attention", tokens.index, layer),
+            lambda: maps.read_layer_block(self._ds, tokens.index, layer, tokens.n_tokens),
+        )
+
+    # Attention maps
+
     def attention_map(self, example: int | str, layer: int, head: int | None = None) -> xr.DataArray:
         """One ``(query, key)`` attention map trimmed to the example's real tokens; head None = mean."""
-        from vlinterpret_panel.maps import attention_map
+        return maps.attention_map(self._ds, example, layer, head, reads=self)
 
-        return attention_map(self._ds, example, layer, head)
+    def token_attention(
+        self, example: int | str, layer: int, head: int | None, token: int | list[int], direction: str = "from"
+    ) -> xr.DataArray:
+        """Attention from (the row) or to (the column) token(s), one value per token."""
+        return maps.token_attention(self._ds, example, layer, head, token, direction, reads=self)  # type: ignore[arg-type]
 
     def token_attention_on_image(
         self,
@@ -37,23 +105,53 @@ class VLIAccessor:
         smooth: bool = False,
     ) -> xr.DataArray:
         """Attention from (or to) token(s) over the image, as an ``(image_y, image_x)`` array."""
-        from vlinterpret_panel.maps import token_attention_on_image
-
-        return token_attention_on_image(self._ds, example, layer, head, token, direction=direction, smooth=smooth)
-
-    def token_attention(
-        self, example: int | str, layer: int, head: int | None, token: int | list[int], direction: str = "from"
-    ) -> xr.DataArray:
-        """Attention from (the row) or to (the column) token(s), one value per token."""
-        from vlinterpret_panel.maps import token_attention
-
-        return token_attention(self._ds, example, layer, head, token, direction=direction)
+        return maps.token_attention_on_image(
+            self._ds,
+            example,
+            layer,
+            head,
+            token,
+            direction,  # type: ignore[arg-type]
+            smooth=smooth,
+            reads=self,
+        )
 
     def values_on_image(self, example: int | str, values: Any, smooth: bool = False) -> xr.DataArray:
         """One value per token (attention, relevancy...) painted over the example's image."""
-        from vlinterpret_panel.maps import values_on_image
+        return maps.values_on_image(self._ds, example, values, smooth=smooth, reads=self)
 
-        return values_on_image(self._ds, example, values, smooth=smooth)
+    # Relevancy
+
+    @property
+    def relevancy_methods(self) -> list[str]:
+        """Names of the relevancy methods stored with the examples (empty when none are)."""
+        if "relevancy" not in self._ds:
+            return []
+        return [str(method) for method in self._ds.indexes["relevancy_method"]]
+
+    def relevancy(self, example: int | str, method: str) -> xr.DataArray:
+        """The stored relevancy of each real token of ``example`` by ``method``, with the output it explains."""
+        methods = self.relevancy_methods
+        if method not in methods:
+            stored = ", ".join(methods) or "none"
+            raise VLIError(f"relevancy method {method!r} is not in this store (stored: {stored})")
+        tokens = self.tokens(example)
+
+        def read() -> xr.DataArray:
+            where = {"example": tokens.index, "relevancy_method": methods.index(method)}
+            values = self._ds["relevancy"].isel(where).values[: tokens.n_tokens].astype(np.float64)
+            target = str(self._ds["relevancy_target"].isel(where).values) if "relevancy_target" in self._ds else ""
+            return xr.DataArray(
+                values,
+                dims="token",
+                coords={"token": np.arange(tokens.n_tokens), "token_text": ("token", tokens.token_text)},
+                name="relevancy",
+                attrs={"example": tokens.example_id, "relevancy_method": method, "target": target, "units": "1"},
+            )
+
+        return _TABLES.get(self.key("relevancy", tokens.index, method), read)
+
+    # Head statistics
 
     def statistics(self) -> list[str]:
         """Names of the head statistics this dataset offers (built-in, then ``custom:<metric>``)."""
@@ -79,13 +177,21 @@ class VLIAccessor:
         """A ``(layer, head)`` summary of one statistic for an example or a subset (see ``stats.head_summary``)."""
         from vlinterpret_panel.stats import head_summary
 
-        return head_summary(self._ds, statistic, example=example, where=where, normalize=normalize, aggregate=aggregate)
+        return head_summary(self._ds, statistic, example=example, where=where, normalize=normalize, aggregate=aggregate)  # type: ignore[arg-type]
 
     def compute_stats(self, *, progress: bool = False) -> xr.Dataset:
         """Every built-in statistic of every example, in memory and cached beside the store."""
         from vlinterpret_panel.stats import compute_head_statistics
 
         return compute_head_statistics(self._ds, progress=progress)
+
+    def cached_stats(self) -> xr.Dataset | None:
+        """The statistics table if it was computed before (beside the store or in this process), else None."""
+        from vlinterpret_panel.stats import cached_head_statistics
+
+        return cached_head_statistics(self._ds)
+
+    # Hidden states
 
     def projection(
         self, hidden_layer: int, *, method: str = "pca", sample_size: int | None = None, seed: int = 0, **kwargs: Any
@@ -94,7 +200,46 @@ class VLIAccessor:
         from vlinterpret_panel.projection import project_hidden_states
 
         return project_hidden_states(
-            self._ds, hidden_layer, method=method, sample_size=sample_size, seed=seed, **kwargs
+            self._ds,
+            hidden_layer,
+            method=method,  # type: ignore[arg-type]
+            sample_size=sample_size,
+            seed=seed,
+            **kwargs,
+        )
+
+    def projection_table(self, hidden_layer: int) -> pd.DataFrame:
+        """The default (PCA) projection of a hidden layer as a table, one row per token (cached)."""
+
+        def load() -> pd.DataFrame:
+            projected = self.projection(hidden_layer)
+            table = pd.DataFrame({"x": projected["x"].values, "y": projected["y"].values})
+            for name in PROJECTION_COLUMNS:
+                if name in projected.variables:
+                    table[name] = projected[name].values
+            table["example"] = table["example"].astype(str)
+            return table
+
+        return _TABLES.get(self.key("projection-table", int(hidden_layer)), load)
+
+    def projection_ready(self, hidden_layer: int) -> bool:
+        """Whether ``projection_table(hidden_layer)`` is in memory (answers without computing)."""
+        return self.key("projection-table", int(hidden_layer)) in _TABLES
+
+    def projection_extent(self, hidden_layer: int) -> float:
+        """The larger side of the layer's map (``projection_table``), e.g. to scale a hover radius (cached)."""
+        table = self.projection_table(hidden_layer)
+        return _TABLES.get(
+            self.key("projection-extent", int(hidden_layer)),
+            lambda: max(float(np.ptp(table["x"].to_numpy())), float(np.ptp(table["y"].to_numpy())), 1e-12),
+        )
+
+    def projection_rows(self, hidden_layer: int, example: int | str) -> pd.DataFrame:
+        """The rows of one example in ``projection_table(hidden_layer)`` (cached: a pointer move must not scan it)."""
+        example_id = self.example_id(example)
+        table = self.projection_table(hidden_layer)
+        return _TABLES.get(
+            self.key("projection-rows", int(hidden_layer), example_id), lambda: table[table["example"] == example_id]
         )
 
     def nearest_tokens(
@@ -103,4 +248,67 @@ class VLIAccessor:
         """The ``k`` nearest tokens across the dataset in hidden space, with their examples and texts."""
         from vlinterpret_panel.neighbors import nearest_tokens
 
-        return nearest_tokens(self._ds, example, token, hidden_layer, k=k, modality=modality)
+        return nearest_tokens(
+            self._ds, example, token, hidden_layer, k=k, modality=modality, layer=self._layer_in_memory(hidden_layer)
+        )
+
+    def _layer_in_memory(self, hidden_layer: int) -> np.ndarray | None:
+        """Every real token's vector at ``hidden_layer``, kept in memory when the layer fits the budget."""
+        from vlinterpret_panel.neighbors import read_layer
+
+        if not self._layer_fits_in_memory():
+            return None
+        return _LAYERS.get(self.key("hidden-layer", int(hidden_layer)), lambda: read_layer(self._ds, hidden_layer))
+
+    def _layer_fits_in_memory(self) -> bool:
+        from vlinterpret_panel.neighbors import fits_in_memory
+
+        return _TABLES.get(self.key("layer-fits-in-memory"), lambda: fits_in_memory(self._ds))
+
+    def search_ready(self, hidden_layer: int) -> bool:
+        """Whether a nearest-token search at ``hidden_layer`` reads the layer from memory or its copy."""
+        from vlinterpret_panel.neighbors import layer_copy_exists
+
+        if self._layer_fits_in_memory():
+            return self.key("hidden-layer", int(hidden_layer)) in _LAYERS
+        return layer_copy_exists(self._ds, hidden_layer)
+
+    def prepare_search(self, hidden_layer: int) -> None:
+        """Read ``hidden_layer`` once so later searches are fast: into memory, or copied beside the store."""
+        from vlinterpret_panel.neighbors import prepare_layer_copy
+
+        if self._layer_in_memory(hidden_layer) is None:
+            prepare_layer_copy(self._ds, hidden_layer)
+
+    # Tables the views list
+
+    def example_table(self) -> pd.DataFrame:
+        """One row per example (id, text, label, prediction, correct), read once per dataset."""
+
+        def read() -> pd.DataFrame:
+            columns = [name for name in ("text", "label", "prediction", "correct") if name in self._ds]
+            table = self._ds[columns].compute().to_dataframe()[columns]
+            table.index = table.index.astype(str)
+            for name in ("text", "label", "prediction"):
+                if name in table:
+                    table[name] = table[name].astype(str)
+            if "correct" in table:
+                table["correct"] = table["correct"].astype(int).map(CORRECT_NAMES)
+            return table
+
+        return _TABLES.get(self.key("examples"), read)
+
+    def categories(self, name: str) -> list[str]:
+        """The sorted distinct values of a per-token (``modality``) or per-example variable, as strings (cached)."""
+
+        def read() -> list[str]:
+            if name == "modality":
+                values = np.unique(self._ds["modality"].values.astype(str))
+                values = values[values != PAD]
+            elif name in self._ds and self._ds[name].dims == ("example",):
+                values = np.unique(self._ds[name].values.astype(str))
+            else:
+                values = np.unique(self._ds["example"].values.astype(str))
+            return sorted(map(str, values))
+
+        return _TABLES.get(self.key("categories", name), read)

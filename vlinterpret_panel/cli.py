@@ -131,7 +131,7 @@ def _import_vlinterpret(args: argparse.Namespace) -> int:
 def _stats(args: argparse.Namespace) -> int:
     import netCDF4
 
-    from vlinterpret_panel.stats import precompute
+    from vlinterpret_panel.precompute import precompute
     from vlinterpret_panel.store import open_dataset
 
     # netCDF's default chunk cache, 64 MiB per variable of every open shard, would grow with

@@ -1,8 +1,9 @@
 """Attention maps of one example: the (query, key) matrix, a token's row or column, and maps on the image.
 
-Everything here reads at most one ``(example, layer)`` chunk of ``attention`` and a few small
-per-example variables, so a dashboard click costs one chunk read; recent chunks and example
-metadata are kept in small in-memory LRU caches keyed by the store's signature.
+Pure functions: each reads at most one ``(example, layer)`` block of ``attention`` and a few
+small per-example variables through a ``Reads`` object. The default reads straight from the
+Dataset; ``ds.vli`` passes itself, so the same functions serve notebooks and dashboard clicks
+from its caches (keyed by the dataset's identity), and a click costs one block read.
 
 Image coordinates follow the schema: pixel row 0 is the top of the image, ``token_box`` is
 ``(x0, y0, x1, y1)`` in pixels. Modalities come from the ``modality`` labels only.
@@ -10,11 +11,9 @@ Image coordinates follow the schema: pixel row 0 is the top of the image, ``toke
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import Literal, Protocol
 
 import numpy as np
 import xarray as xr
@@ -26,59 +25,23 @@ from vlinterpret_panel.schema import IMAGE
 Direction = Literal["from", "to"]
 DIRECTIONS: tuple[str, ...] = ("from", "to")
 
-_T = TypeVar("_T")
 
+def example_position(ds: xr.Dataset, example: int | str) -> int:
+    """Position of ``example`` in ``ds``: an index (negative counts from the end) or an example id.
 
-class LRUCache:
-    """A thread-safe least-recently-used cache of a bounded number of entries."""
-
-    def __init__(self, size: int) -> None:
-        self._size = size
-        self._items: OrderedDict[Hashable, object] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: Hashable, compute: Callable[[], _T]) -> _T:
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]  # type: ignore[return-value]
-        value = compute()
-        with self._lock:
-            self._items[key] = value
-            while len(self._items) > self._size:
-                self._items.popitem(last=False)
-        return value
-
-    def __contains__(self, key: Hashable) -> bool:
-        with self._lock:
-            return key in self._items
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-
-
-# A ViLT-sized (example, layer) chunk is 12 heads x 185 x 185 float32 = 1.6 MB: 48 of them is < 100 MB.
-_CHUNKS = LRUCache(48)
-_EXAMPLES = LRUCache(64)
-
-
-def _store_key(ds: xr.Dataset) -> Hashable:
-    """Identify the data behind ``ds``: the store signature when opened from disk, else the object."""
-    return ds.attrs.get("store_signature") or id(ds)
-
-
-def example_index(ds: xr.Dataset, example: int | str) -> int:
-    """Position of ``example`` (an index or an example id) in ``ds``; ``VLIError`` if there is none."""
+    The one lookup of the package; ``VLIError`` naming what was asked otherwise.
+    """
+    ids = ds.indexes["example"]
     if isinstance(example, str):
-        matches = np.flatnonzero(ds.indexes["example"] == example)
-        if len(matches) == 0:
-            raise VLIError(f"example {example!r} is not in this store")
+        matches = np.flatnonzero(ids == example)
+        if not len(matches):
+            raise VLIError(f"example: {example!r} is not in this store (or this selection of it)")
         return int(matches[0])
-    index = int(example)
-    if not 0 <= index < ds.sizes["example"]:
-        raise VLIError(f"example index {index} is outside 0..{ds.sizes['example'] - 1}")
-    return index
+    if isinstance(example, int | np.integer) and not isinstance(example, bool | np.bool_):
+        if not -len(ids) <= example < len(ids):
+            raise VLIError(f"example: index {example} is outside 0..{len(ids) - 1}")
+        return int(example) % len(ids)
+    raise VLIError(f"example: expected an index or an id string, got {type(example).__name__}")
 
 
 @dataclass(frozen=True)
@@ -119,38 +82,69 @@ class ExampleTokens:
         return int(hits[np.argmin(areas)])  # the tightest box wins where regions overlap
 
 
-def example_tokens(ds: xr.Dataset, example: int | str) -> ExampleTokens:
-    """Tokens, modalities, boxes, text and image of one example (cached)."""
-    index = example_index(ds, example)
-
-    def load() -> ExampleTokens:
-        one = ds[["token_text", "modality", "token_box", "seq_len", "text", "image_height", "image_width"]]
-        one = one.isel(example=index).compute()
-        n_tokens, height, width = int(one.seq_len), int(one.image_height), int(one.image_width)
-        image = ds["image"].isel(example=index, image_y=slice(0, height), image_x=slice(0, width)).values
-        return ExampleTokens(
-            index=index,
-            example_id=str(ds.indexes["example"][index]),
-            text=str(one.text.values),
-            token_text=one.token_text.values[:n_tokens].astype(str),
-            modality=one.modality.values[:n_tokens].astype(str),
-            token_box=one.token_box.values[:n_tokens].astype(np.float64),
-            image=np.asarray(image, dtype=np.uint8),
-        )
-
-    return _EXAMPLES.get((_store_key(ds), index), load)
+def read_example_tokens(ds: xr.Dataset, position: int) -> ExampleTokens:
+    """Tokens, modalities, boxes, text and image of the example at ``position``, read from ``ds``."""
+    one = ds[["token_text", "modality", "token_box", "seq_len", "text", "image_height", "image_width"]]
+    one = one.isel(example=position).compute()
+    n_tokens, height, width = int(one.seq_len), int(one.image_height), int(one.image_width)
+    image = ds["image"].isel(example=position, image_y=slice(0, height), image_x=slice(0, width)).values
+    return ExampleTokens(
+        index=position,
+        example_id=str(ds.indexes["example"][position]),
+        text=str(one.text.values),
+        token_text=one.token_text.values[:n_tokens].astype(str),
+        modality=one.modality.values[:n_tokens].astype(str),
+        token_box=one.token_box.values[:n_tokens].astype(np.float64),
+        image=np.asarray(image, dtype=np.uint8),
+    )
 
 
-def _layer_chunk(ds: xr.Dataset, index: int, layer: int, n_tokens: int) -> np.ndarray:
-    """All heads of one (example, layer) attention chunk, ``(head, query, key)``, real tokens only."""
+def check_layer(ds: xr.Dataset, layer: int) -> int:
+    """``layer`` as a position on the ``layer`` axis, or a ``VLIError`` naming it."""
     if not 0 <= layer < ds.sizes["layer"]:
         raise VLIError(f"layer {layer} is outside 0..{ds.sizes['layer'] - 1}")
+    return int(layer)
 
-    def load() -> np.ndarray:
-        chunk = ds["attention"].isel(example=index, layer=layer, query=slice(0, n_tokens), key=slice(0, n_tokens))
-        return np.asarray(chunk.values, dtype=np.float32)
 
-    return _CHUNKS.get((_store_key(ds), index, layer), load)
+def read_layer_block(ds: xr.Dataset, position: int, layer: int, n_tokens: int) -> np.ndarray:
+    """All heads of one (example, layer) attention block, ``(head, query, key)``, the first ``n_tokens`` only."""
+    block = ds["attention"].isel(example=position, layer=layer, query=slice(0, n_tokens), key=slice(0, n_tokens))
+    return np.asarray(block.values, dtype=np.float32)
+
+
+class Reads(Protocol):
+    """Where the map functions get an example's tokens and attention blocks from."""
+
+    def tokens(self, example: int | str) -> ExampleTokens:
+        """The example's ``ExampleTokens``."""
+        ...
+
+    def layer_block(self, example: int | str, layer: int) -> np.ndarray:
+        """All heads of the example's attention block at ``layer``, real tokens only."""
+        ...
+
+
+class DirectReads:
+    """``Reads`` straight from a Dataset, nothing kept (``ds.vli`` is the cached one)."""
+
+    def __init__(self, ds: xr.Dataset) -> None:
+        self._ds = ds
+
+    def tokens(self, example: int | str) -> ExampleTokens:
+        return read_example_tokens(self._ds, example_position(self._ds, example))
+
+    def layer_block(self, example: int | str, layer: int) -> np.ndarray:
+        tokens = self.tokens(example)
+        return read_layer_block(self._ds, tokens.index, check_layer(self._ds, layer), tokens.n_tokens)
+
+
+def _reads(ds: xr.Dataset, reads: Reads | None) -> Reads:
+    return DirectReads(ds) if reads is None else reads
+
+
+def example_tokens(ds: xr.Dataset, example: int | str, *, reads: Reads | None = None) -> ExampleTokens:
+    """Tokens, modalities, boxes, text and image of one example (``ds.vli.tokens`` caches them)."""
+    return _reads(ds, reads).tokens(example)
 
 
 def _heads_of(ds: xr.Dataset, layer: int) -> int:
@@ -159,13 +153,16 @@ def _heads_of(ds: xr.Dataset, layer: int) -> int:
     return ds.sizes["head"]
 
 
-def attention_map(ds: xr.Dataset, example: int | str, layer: int, head: int | None = None) -> xr.DataArray:
+def attention_map(
+    ds: xr.Dataset, example: int | str, layer: int, head: int | None = None, *, reads: Reads | None = None
+) -> xr.DataArray:
     """The ``(query, key)`` attention of one head (None: the mean of the layer's real heads).
 
     Trimmed to the example's real tokens, with ``token_text`` and ``modality`` on both axes.
     """
-    tokens = example_tokens(ds, example)
-    chunk = _layer_chunk(ds, tokens.index, layer, tokens.n_tokens)
+    reads = _reads(ds, reads)
+    tokens = reads.tokens(example)
+    chunk = reads.layer_block(example, layer)
     n_heads = _heads_of(ds, layer)
     if head is None:
         matrix = chunk[:n_heads].mean(axis=0)
@@ -215,6 +212,8 @@ def token_attention(
     head: int | None,
     token: int | Sequence[int],
     direction: Direction = "from",
+    *,
+    reads: Reads | None = None,
 ) -> xr.DataArray:
     """Attention from (``direction="from"``: the token's row) or to (its column) the token(s), per token.
 
@@ -222,7 +221,7 @@ def token_attention(
     """
     if direction not in DIRECTIONS:
         raise VLIError(f"direction must be one of {DIRECTIONS}, not {direction!r}")
-    matrix = attention_map(ds, example, layer, head)
+    matrix = attention_map(ds, example, layer, head, reads=reads)
     selected = _as_tokens(token, matrix.sizes["query"])
     reduced, kept = ("query", "key") if direction == "from" else ("key", "query")
     values = matrix.isel({reduced: selected}).mean(reduced)
@@ -232,14 +231,19 @@ def token_attention(
 
 
 def values_on_image(
-    ds: xr.Dataset, example: int | str, values: np.ndarray | xr.DataArray, smooth: bool = False
+    ds: xr.Dataset,
+    example: int | str,
+    values: np.ndarray | xr.DataArray,
+    smooth: bool = False,
+    *,
+    reads: Reads | None = None,
 ) -> xr.DataArray:
     """Paint one value per token over the image: each image token fills its box (NaN where none).
 
     ``smooth`` interpolates bilinearly between patch centres instead (VL-InterpreT's smoothing);
     it needs image tokens on a grid of boxes, else it falls back to a Gaussian blur of the boxes.
     """
-    tokens = example_tokens(ds, example)
+    tokens = _reads(ds, reads).tokens(example)
     per_token = np.asarray(values, dtype=np.float64)
     if per_token.shape[0] < tokens.n_tokens:
         raise VLIError(f"{per_token.shape[0]} values for {tokens.n_tokens} tokens")
@@ -296,16 +300,12 @@ def token_attention_on_image(
     token: int | Sequence[int],
     direction: Direction = "from",
     smooth: bool = False,
+    *,
+    reads: Reads | None = None,
 ) -> xr.DataArray:
     """Attention from (or to) token(s) painted over the image's patches or boxes, ``(image_y, image_x)``."""
-    values = token_attention(ds, example, layer, head, token, direction)
-    painted = values_on_image(ds, example, values.values, smooth=smooth)
+    values = token_attention(ds, example, layer, head, token, direction, reads=reads)
+    painted = values_on_image(ds, example, values.values, smooth=smooth, reads=reads)
     painted.name = "attention_on_image"
     painted.attrs.update(values.attrs, layer=int(layer), head="mean" if head is None else int(head))
     return painted
-
-
-def clear_caches() -> None:
-    """Forget cached chunks and example metadata (e.g. after a store was rewritten in place)."""
-    _CHUNKS.clear()
-    _EXAMPLES.clear()

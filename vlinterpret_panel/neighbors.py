@@ -2,15 +2,15 @@
 
 VL-InterpreT looked up "nearest tokens" in independent per-example t-SNE maps, which
 compares unrelated coordinates. Here distances are Euclidean distances between hidden
-states at one layer, found exactly (a fast float32 pass, then float64 re-ranking). A layer whose real tokens fit in
-``memory_budget`` bytes is held in memory after the first query (dashboard clicks are then
-one search); a larger one is copied once into a contiguous matrix cached beside the store
-and searched block by block, keeping the best candidates.
+states at one layer, found exactly (a fast float32 pass, then float64 re-ranking). Pure
+functions: ``ds.vli.nearest_tokens`` keeps a layer whose real tokens fit in
+``DEFAULT_MEMORY_BUDGET`` bytes in memory after its first read (dashboard clicks are then one
+search) and passes it as ``layer``; a larger layer is copied once into a contiguous matrix
+cached beside the store and searched block by block, keeping the best candidates.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -22,21 +22,11 @@ from vlinterpret_panel import cache
 from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.projection import check_hidden_layer, hidden_vectors, real_tokens
 from vlinterpret_panel.schema import IMAGE, PAD, SPECIAL, TEXT
-from vlinterpret_panel.stats import example_position, examples_digest
 
 COLUMNS = ("example", "token", "token_text", "modality", "text", "distance")
 DEFAULT_MEMORY_BUDGET = 512 * 2**20
 CACHE_KIND = "neighbors-layer"
 _RERANK_MARGIN = 32
-_LAYERS_IN_MEMORY = 4
-_layers: OrderedDict[tuple, np.ndarray] = OrderedDict()
-
-
-def _layer_key(ds: xr.Dataset, hidden_layer: int) -> tuple | None:
-    """Identifies a layer of a stored dataset; None for in-memory datasets, which are not kept."""
-    if not ds.attrs.get("store_signature"):
-        return None
-    return (ds.attrs.get("store_path"), ds.attrs["store_signature"], examples_digest(ds), hidden_layer)
 
 
 def _scan(
@@ -52,13 +42,50 @@ def _scan(
         yield points, hidden_vectors(ds, hidden_layer, slice(first, last))[example_index[points] - first, token[points]]
 
 
-def _copy_entry(ds: xr.Dataset, hidden_layer: int, n_points: int) -> tuple[str, dict]:
+def _copy_entry(hidden_layer: int, n_points: int) -> tuple[str, dict]:
     """The cache kind and parameters of a layer's contiguous copy beside the store."""
-    return f"{CACHE_KIND}-{hidden_layer}", {
-        "hidden_layer": hidden_layer,
-        "examples": examples_digest(ds),
-        "points": n_points,
-    }
+    return f"{CACHE_KIND}-{hidden_layer}", {"hidden_layer": hidden_layer, "points": n_points}
+
+
+def fits_in_memory(ds: xr.Dataset, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> bool:
+    """Whether one hidden layer's real tokens take at most ``memory_budget`` bytes (float32)."""
+    n_points = int(np.sum(ds["modality"].values != PAD))
+    return n_points * ds.sizes["feature"] * 4 <= memory_budget
+
+
+def read_layer(ds: xr.Dataset, hidden_layer: int, *, batch_tokens: int = 50_000) -> np.ndarray:
+    """Every real token's hidden vector at ``hidden_layer``, ``(point, feature)`` float32, in ``real_tokens`` order."""
+    hidden_layer = check_hidden_layer(ds, hidden_layer)
+    example_index, token = real_tokens(ds)
+    kept = [vectors for _, vectors in _scan(ds, hidden_layer, example_index, token, batch_tokens)]
+    return np.concatenate(kept) if kept else np.empty((0, ds.sizes["feature"]), np.float32)
+
+
+def _layer_copy(ds: xr.Dataset, hidden_layer: int, batch_tokens: int) -> Path | None:
+    """The layer's contiguous float32 copy beside the store, written by one scan on its first use."""
+    example_index, token = real_tokens(ds)
+
+    def write(path: Path) -> None:
+        matrix = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(len(token), ds.sizes["feature"]))
+        for points, vectors in _scan(ds, hidden_layer, example_index, token, batch_tokens):
+            matrix[points] = vectors
+        matrix.flush()
+        del matrix
+
+    return cache.cached_array(ds.vli.identity, *_copy_entry(hidden_layer, len(token)), write)
+
+
+def layer_copy_exists(ds: xr.Dataset, hidden_layer: int) -> bool:
+    """Whether the layer's copy beside the store exists (a search then reads it, not the store)."""
+    hidden_layer = check_hidden_layer(ds, hidden_layer)
+    n_points = int(np.sum(ds["modality"].values != PAD))
+    path = cache.cache_path(ds.vli.identity, *_copy_entry(hidden_layer, n_points), suffix=".npy")
+    return path is not None and path.exists()
+
+
+def prepare_layer_copy(ds: xr.Dataset, hidden_layer: int, *, batch_tokens: int = 50_000) -> None:
+    """Write the layer's copy beside the store now, so the first search does not scan the store."""
+    _layer_copy(ds, check_hidden_layer(ds, hidden_layer), batch_tokens)
 
 
 def _batches(
@@ -67,39 +94,20 @@ def _batches(
     example_index: np.ndarray,
     token: np.ndarray,
     batch_tokens: int,
-    budget: int,
+    layer: np.ndarray | None,
     use_cache: bool,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield ``(point positions, vectors)`` covering every real token of the layer, from the fastest source.
 
-    A layer within ``budget`` bytes is kept in memory after its first scan. A larger one is
-    copied once into a contiguous float32 matrix in the store's cache (one scan), which later
-    queries read block by block; without a cache every query scans the store.
+    The layer given in memory; else its copy beside the store (written on first use, one
+    scan), read block by block; without a cache, a scan of the store.
     """
-    key = _layer_key(ds, hidden_layer)
-    if key is not None and key in _layers:
-        _layers.move_to_end(key)
-        yield np.arange(len(token)), _layers[key]
+    if layer is not None:
+        if layer.shape != (len(token), ds.sizes["feature"]):
+            raise VLIError(f"layer: expected {(len(token), ds.sizes['feature'])} vectors, got {layer.shape}")
+        yield np.arange(len(token)), layer
         return
-    n_features = ds.sizes["feature"]
-    if key is not None and len(token) * n_features * 4 <= budget:
-        kept = []
-        for points, vectors in _scan(ds, hidden_layer, example_index, token, batch_tokens):
-            kept.append(vectors)
-            yield points, vectors
-        _layers[key] = np.concatenate(kept) if kept else np.empty((0, n_features), np.float32)
-        while len(_layers) > _LAYERS_IN_MEMORY:
-            _layers.popitem(last=False)
-        return
-
-    def write(path: Path) -> None:
-        matrix = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(len(token), n_features))
-        for points, vectors in _scan(ds, hidden_layer, example_index, token, batch_tokens):
-            matrix[points] = vectors
-        matrix.flush()
-        del matrix
-
-    copy = cache.cached_array(ds, *_copy_entry(ds, hidden_layer, len(token)), write) if use_cache else None
+    copy = _layer_copy(ds, hidden_layer, batch_tokens) if use_cache else None
     if copy is None:
         yield from _scan(ds, hidden_layer, example_index, token, batch_tokens)
         return
@@ -136,35 +144,6 @@ def _check_modality(modality: str | Sequence[str] | None) -> set[str] | None:
     return wanted
 
 
-def layer_ready(ds: xr.Dataset, hidden_layer: int, *, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> bool:
-    """Whether a query at ``hidden_layer`` reads the layer from memory or its copy beside the store.
-
-    False when the next query would first scan the whole layer from the store (the slow first
-    query, which ``prepare_layer`` runs ahead of time).
-    """
-    hidden_layer = check_hidden_layer(ds, hidden_layer)
-    key = _layer_key(ds, hidden_layer)
-    if key is None:
-        return False
-    if key in _layers:
-        return True
-    n_points = int(np.sum(ds["modality"].values != PAD))
-    if n_points * ds.sizes["feature"] * 4 <= memory_budget:
-        return False
-    path = cache.cache_path(ds, *_copy_entry(ds, hidden_layer, n_points), suffix=".npy")
-    return path is not None and path.exists()
-
-
-def prepare_layer(
-    ds: xr.Dataset, hidden_layer: int, *, batch_tokens: int = 50_000, memory_budget: int = DEFAULT_MEMORY_BUDGET
-) -> None:
-    """Scan ``hidden_layer`` once so later queries are fast: held in memory, or copied beside the store."""
-    hidden_layer = check_hidden_layer(ds, hidden_layer)
-    example_index, token_index = real_tokens(ds)
-    for _ in _batches(ds, hidden_layer, example_index, token_index, batch_tokens, memory_budget, use_cache=True):
-        pass
-
-
 def nearest_tokens(
     ds: xr.Dataset,
     example: int | str,
@@ -174,7 +153,7 @@ def nearest_tokens(
     *,
     modality: str | Sequence[str] | None = None,
     batch_tokens: int = 50_000,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    layer: np.ndarray | None = None,
     use_cache: bool = True,
 ) -> pd.DataFrame:
     """The ``k`` tokens of the dataset nearest to one token's hidden state at ``hidden_layer``.
@@ -183,10 +162,11 @@ def nearest_tokens(
     restricts the candidates. The query token itself is excluded; other tokens at distance 0
     are kept. Returns one row per neighbour, nearest first, with columns ``example`` (id),
     ``token``, ``token_text``, ``modality``, ``text`` (the example's text) and ``distance``.
-    ``use_cache=False`` never writes the layer copy beside the store (large layers are then
-    scanned from the store on every query).
+    ``layer`` is the layer's vectors in memory (``read_layer``), when the caller keeps them;
+    otherwise the layer's copy beside the store is searched (``use_cache=False`` never writes
+    it: the store is then scanned on every query).
     """
-    position = example_position(ds, example)
+    position = ds.vli.position(example)
     hidden_layer = check_hidden_layer(ds, hidden_layer)
     wanted = _check_modality(modality)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
@@ -204,8 +184,7 @@ def nearest_tokens(
 
     best_points = np.empty(0, dtype=np.int64)
     best_distances = np.empty(0, dtype=np.float64)
-    layer = _batches(ds, hidden_layer, example_index, token_index, batch_tokens, memory_budget, use_cache)
-    for points, vectors in layer:
+    for points, vectors in _batches(ds, hidden_layer, example_index, token_index, batch_tokens, layer, use_cache):
         usable = candidate[points]
         if not usable.any():
             continue

@@ -26,7 +26,6 @@ from tqdm.auto import tqdm
 from vlinterpret_panel import cache
 from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.schema import PAD
-from vlinterpret_panel.stats import examples_digest
 
 Method = Literal["pca", "tsne", "umap"]
 METHODS: dict[str, str] = {
@@ -196,10 +195,9 @@ def project_hidden_states(
         "method": method,
         "sample_size": int(sample_size),
         "seed": int(seed),
-        "examples": examples_digest(ds),
     }
     compact = cache.cached(
-        ds,
+        ds.vli.identity,
         f"{CACHE_KIND}-{method}-{hidden_layer}",
         params,
         lambda: _compute(ds, hidden_layer, method, int(sample_size), int(seed), batch_tokens, progress),

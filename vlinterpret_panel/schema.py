@@ -24,7 +24,7 @@ Conventions
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -50,44 +50,126 @@ LAYER_KINDS = {
 
 BOX_NAMES = ("x0", "y0", "x1", "y1")
 CHANNEL_NAMES = ("red", "green", "blue")
+GRID_AXES = ("row", "column")
 CORRECT_UNKNOWN = -1
 
-# name -> (dims, required, attrs). The single source of truth for layout and units.
-VARIABLES: dict[str, tuple[tuple[str, ...], bool, dict[str, str]]] = {
-    "attention": (
+
+@dataclass(frozen=True)
+class Variable:
+    """One data variable of the schema: layout, units, in-memory type, padding fill, and its source in a record.
+
+    ``from_record`` gives one example's value from an ``ExampleRecord`` (None: the record has
+    none); a ``keyed_by`` variable's value is a mapping whose keys label that dimension
+    (e.g. relevancy per method). An optional variable is stored when any record has a
+    value (and the variables named in ``requires`` are stored). Readers fill padding and
+    examples of shards without the variable with ``fill``.
+    """
+
+    dims: tuple[str, ...]
+    required: bool
+    attrs: dict[str, str]
+    dtype: Any
+    fill: Any
+    from_record: Callable[[ExampleRecord], Any] | None = None
+    keyed_by: str | None = None
+    requires: tuple[str, ...] = ()
+
+
+def _correct(record: ExampleRecord) -> int:
+    if record.label is None or record.prediction is None:
+        return CORRECT_UNKNOWN
+    return int(record.label == record.prediction)
+
+
+def _targets(record: ExampleRecord) -> dict[str, str] | None:
+    """The output every stored relevancy map of the record explains."""
+    if not record.relevancy:
+        return None
+    return {method: record.relevancy_target or "" for method in record.relevancy}
+
+
+# The single source of truth for layout, units, types and fill values of every variable.
+VARIABLES: dict[str, Variable] = {
+    "attention": Variable(
         ("example", "layer", "head", "query", "key"),
         True,
         {"long_name": "attention probability of query token to key token", "units": "1"},
+        np.float32,
+        np.nan,
+        lambda r: r.attention,
     ),
-    "hidden_states": (
+    "hidden_states": Variable(
         ("example", "hidden_layer", "token", "feature"),
         True,
         {"long_name": "hidden state of each token after each layer", "units": "1"},
+        np.float32,
+        np.nan,
+        lambda r: r.hidden_states,
     ),
-    "token_text": (("example", "token"), True, {"long_name": "token string"}),
-    "modality": (
+    "token_text": Variable(
+        ("example", "token"), True, {"long_name": "token string"}, object, "", lambda r: np.array(r.tokens, object)
+    ),
+    "modality": Variable(
         ("example", "token"),
         True,
         {"long_name": "token modality", "flag_meanings": " ".join(MODALITIES)},
+        object,
+        PAD,
+        lambda r: np.array(r.modality, object),
     ),
-    "token_box": (
+    "token_box": Variable(
         ("example", "token", "box"),
         True,
         {"long_name": "pixel box of an image token on the image (NaN if none)", "units": "pixel"},
+        np.float32,
+        np.nan,
+        lambda r: r.token_box,
     ),
-    "seq_len": (("example",), True, {"long_name": "number of real (unpadded) tokens"}),
-    "image": (
+    "seq_len": Variable(
+        ("example",), True, {"long_name": "number of real (unpadded) tokens"}, np.int32, 0, lambda r: len(r.tokens)
+    ),
+    "image": Variable(
         ("example", "image_y", "image_x", "channel"),
         True,
         {"long_name": "RGB image, padded to the store's canvas", "units": "1"},
+        np.uint8,
+        0,
+        lambda r: r.image,
     ),
-    "image_height": (("example",), True, {"long_name": "true image height", "units": "pixel"}),
-    "image_width": (("example",), True, {"long_name": "true image width", "units": "pixel"}),
-    "text": (("example",), True, {"long_name": "input text (question or caption)"}),
-    "label": (("example",), False, {"long_name": "ground-truth answer or class"}),
-    "prediction": (("example",), False, {"long_name": "model output (answer or class)"}),
-    "score": (("example",), False, {"long_name": "model score of the prediction", "units": "1"}),
-    "correct": (
+    "image_height": Variable(
+        ("example",),
+        True,
+        {"long_name": "true image height", "units": "pixel"},
+        np.int32,
+        0,
+        lambda r: r.image.shape[0],
+    ),
+    "image_width": Variable(
+        ("example",),
+        True,
+        {"long_name": "true image width", "units": "pixel"},
+        np.int32,
+        0,
+        lambda r: r.image.shape[1],
+    ),
+    "text": Variable(
+        ("example",), True, {"long_name": "input text (question or caption)"}, object, "", lambda r: r.text
+    ),
+    "label": Variable(
+        ("example",), False, {"long_name": "ground-truth answer or class"}, object, "", lambda r: r.label
+    ),
+    "prediction": Variable(
+        ("example",), False, {"long_name": "model output (answer or class)"}, object, "", lambda r: r.prediction
+    ),
+    "score": Variable(
+        ("example",),
+        False,
+        {"long_name": "model score of the prediction", "units": "1"},
+        np.float32,
+        np.nan,
+        lambda r: r.score,
+    ),
+    "correct": Variable(
         ("example",),
         False,
         {
@@ -95,44 +177,72 @@ VARIABLES: dict[str, tuple[tuple[str, ...], bool, dict[str, str]]] = {
             "flag_values": "-1 0 1",
             "flag_meanings": "unknown incorrect correct",
         },
+        np.int8,
+        CORRECT_UNKNOWN,  # unknown, not "incorrect"
+        _correct,
+        requires=("label", "prediction"),
     ),
-    "readout_token": (
+    "readout_token": Variable(
         ("example", "readout"),
         False,
         {"long_name": "index of the token an output head reads (e.g. [CLS])"},
+        np.int32,
+        -1,
+        lambda r: r.readout_tokens or None,
+        keyed_by="readout",
     ),
-    "patch_position": (
+    "patch_position": Variable(
         ("example", "token", "grid_axis"),
         False,
         {"long_name": "row and column of an image token in its patch grid (-1 if none)"},
+        np.int16,
+        -1,
+        lambda r: r.patch_position,
     ),
-    "target_mask": (
+    "target_mask": Variable(
         ("example", "image_y", "image_x"),
         False,
         {"long_name": "ground-truth pixels the answer depends on", "units": "1"},
+        np.uint8,
+        0,
+        lambda r: r.target_mask,
     ),
-    "relevancy": (
+    "relevancy": Variable(
         ("example", "relevancy_method", "token"),
         False,
         {"long_name": "relevancy of each token for the explained output", "units": "1"},
+        np.float32,
+        np.nan,
+        lambda r: r.relevancy or None,
+        keyed_by="relevancy_method",
     ),
-    "relevancy_target": (
+    "relevancy_target": Variable(
         ("example", "relevancy_method"),
         False,
         {"long_name": "output the relevancy explains"},
+        object,
+        "",
+        _targets,
+        keyed_by="relevancy_method",
     ),
-    "attention_row_sum": (
+    "attention_row_sum": Variable(
         ("example", "layer", "head", "query"),
         False,
         {
             "long_name": "sum of each attention row before it was normalised (imported unnormalised data)",
             "units": "1",
         },
+        np.float32,
+        np.nan,
     ),
-    "custom_metric": (
+    "custom_metric": Variable(
         ("example", "metric", "layer", "head"),
         False,
         {"long_name": "user-supplied per-head metric"},
+        np.float32,
+        np.nan,
+        lambda r: r.custom_metrics or None,
+        keyed_by="metric",
     ),
 }
 
@@ -244,23 +354,23 @@ class ExampleRecord:
                 raise VLIError(f"{where}: relevancy {name!r} needs one value per token")
 
 
-def _padded(array: np.ndarray, shape: Sequence[int], fill: Any) -> np.ndarray:
-    """Copy ``array`` into the top-left corner of a new array of ``shape`` filled with ``fill``."""
-    out = np.full(shape, fill, dtype=array.dtype)
-    out[tuple(slice(0, n) for n in array.shape)] = array
-    return out
-
-
-def _stacked_padded(arrays: Sequence[np.ndarray], shape: Sequence[int], fill: Any, dtype: Any) -> np.ndarray:
+def _stacked_padded(arrays: Sequence[Any], shape: Sequence[int], fill: Any, dtype: Any) -> np.ndarray:
     """``arrays`` stacked on a new first axis, each in the top-left corner of ``shape``, the rest ``fill``.
 
     One allocation and one write of each value: padding each and then stacking copied a
     ViLT-sized shard's attention twice, and filling a padded example before copying it in
     wrote it twice. Only the padding is filled: along each axis, the part past the array.
+    A missing value (None) is all ``fill``.
     """
     out = np.empty((len(arrays), *shape), dtype=dtype)
     for index, array in enumerate(arrays):
+        if array is None:
+            out[index] = fill
+            continue
         array = np.asarray(array, dtype=dtype)
+        if array.ndim == 0:  # one value per example (a 0-d object array would be stored as an array)
+            out[index] = array[()]
+            continue
         inside = tuple(slice(0, n) for n in array.shape)
         out[(index, *inside)] = array
         for axis, size in enumerate(array.shape):
@@ -274,147 +384,59 @@ def records_to_dataset(
     info: ModelInfo,
     extraction: Mapping[str, Any] | None = None,
 ) -> xr.Dataset:
-    """Stack example records into one schema Dataset, padding tokens, heads and images."""
+    """Stack example records into one schema Dataset: each variable of ``VARIABLES`` padded with its fill."""
     if not records:
         raise VLIError("no examples to store")
     for record in records:
         record.check()
     n_layers = len(info.layer_kind)
     n_heads = max(info.num_heads)
-    n_tokens = max(len(r.tokens) for r in records)
-    n_hidden = len(info.hidden_layer_name)
-    n_features = max(r.hidden_states.shape[2] for r in records)
-    height = max(r.image.shape[0] for r in records)
-    width = max(r.image.shape[1] for r in records)
     for r in records:
         if r.attention.shape[:2] != (n_layers, n_heads):
             raise VLIError(
                 f"example {r.example_id!r}: attention has {r.attention.shape[:2]} "
                 f"(layers, heads), the model info says {(n_layers, n_heads)}"
             )
-        if r.hidden_states.shape[0] != n_hidden:
+        if r.hidden_states.shape[0] != len(info.hidden_layer_name):
             raise VLIError(
-                f"example {r.example_id!r}: {r.hidden_states.shape[0]} hidden layers, the model info names {n_hidden}"
+                f"example {r.example_id!r}: {r.hidden_states.shape[0]} hidden layers, "
+                f"the model info names {len(info.hidden_layer_name)}"
             )
-
-    def stack(get, shape, fill, dtype):
-        return _stacked_padded([get(r) for r in records], shape, fill, dtype)
-
-    attention = stack(lambda r: r.attention, (n_layers, n_heads, n_tokens, n_tokens), np.nan, np.float32)
+    sizes = {
+        "layer": n_layers,
+        "head": n_heads,
+        "token": max(len(r.tokens) for r in records),
+        "hidden_layer": len(info.hidden_layer_name),
+        "feature": max(r.hidden_states.shape[2] for r in records),
+        "image_y": max(r.image.shape[0] for r in records),
+        "image_x": max(r.image.shape[1] for r in records),
+        "box": len(BOX_NAMES),
+        "channel": len(CHANNEL_NAMES),
+        "grid_axis": len(GRID_AXES),
+    }
+    sizes["query"] = sizes["key"] = sizes["token"]
+    coords: dict[str, Any] = {}
+    data_vars: dict[str, tuple[tuple[str, ...], np.ndarray]] = {}
+    for name, variable in VARIABLES.items():
+        if variable.from_record is None or not all(other in data_vars for other in variable.requires):
+            continue
+        values = [variable.from_record(r) for r in records]
+        if all(value is None for value in values):
+            continue
+        if variable.keyed_by is not None:
+            keys = sorted({key for value in values for key in (value or {})})
+            coords[variable.keyed_by] = keys
+            sizes[variable.keyed_by] = len(keys)
+            inner = tuple(sizes[dim] for dim in variable.dims[2:])
+            values = [[(value or {}).get(key) for key in keys] for value in values]
+            values = [_stacked_padded(v, inner, variable.fill, variable.dtype) for v in values]
+        shape = tuple(sizes[dim] for dim in variable.dims[1:])
+        data_vars[name] = (variable.dims, _stacked_padded(values, shape, variable.fill, variable.dtype))
+    attention = data_vars["attention"][1]
     for layer, heads in enumerate(info.num_heads):
         attention[:, layer, heads:] = np.nan
-    data_vars: dict[str, tuple[tuple[str, ...], np.ndarray]] = {
-        "attention": (VARIABLES["attention"][0], attention),
-        "hidden_states": (
-            VARIABLES["hidden_states"][0],
-            stack(lambda r: r.hidden_states, (n_hidden, n_tokens, n_features), np.nan, np.float32),
-        ),
-        "token_text": (
-            ("example", "token"),
-            stack(lambda r: np.array(r.tokens, dtype=object), (n_tokens,), "", object),
-        ),
-        "modality": (
-            ("example", "token"),
-            stack(lambda r: np.array(r.modality, dtype=object), (n_tokens,), PAD, object),
-        ),
-        "token_box": (("example", "token", "box"), stack(lambda r: r.token_box, (n_tokens, 4), np.nan, np.float32)),
-        "seq_len": (("example",), np.array([len(r.tokens) for r in records], dtype=np.int32)),
-        "image": (
-            ("example", "image_y", "image_x", "channel"),
-            stack(lambda r: r.image, (height, width, 3), 0, np.uint8),
-        ),
-        "image_height": (("example",), np.array([r.image.shape[0] for r in records], dtype=np.int32)),
-        "image_width": (("example",), np.array([r.image.shape[1] for r in records], dtype=np.int32)),
-        "text": (("example",), np.array([r.text for r in records], dtype=object)),
-    }
-    if any(r.label is not None for r in records):
-        data_vars["label"] = (("example",), np.array([r.label or "" for r in records], dtype=object))
-    if any(r.prediction is not None for r in records):
-        data_vars["prediction"] = (("example",), np.array([r.prediction or "" for r in records], dtype=object))
-    if any(r.score is not None for r in records):
-        scores = [np.nan if r.score is None else r.score for r in records]
-        data_vars["score"] = (("example",), np.array(scores, dtype=np.float32))
-    if "label" in data_vars and "prediction" in data_vars:
-        correct = [
-            CORRECT_UNKNOWN if r.label is None or r.prediction is None else int(r.label == r.prediction)
-            for r in records
-        ]
-        data_vars["correct"] = (("example",), np.array(correct, dtype=np.int8))
-    coords: dict[str, Any] = {}
-    readouts = sorted({name for r in records for name in (r.readout_tokens or {})})
-    if readouts:
-        values = [[(r.readout_tokens or {}).get(name, -1) for name in readouts] for r in records]
-        data_vars["readout_token"] = (("example", "readout"), np.array(values, dtype=np.int32))
-        coords["readout"] = readouts
-    if any(r.patch_position is not None for r in records):
-        data_vars["patch_position"] = (
-            ("example", "token", "grid_axis"),
-            stack(
-                lambda r: r.patch_position if r.patch_position is not None else np.full((len(r.tokens), 2), -1),
-                (n_tokens, 2),
-                -1,
-                np.int16,
-            ),
-        )
-        coords["grid_axis"] = ["row", "column"]
-    if any(r.target_mask is not None for r in records):
-        data_vars["target_mask"] = (
-            ("example", "image_y", "image_x"),
-            stack(
-                lambda r: r.target_mask if r.target_mask is not None else np.zeros(r.image.shape[:2]),
-                (height, width),
-                0,
-                np.uint8,
-            ),
-        )
-    methods = sorted({name for r in records for name in (r.relevancy or {})})
-    if methods:
-        data_vars["relevancy"] = (
-            ("example", "relevancy_method", "token"),
-            np.stack(
-                [
-                    np.stack(
-                        [
-                            _padded(
-                                np.asarray((r.relevancy or {}).get(m, np.full(len(r.tokens), np.nan)), np.float32),
-                                (n_tokens,),
-                                np.nan,
-                            )
-                            for m in methods
-                        ]
-                    )
-                    for r in records
-                ]
-            ),
-        )
-        data_vars["relevancy_target"] = (
-            ("example", "relevancy_method"),
-            np.array([[r.relevancy_target or "" for _ in methods] for r in records], dtype=object),
-        )
-        coords["relevancy_method"] = methods
-    metrics = sorted({name for r in records for name in (r.custom_metrics or {})})
-    if metrics:
-        data_vars["custom_metric"] = (
-            ("example", "metric", "layer", "head"),
-            np.stack(
-                [
-                    np.stack(
-                        [
-                            _padded(
-                                np.asarray(
-                                    (r.custom_metrics or {}).get(m, np.full((n_layers, n_heads), np.nan)), np.float32
-                                ),
-                                (n_layers, n_heads),
-                                np.nan,
-                            )
-                            for m in metrics
-                        ]
-                    )
-                    for r in records
-                ]
-            ),
-        )
-        coords["metric"] = metrics
+    if "patch_position" in data_vars:
+        coords["grid_axis"] = list(GRID_AXES)
     coords.update(
         example=[r.example_id for r in records],
         layer=np.arange(n_layers, dtype=np.int32),
@@ -422,14 +444,14 @@ def records_to_dataset(
         layer_name=("layer", np.array(info.layer_name or [f"layer.{i}" for i in range(n_layers)], dtype=object)),
         layer_heads=("layer", np.array(info.num_heads, dtype=np.int32)),
         head=np.arange(n_heads, dtype=np.int32),
-        query=np.arange(n_tokens, dtype=np.int32),
-        key=np.arange(n_tokens, dtype=np.int32),
-        token=np.arange(n_tokens, dtype=np.int32),
-        hidden_layer=np.arange(n_hidden, dtype=np.int32),
+        query=np.arange(sizes["token"], dtype=np.int32),
+        key=np.arange(sizes["token"], dtype=np.int32),
+        token=np.arange(sizes["token"], dtype=np.int32),
+        hidden_layer=np.arange(sizes["hidden_layer"], dtype=np.int32),
         hidden_layer_name=("hidden_layer", np.array(info.hidden_layer_name, dtype=object)),
         box=list(BOX_NAMES),
-        image_y=np.arange(height, dtype=np.int32),
-        image_x=np.arange(width, dtype=np.int32),
+        image_y=np.arange(sizes["image_y"], dtype=np.int32),
+        image_x=np.arange(sizes["image_x"], dtype=np.int32),
         channel=list(CHANNEL_NAMES),
     )
     attrs = {
@@ -446,9 +468,9 @@ def records_to_dataset(
 
 def with_schema_attrs(ds: xr.Dataset) -> xr.Dataset:
     """Attach the schema's long names and units to every known variable and coordinate."""
-    for name, (_, _, attrs) in VARIABLES.items():
+    for name, variable in VARIABLES.items():
         if name in ds.variables:
-            ds[name].attrs.update(attrs)
+            ds[name].attrs.update(variable.attrs)
     for name, attrs in COORDINATE_ATTRS.items():
         if name in ds.variables:
             ds[name].attrs.update(attrs)
@@ -475,13 +497,13 @@ def validate(ds: xr.Dataset, *, source: str | None = None, check_values: bool = 
     for attr in REQUIRED_ATTRS:
         if attr not in ds.attrs:
             _fail(source, f"missing attribute {attr!r}")
-    for name, (dims, required, _) in VARIABLES.items():
+    for name, variable in VARIABLES.items():
         if name not in ds.variables:
-            if required:
+            if variable.required:
                 _fail(source, f"missing variable {name!r}")
             continue
-        if ds[name].dims != dims:
-            _fail(source, f"variable {name!r} has dims {ds[name].dims}, expected {dims}")
+        if ds[name].dims != variable.dims:
+            _fail(source, f"variable {name!r} has dims {ds[name].dims}, expected {variable.dims}")
     sizes = ds.sizes
     if not sizes["query"] == sizes["key"] == sizes["token"]:
         _fail(

@@ -28,7 +28,9 @@ import netCDF4
 import numpy as np
 from xarray.backends.locks import HDF5_LOCK
 
+from vlinterpret_panel.cache import LRUCache
 from vlinterpret_panel.errors import VLIError
+from vlinterpret_panel.schema import VARIABLES
 
 # Shards may differ in size along these dims; blocks are padded to the store's largest.
 PADDED_DIMS = ("token", "query", "key", "head", "image_y", "image_x")
@@ -37,55 +39,43 @@ _BLOCK_DIMS = ("layer", "hidden_layer")
 # Data variables with this many dims or more are read one example per task.
 _PER_EXAMPLE_MIN_NDIM = 3
 
-FILL_VALUES: dict[str, Any] = {
-    "attention": np.nan,
-    "hidden_states": np.nan,
-    "token_text": "",
-    "modality": "pad",
-    "token_box": np.nan,
-    "image": 0,
-    "target_mask": 0,
-    "patch_position": -1,
-    "relevancy": np.nan,
-    "relevancy_target": "",
-    "custom_metric": np.nan,
-    "readout_token": -1,
-    "label": "",
-    "prediction": "",
-    "score": np.nan,
-    "correct": -1,  # unknown, not "incorrect"
-    "text": "",
-}
+# What a block of padding or of a shard without the variable holds: the schema's fill values.
+FILL_VALUES: dict[str, Any] = {name: variable.fill for name, variable in VARIABLES.items()}
 
 
 FileKey = tuple[str, int, int]  # (path, size, mtime_ns): a rewritten shard gets a new handle
+
+MAX_OPEN_FILES = 256
+CHUNK_CACHE_BYTES = 4 * 2**20
+
+
+def _close(key: FileKey, nc: netCDF4.Dataset) -> None:
+    nc.close()
+
 
 # One open netCDF4.Dataset per shard version and process, shared by every open store and
 # session. Files are opened, read and closed only under HDF5_LOCK: libhdf5 is not
 # thread-safe, and closing a file from a garbage collector while another thread reads
 # (as per-store file managers did) crashes it.
-_OPEN_FILES: dict[FileKey, netCDF4.Dataset] = {}
+_OPEN_FILES: LRUCache[FileKey, netCDF4.Dataset] = LRUCache(MAX_OPEN_FILES, on_evict=_close)
 # xarray's netCDF writer opens and closes files outside HDF5_LOCK, so writes of shards and our
 # reads are serialised by this lock too (taken before HDF5_LOCK, reentrant for nested use).
 STORE_IO_LOCK = threading.RLock()
-MAX_OPEN_FILES = 256
-CHUNK_CACHE_BYTES = 4 * 2**20
+
+
+def _open(key: FileKey) -> netCDF4.Dataset:
+    nc = netCDF4.Dataset(key[0], mode="r")
+    nc.set_auto_maskandscale(False)
+    for variable in nc.variables.values():
+        # netCDF's default 64 MiB cache per variable and open file grows to gigabytes over a
+        # large store; every task reads whole chunks once, so a small cache loses nothing.
+        variable.set_var_chunk_cache(size=CHUNK_CACHE_BYTES)
+    return nc
 
 
 def _dataset(key: FileKey) -> netCDF4.Dataset:
-    """The open file for ``key``; call with HDF5_LOCK held."""
-    nc = _OPEN_FILES.pop(key, None)
-    if nc is None:
-        nc = netCDF4.Dataset(key[0], mode="r")
-        nc.set_auto_maskandscale(False)
-        for variable in nc.variables.values():
-            # netCDF's default 64 MiB cache per variable and open file grows to gigabytes over a
-            # large store; every task reads whole chunks once, so a small cache loses nothing.
-            variable.set_var_chunk_cache(size=CHUNK_CACHE_BYTES)
-        while len(_OPEN_FILES) >= MAX_OPEN_FILES:
-            _OPEN_FILES.pop(next(iter(_OPEN_FILES))).close()
-    _OPEN_FILES[key] = nc  # most recently used last
-    return nc
+    """The open file for ``key``; call with HDF5_LOCK held (opening and closing happen under it)."""
+    return _OPEN_FILES.get(key, lambda: _open(key))
 
 
 def file_key(path: Path) -> FileKey:
@@ -97,9 +87,7 @@ def file_key(path: Path) -> FileKey:
 def close_file(key: FileKey) -> None:
     """Close a shard's handle (e.g. after it failed validation)."""
     with STORE_IO_LOCK, HDF5_LOCK:
-        nc = _OPEN_FILES.pop(key, None)
-        if nc is not None:
-            nc.close()
+        _OPEN_FILES.pop(key)
 
 
 @dataclass

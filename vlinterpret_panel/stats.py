@@ -15,8 +15,6 @@ nor keys of any block, as in VL-InterpreT. A head with no query of modality X ge
 
 from __future__ import annotations
 
-import hashlib
-import time
 import warnings
 from collections.abc import Sequence
 from typing import Literal
@@ -255,36 +253,15 @@ def compute_head_statistics(
                 bar.update(stop - start)
         return _table_to_netcdf_ready(xr.concat(batches, dim="example"))
 
-    params = {"version": _CACHE_VERSION, "examples": examples_digest(ds)}
-    stored = cache.cached(ds, CACHE_KIND, params, compute_all, use_cache=use_cache)
+    params = {"version": _CACHE_VERSION}
+    stored = cache.cached(ds.vli.identity, CACHE_KIND, params, compute_all, use_cache=use_cache)
     return stored["head_statistics"].to_dataset("statistic")
 
 
 def cached_head_statistics(ds: xr.Dataset) -> xr.Dataset | None:
     """The cached statistics table of ``ds`` if one exists, without computing anything."""
-    params = {"version": _CACHE_VERSION, "examples": examples_digest(ds)}
-    stored = cache.load(ds, CACHE_KIND, params)
+    stored = cache.load(ds.vli.identity, CACHE_KIND, {"version": _CACHE_VERSION})
     return None if stored is None else stored["head_statistics"].to_dataset("statistic")
-
-
-def examples_digest(ds: xr.Dataset) -> str:
-    """A short fingerprint of the example ids, so a subset of a store gets its own cache entry."""
-    ids = "\n".join(map(str, ds["example"].values.tolist()))
-    return hashlib.sha256(ids.encode()).hexdigest()[:16]
-
-
-def example_position(ds: xr.Dataset, example: int | str) -> int:
-    ids = ds["example"].values
-    if isinstance(example, str):
-        matches = np.flatnonzero(ids == example)
-        if not len(matches):
-            raise VLIError(f"example: no example with id {example!r}")
-        return int(matches[0])
-    if isinstance(example, (int, np.integer)) and not isinstance(example, bool):
-        if not -len(ids) <= example < len(ids):
-            raise VLIError(f"example: index {example} is out of range for {len(ids)} examples")
-        return int(example) % len(ids)
-    raise VLIError(f"example: expected an index or an id string, got {type(example).__name__}")
 
 
 def zscore_per_head(summary: xr.DataArray, clip: float = _ZSCORE_CLIP) -> xr.DataArray:
@@ -337,7 +314,7 @@ def head_summary(
         raise VLIError("example and where: give one example or a subset, not both")
 
     if example is not None:
-        position = example_position(ds, example)
+        position = ds.vli.position(example)
         one = ds.isel(example=[position])
         table = cached_head_statistics(ds) if statistic in STATISTICS else None
         if table is not None:
@@ -371,7 +348,7 @@ def head_summary(
         "n_examples": n_examples,
     }
     if example is not None:
-        summary.attrs["example"] = str(ds["example"].values[example_position(ds, example)])
+        summary.attrs["example"] = ds.vli.example_id(example)
     if normalize == "zscore":
         summary = summary.assign_coords(raw=raw.transpose("layer", "head").astype(np.float32))
     return summary
@@ -389,42 +366,5 @@ __all__ = [
     "head_statistics",
     "head_summary",
     "layer_means",
-    "precompute",
     "zscore_per_head",
 ]
-
-
-def precompute(
-    ds: xr.Dataset,
-    *,
-    hidden_layers: Sequence[int] | None = None,
-    methods: Sequence[str] = ("pca",),
-    batch_size: int = 32,
-    progress: bool = False,
-) -> list[str]:
-    """Compute and cache head statistics and the projections of ``hidden_layers`` (default all).
-
-    What ``vlinterpret stats`` runs, so the dashboard opens on cached results; returns one
-    line per cached result.
-    """
-    from vlinterpret_panel.projection import project_hidden_states
-
-    if cache.cache_directory(ds) is None:
-        raise VLIError("the dataset has no store path; open it with vlinterpret_panel.open_dataset to cache results")
-    layers = range(ds.sizes["hidden_layer"]) if hidden_layers is None else hidden_layers
-    done = []
-    started = time.perf_counter()
-    table = compute_head_statistics(ds, batch_size=batch_size, progress=progress)
-    done.append(
-        f"head statistics: {len(table.data_vars)} statistics x {table.sizes['example']} examples "
-        f"({time.perf_counter() - started:.1f} s)"
-    )
-    for method in methods:
-        for hidden_layer in layers:
-            started = time.perf_counter()
-            points = project_hidden_states(ds, hidden_layer, method=method, progress=progress)
-            done.append(
-                f"projection {method} hidden layer {hidden_layer}: {points.sizes['point']} tokens "
-                f"({time.perf_counter() - started:.1f} s)"
-            )
-    return done

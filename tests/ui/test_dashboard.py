@@ -13,7 +13,6 @@ from tests.ui.conftest import changed_fraction
 from vlinterpret_panel import open_dataset
 from vlinterpret_panel.maps import example_tokens
 from vlinterpret_panel.schema import IMAGE, TEXT
-from vlinterpret_panel.ui.embedding import projection_table
 from vlinterpret_panel.ui.text import token_layout
 
 pytestmark = pytest.mark.browser
@@ -128,7 +127,7 @@ def test_hovering_a_token_in_the_embedding_outlines_it_on_the_image(app: AppPage
     app.page.get_by_text("Embeddings", exact=True).click()
     layer = int(app.wait_for_figure("hidden layer")["title"].split()[2])
     app.wait_for_figure("selected:")
-    mine = projection_table(ds, layer).query("example == @example").reset_index(drop=True)
+    mine = ds.vli.projection_table(layer).query("example == @example").reset_index(drop=True)
     points = mine[["x", "y"]].to_numpy()
     gaps = np.hypot(*(points[:, None] - points[None]).transpose(2, 0, 1)) + np.eye(len(points)) * 1e9
     patches = mine.index[mine["modality"] == IMAGE]

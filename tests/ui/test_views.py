@@ -16,11 +16,11 @@ import pytest
 import xarray as xr
 
 from vlinterpret_panel import neighbors, open_dataset
+from vlinterpret_panel.accessor import VLIAccessor
 from vlinterpret_panel.maps import example_tokens
 from vlinterpret_panel.schema import IMAGE, TEXT
 from vlinterpret_panel.ui import embedding, head_summary
-from vlinterpret_panel.ui.app import Dashboard
-from vlinterpret_panel.ui.embedding import projection_table
+from vlinterpret_panel.ui.dashboard import Dashboard
 from vlinterpret_panel.ui.export import current_view_table
 from vlinterpret_panel.ui.head_summary import MEAN_COLUMN, summary_table
 from vlinterpret_panel.ui.text import token_layout
@@ -44,7 +44,7 @@ def test_default_selection_fits_the_store_with_no_hard_coded_head(dashboard: Das
 
 
 def test_every_view_maps_a_tap_to_the_same_token_with_row_zero_at_the_top(dashboard: Dashboard, ds: xr.Dataset) -> None:
-    info = example_tokens(dashboard._ds, dashboard.selection.example)
+    info = example_tokens(dashboard.ds, dashboard.selection.example)
     for patch in info.image_tokens()[[0, -1]]:
         x0, y0, x1, y1 = info.token_box[patch]
         dashboard.image.tap.event(x=(x0 + x1) / 2, y=(y0 + y1) / 2)
@@ -112,12 +112,12 @@ def test_export_holds_the_data_behind_the_view(dashboard: Dashboard, ds: xr.Data
 
 def test_a_bad_selection_shows_a_message_not_a_traceback(dashboard: Dashboard) -> None:
     dashboard.selection.relevancy_method = "no-such-method"
-    dashboard.relevancy._on_image(dashboard.selection.example, "no-such-method", False)
+    dashboard.relevancy._on_image(dashboard.selection.example, "no-such-method", False, dashboard.ds)
     assert "no-such-method" in dashboard.selection.message
 
 
 def test_lasso_of_patches_selects_them_all(dashboard: Dashboard) -> None:
-    info = example_tokens(dashboard._ds, dashboard.selection.example)
+    info = example_tokens(dashboard.ds, dashboard.selection.example)
     dashboard.image.lasso.event(index=[0, 1, 2])
     assert dashboard.selection.tokens == sorted(info.image_tokens()[:3].tolist())
     assert all(info.modality[t] == IMAGE for t in dashboard.selection.tokens)
@@ -132,22 +132,22 @@ def uncached_ds(relevancy_store: Path, tmp_path: Path) -> xr.Dataset:
 
 
 def _held_in_background(
-    monkeypatch: pytest.MonkeyPatch, module: object, function: str
+    monkeypatch: pytest.MonkeyPatch, module: object, method: str
 ) -> tuple[threading.Event, threading.Event, Callable]:
-    """Make ``module`` run every store in the background and hold ``function`` until released.
+    """Make ``module`` run every store in the background and hold ``ds.vli.<method>`` until released.
 
-    Returns (release, started, the original function).
+    Returns (release, started, the original method).
     """
     monkeypatch.setattr(module, "BACKGROUND_ABOVE_BYTES", 0)
     release, started = threading.Event(), threading.Event()
-    original = getattr(module, function)
+    original = getattr(VLIAccessor, method)
 
     def held(*args: object) -> object:
         started.set()
         assert release.wait(60)
         return original(*args)
 
-    monkeypatch.setattr(module, function, held)
+    monkeypatch.setattr(VLIAccessor, method, held)
     return release, started, original
 
 
@@ -155,7 +155,7 @@ def test_a_large_store_summary_computes_in_the_background_once_for_all_sessions(
     uncached_ds: xr.Dataset, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ds = uncached_ds
-    release, started, _ = _held_in_background(monkeypatch, head_summary, "compute_head_statistics")
+    release, started, _ = _held_in_background(monkeypatch, head_summary, "compute_stats")
     sessions = [Dashboard(ds), Dashboard(ds)]
     example = str(ds.example.values[0])
     try:
@@ -168,7 +168,7 @@ def test_a_large_store_summary_computes_in_the_background_once_for_all_sessions(
         assert all("computing statistics of" in w.opts.get().kwargs["title"] and len(w) == 0 for w in waiting)
         pending = {id(s.head_summary.redraw.waiting_for) for s in sessions}
         assert len(pending) == 1 and None not in {s.head_summary.redraw.waiting_for for s in sessions}
-        answered = sessions[0].head_summary._summary("cross_modal", "example", example, [], "raw")
+        answered = sessions[0].head_summary._summary("cross_modal", "example", example, [], "raw", ds)
         assert len(answered) > 0  # other summaries still answer
         sessions[0].head_summary.redraw.check()
         assert sessions[0].head_summary.redraw.waiting_for is not None  # not done: nothing redrawn yet
@@ -188,7 +188,7 @@ def test_the_embedding_previews_the_token_under_the_pointer_only_when_near_one(
     dashboard: Dashboard, ds: xr.Dataset
 ) -> None:
     view, selection = dashboard.embedding, dashboard.selection
-    table = projection_table(ds, selection.hidden_layer)
+    table = ds.vli.projection_table(selection.hidden_layer)
     mine = table[table["example"] == selection.example]
     token = mine[mine["modality"] == IMAGE].iloc[-1]
     view.pointer.event(x=float(token.x), y=float(token.y))
@@ -210,7 +210,6 @@ def test_a_large_store_layer_map_computes_in_the_background_and_the_view_redraws
     uncached_ds: xr.Dataset, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ds = uncached_ds
-    embedding._PROJECTIONS.clear()  # the copy has the store's signature: maps of earlier tests would be ready
     release, started, compute = _held_in_background(monkeypatch, embedding, "projection_table")
     sessions = [Dashboard(ds), Dashboard(ds)]
     views = [session.embedding for session in sessions]
@@ -229,7 +228,7 @@ def test_a_large_store_layer_map_computes_in_the_background_and_the_view_redraws
     finally:
         release.set()
     views[0].redraw.waiting_for.result(timeout=60)
-    table = compute(ds, layer)
+    table = compute(ds.vli, layer)
     for view in views:
         view.redraw.check()
         assert view.redraw.waiting_for is None and not view._status.visible
@@ -243,7 +242,7 @@ def test_a_large_store_layer_map_computes_in_the_background_and_the_view_redraws
 def test_the_embedding_legend_names_the_map_categories_in_datashaders_colours(
     dashboard: Dashboard, ds: xr.Dataset, color_by: str
 ) -> None:
-    table = projection_table(ds, dashboard.selection.hidden_layer)
+    table = ds.vli.projection_table(dashboard.selection.hidden_layer)
     categories = list(table[color_by].astype(str).astype("category").cat.categories)
     assert embedding.cloud_categories(ds, color_by) == categories  # what the placeholder and legend use
     legend = dashboard.embedding.legend(color_by)
@@ -256,8 +255,8 @@ def test_the_first_nearest_token_search_of_a_large_layer_reads_it_in_the_backgro
     uncached_ds: xr.Dataset, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ds = uncached_ds
-    neighbors._layers.clear()
-    release, started, _ = _held_in_background(monkeypatch, embedding, "prepare_layer")
+    monkeypatch.setattr(neighbors, "fits_in_memory", lambda ds: False)  # a layer too large to hold: copied first
+    release, started, _ = _held_in_background(monkeypatch, embedding, "prepare_search")
     view = Dashboard(ds).embedding
     selection = view.selection
     args = (selection.example, [1], selection.hidden_layer)

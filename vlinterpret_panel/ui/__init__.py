@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 _EXPORTS = {
-    "Dashboard": "vlinterpret_panel.ui.app",
+    "Dashboard": "vlinterpret_panel.ui.dashboard",
     "build_app": "vlinterpret_panel.ui.app",
     "Selection": "vlinterpret_panel.ui.selection",
     "ExampleBrowser": "vlinterpret_panel.ui.examples",

@@ -1,16 +1,13 @@
 """Add example: upload an image (or draw a random scene), type a text, run the live model into the store.
 
 ``AddExample`` is the form; the work (checks, model run, atomic shard) is ``vlinterpret_panel.live``,
-run in a worker thread so the server keeps serving meanwhile. ``LiveSession`` holds one browser
-session's dashboard and rebuilds it on the reopened store whenever the store gains a shard
-(this session's addition, which it then selects, or another session's or writer's, found by a
-periodic check, keeping that session's selection).
+run in a worker thread so the server keeps serving meanwhile. ``ui.session.LiveSession`` puts
+it beside a dashboard that follows the store.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import io
 import logging
@@ -20,22 +17,16 @@ from pathlib import Path
 
 import numpy as np
 import panel as pn
-import xarray as xr
 
 from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.live import MAX_TEXT_CHARS, MAX_UPLOAD_BYTES, AddedExample, LiveModel, SceneDraft, decode_image
 from vlinterpret_panel.live import random_scene as draw_scene
-from vlinterpret_panel.store import shard_signature
 from vlinterpret_panel.ui.common import heading
-from vlinterpret_panel.ui.selection import Selection, default_tokens, valid_tokens
 
 logger = logging.getLogger(__name__)
 
 # One model run at a time for the whole server: the model is shared by every session.
 _EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vli-add-example")
-STORE_POLL_MS = 2000
-# Selection fields a rebuilt dashboard keeps.
-_KEPT = ("example", "layer", "head", "tokens", "direction", "smooth", "hidden_layer", "statistic", "normalize")
 
 
 @functools.lru_cache(maxsize=2)
@@ -140,75 +131,3 @@ class AddExample(pn.viewable.Viewer):
             self.status,
             sizing_mode="stretch_width",
         )
-
-
-class LiveSession:
-    """One session's dashboard over a store that grows: rebuilt on the reopened store when shards are added.
-
-    ``open_store()`` returns the shared, current store; ``link(selection)`` and ``unlink(selection)``
-    tie a selection to the page URL.
-    """
-
-    def __init__(
-        self,
-        store: Path,
-        model: LiveModel,
-        open_store: Callable[[], xr.Dataset],
-        link: Callable[[Selection], None],
-        unlink: Callable[[Selection], None],
-    ) -> None:
-        from vlinterpret_panel.ui.app import Dashboard
-
-        self._dashboard_class = Dashboard
-        self.store, self._open_store, self._link, self._unlink = Path(store), open_store, link, unlink
-        self.add_example = AddExample(model, self.store, self._added)
-        self.sidebar = pn.Column(sizing_mode="stretch_width")
-        self.main = pn.Column(sizing_mode="stretch_width")
-        self.dashboard = None
-        self.design: type | None = None  # the page template's design, given to rebuilt dashboards
-        ds = open_store()
-        model.check_store(ds)
-        self._show(ds)
-        if pn.state.curdoc is not None and pn.state.curdoc.session_context is not None:
-            pn.state.add_periodic_callback(self._poll, period=STORE_POLL_MS)
-
-    def _show(self, ds: xr.Dataset, example: str | None = None) -> None:
-        """Build the dashboard on ``ds``, keeping the old selection's fields, then select ``example``."""
-        old = self.dashboard
-        selection = Selection.for_dataset(ds)
-        if old is not None:
-            self._unlink(old.selection)
-        self._link(selection)  # a first page load takes the URL's state; a rebuild, the old selection's
-        if old is not None:
-            kept = {name: getattr(old.selection, name) for name in _KEPT}
-            if kept["example"] not in selection.param.example.objects:
-                kept.pop("example")
-            with contextlib.suppress(ValueError):  # a layout that changed under the old selection: keep defaults
-                selection.param.update(**kept)
-        if example is not None:
-            selection.param.update(example=example, tokens=default_tokens(ds, example))
-        selection.tokens = valid_tokens(ds, selection.example, selection.tokens)
-        self.dashboard = self._dashboard_class(ds, selection)
-        self._signature = ds.attrs.get("store_signature", "")
-        active = self.main.objects[0].active if old is not None and self.main.objects else 0
-        tabs = self.dashboard.main()
-        tabs.active = active
-        sidebar = [pn.panel(obj) for obj in [*self.dashboard.sidebar(), self.add_example]]
-        if self.design is not None:  # what a template does to its objects when it is built
-            for obj in (o for top in [*sidebar, tabs] for o in top.select()):
-                obj.design = obj.design or self.design
-        self.sidebar.objects = sidebar
-        self.main.objects = [tabs]
-
-    def _added(self, added: AddedExample) -> None:
-        self._show(self._open_store(), example=added.example_id)
-
-    def _poll(self) -> None:
-        signature = shard_signature(self.store)
-        if signature == self._signature:
-            return
-        self._signature = signature  # one attempt per change of the store
-        try:
-            self._show(self._open_store())
-        except VLIError as error:  # e.g. a foreign shard dropped into the store: say so, keep the old view
-            self.dashboard.selection.message = f"the store changed and cannot be reopened: {error}"

@@ -1,4 +1,4 @@
-"""The dashboard: every view composed around one shared ``Selection``; built anew for each session."""
+"""The dashboard page: a ``Dashboard`` (or a live session) in a template, its selection synced with the URL."""
 
 from __future__ import annotations
 
@@ -8,78 +8,13 @@ from pathlib import Path
 
 import dask
 import panel as pn
-import param
 import xarray as xr
 
 from vlinterpret_panel.store import open_dataset, shard_signature
-from vlinterpret_panel.ui.attention import AttentionHeatmap
-from vlinterpret_panel.ui.common import ensure_extension, message_banner
-from vlinterpret_panel.ui.compare import HeadComparison
-from vlinterpret_panel.ui.embedding import EmbeddingView
-from vlinterpret_panel.ui.examples import ExampleBrowser
-from vlinterpret_panel.ui.export import ExportPanel
-from vlinterpret_panel.ui.head_summary import HeadSummary
-from vlinterpret_panel.ui.image import ImageView
-from vlinterpret_panel.ui.relevancy import RelevancyView
+from vlinterpret_panel.ui.dashboard import Dashboard
 from vlinterpret_panel.ui.selection import URL_PARAMETERS, Selection
-from vlinterpret_panel.ui.text import TextView
-from vlinterpret_panel.ui.tokens import TokenControls
 
-ensure_extension()
-pn.extension(notifications=False)
-pn.config.loading_indicator = True
-
-
-class Dashboard(pn.viewable.Viewer):
-    """All views of one dataset, linked through one ``Selection``; usable inline in JupyterLab."""
-
-    selection = param.ClassSelector(class_=Selection)
-
-    def __init__(self, ds: xr.Dataset, selection: Selection | None = None, **params) -> None:
-        super().__init__(selection=selection or Selection.for_dataset(ds), **params)
-        self._ds = ds
-        selection = self.selection
-        self.examples = ExampleBrowser(ds, selection)
-        self.tokens = TokenControls(ds, selection)
-        self.head_summary = HeadSummary(ds, selection)
-        self.attention = AttentionHeatmap(ds, selection)
-        self.image = ImageView(ds, selection)
-        self.text = TextView(ds, selection)
-        self.embedding = EmbeddingView(ds, selection)
-        self.relevancy = RelevancyView(ds, selection)
-        self.comparison = HeadComparison(ds, selection)
-        self.export = ExportPanel(ds, selection)
-
-    def summary(self) -> str:
-        """One line naming the model and the store's sizes."""
-        ds = self._ds
-        return (
-            f"**{ds.attrs.get('model_name', '?')}** · {ds.sizes['example']} examples · "
-            f"{ds.sizes['layer']} layers × {ds.sizes['head']} heads · up to {ds.sizes['token']} tokens"
-        )
-
-    def sidebar(self) -> list[pn.viewable.Viewable]:
-        """The controls: the example browser, token and head pickers, export."""
-        return [pn.pane.Markdown(self.summary()), self.examples, self.tokens, self.export]
-
-    def main(self) -> pn.viewable.Viewable:
-        """The views, in tabs rendered when first opened."""
-        attention = pn.Column(
-            message_banner(self.selection),
-            pn.Row(self.head_summary, self.attention),
-            pn.Row(self.image, self.text),
-        )
-        return pn.Tabs(
-            ("Attention", attention),
-            ("Embeddings", self.embedding),
-            ("Relevancy", self.relevancy),
-            ("Compare heads", self.comparison),
-            dynamic=True,
-            sizing_mode="stretch_width",
-        )
-
-    def __panel__(self) -> pn.viewable.Viewable:
-        return pn.Row(pn.Column(*self.sidebar(), width=330), self.main())
+__all__ = ["Dashboard", "build_app", "shared_store"]
 
 
 @functools.lru_cache(maxsize=4)
@@ -105,11 +40,6 @@ def _link_url(selection: Selection) -> None:
     pn.state.location.sync(selection, URL_PARAMETERS, on_error=refuse)
 
 
-def _unlink_url(selection: Selection) -> None:
-    if pn.state.location is not None:
-        pn.state.location.unsync(selection)
-
-
 def build_app(store: str | os.PathLike, model: str | None = None) -> pn.viewable.Viewable:
     """The dashboard page for the store at ``store``, its selection synced with the URL.
 
@@ -124,23 +54,21 @@ def build_app(store: str | os.PathLike, model: str | None = None) -> pn.viewable
         return shared_store(path, shard_signature(path) if path.is_dir() else "")
 
     if model:
-        from vlinterpret_panel.ui.add_example import LiveSession, live_model
+        from vlinterpret_panel.ui.add_example import live_model
+        from vlinterpret_panel.ui.session import LiveSession
 
-        session = LiveSession(path, live_model(model), current_store, _link_url, _unlink_url)
-        sidebar, main = [session.sidebar], [session.main]
+        session = LiveSession(path, live_model(model), current_store)
+        dashboard, sidebar, main = session.dashboard, [session.sidebar], [session.main]
     else:
         dashboard = Dashboard(current_store())
-        _link_url(dashboard.selection)
         sidebar, main = dashboard.sidebar(), [dashboard.main()]
+    _link_url(dashboard.selection)
     # No header spinner: pn.state.busy spans every session of the server process, so one
     # session's clicks would spin all the others' (per-view loading indicators stay per session).
-    template = pn.template.BootstrapTemplate(
+    return pn.template.BootstrapTemplate(
         title="vlinterpret-panel",
         sidebar=sidebar,
         main=main,
         sidebar_width=340,
         header_background="#1f3b57",
     )
-    if model:
-        session.design = template.design
-    return template

@@ -13,9 +13,9 @@ import param
 import xarray as xr
 from holoviews.operation.datashader import rasterize
 
-from vlinterpret_panel.maps import example_tokens
 from vlinterpret_panel.ui.common import PLOT_SIZE, SELECTED_COLOR, dynamic_map, guarded
 from vlinterpret_panel.ui.selection import Selection
+from vlinterpret_panel.ui.view import View
 
 RASTERIZE_ABOVE_TOKENS = 400
 LABEL_TICKS_UP_TO = 64
@@ -39,31 +39,28 @@ def modality_boundaries(modality: np.ndarray) -> list[float]:
     return [float(position) for position in np.flatnonzero(modality[1:] != modality[:-1]) + 1]
 
 
-class AttentionHeatmap(pn.viewable.Viewer):
+class AttentionHeatmap(View):
     """The attention matrix of the selected layer and head, with the selected token's row outlined."""
 
     show_mean = param.Boolean(default=False, doc="show the layer's head mean beside the selected head")
 
-    def __init__(self, ds: xr.Dataset, selection: Selection, **params) -> None:
-        super().__init__(**params)
-        self._ds, self.selection = ds, selection
-        matrix = dynamic_map(self._matrix, streams=[hv.streams.Params(selection, ["example", "layer", "head"])])
+    def __init__(self, ds: xr.Dataset, selection: Selection | None = None, **params) -> None:
+        super().__init__(ds, selection, **params)
+        matrix = dynamic_map(self._matrix, streams=self.streams("example", "layer", "head"))
         if ds.sizes["query"] > RASTERIZE_ABOVE_TOKENS:
             matrix = rasterize(matrix, aggregator="mean").opts(cmap="inferno", colorbar=True, tools=["hover"])
         self._matrix_plot = matrix
-        self._blocks = dynamic_map(self._block_edges, streams=[hv.streams.Params(selection, ["example"])])
-        self._marker = dynamic_map(
-            self._selected_rows, streams=[hv.streams.Params(selection, ["example", "tokens", "direction"])]
-        )
+        self._blocks = dynamic_map(self._block_edges, streams=self.streams("example"))
+        self._marker = dynamic_map(self._selected_rows, streams=self.streams("example", "tokens", "direction"))
         self.tap = hv.streams.Tap(source=matrix, x=None, y=None)
         self.tap.add_subscriber(self._tapped)
-        mean = dynamic_map(self._head_mean, streams=[hv.streams.Params(selection, ["example", "layer"])])
+        mean = dynamic_map(self._head_mean, streams=self.streams("example", "layer"))
         if ds.sizes["query"] > RASTERIZE_ABOVE_TOKENS:
             mean = rasterize(mean, aggregator="mean").opts(cmap="inferno", colorbar=True, tools=["hover"])
         self._mean_plot = mean * self._blocks
 
-    def _head_mean(self, example: str, layer: int) -> hv.Image:
-        return self._matrix(example, layer, None).opts(frame_width=PLOT_SIZE - 60, frame_height=PLOT_SIZE - 60)
+    def _head_mean(self, example: str, layer: int, ds: xr.Dataset) -> hv.Image:
+        return self._matrix(example, layer, None, ds).opts(frame_width=PLOT_SIZE - 60, frame_height=PLOT_SIZE - 60)
 
     def _beside(self, show_mean: bool) -> pn.viewable.Viewable | None:
         """The head mean's plot, built only while it is shown (so hidden it costs no click anything)."""
@@ -72,10 +69,10 @@ class AttentionHeatmap(pn.viewable.Viewer):
     def _empty(self, message: str) -> hv.Image:
         return hv.Image(np.zeros((1, 1)), kdims=["key", "query"], vdims=["attention"]).opts(title=message[:80])
 
-    def _matrix(self, example: str, layer: int, head: int | None) -> hv.Image:
+    def _matrix(self, example: str, layer: int, head: int | None, ds: xr.Dataset) -> hv.Image:
         @guarded(self.selection, self._empty)
         def draw() -> hv.Image:
-            matrix = self._ds.vli.attention_map(example, layer, head)
+            matrix = ds.vli.attention_map(example, layer, head)
             ticks = token_ticks(matrix["query_text"].values)
             head_name = "mean of heads" if head is None else f"head {head}"
             return matrix_image(matrix.values).opts(
@@ -93,8 +90,8 @@ class AttentionHeatmap(pn.viewable.Viewer):
 
         return draw()
 
-    def _block_edges(self, example: str) -> hv.Segments:
-        tokens = example_tokens(self._ds, example)
+    def _block_edges(self, example: str, ds: xr.Dataset) -> hv.Segments:
+        tokens = ds.vli.tokens(example)
         n_tokens = tokens.n_tokens
         edges = modality_boundaries(tokens.modality)
         segments = [(edge, 0, edge, n_tokens) for edge in edges] + [(0, edge, n_tokens, edge) for edge in edges]
@@ -102,8 +99,8 @@ class AttentionHeatmap(pn.viewable.Viewer):
             color="white", line_width=1, line_dash="dashed", alpha=0.7
         )
 
-    def _selected_rows(self, example: str, tokens: list[int], direction: str) -> hv.Rectangles:
-        n_tokens = example_tokens(self._ds, example).n_tokens
+    def _selected_rows(self, example: str, tokens: list[int], direction: str, ds: xr.Dataset) -> hv.Rectangles:
+        n_tokens = ds.vli.tokens(example).n_tokens
         if direction == "from":  # the selected tokens' rows
             boxes = [(0, t, n_tokens, t + 1) for t in tokens if t < n_tokens]
         else:  # their columns
@@ -113,7 +110,7 @@ class AttentionHeatmap(pn.viewable.Viewer):
     def _tapped(self, x: float | None, y: float | None) -> None:
         if x is None or y is None:
             return
-        n_tokens = example_tokens(self._ds, self.selection.example).n_tokens
+        n_tokens = self.ds.vli.tokens(self.selection.example).n_tokens
         position = int(np.floor(y if self.selection.direction == "from" else x))
         if 0 <= position < n_tokens:
             self.selection.select(tokens=[position])

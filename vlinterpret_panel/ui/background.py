@@ -18,20 +18,11 @@ import holoviews as hv
 import panel as pn
 import xarray as xr
 
-from vlinterpret_panel.stats import examples_digest
-
 POLL_MS = 500
 
 _WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vli-background")
 _RUNNING: dict[Hashable, Future] = {}
 _RUNNING_LOCK = threading.Lock()
-
-
-def store_key(ds: xr.Dataset, *parts: Hashable) -> tuple[Hashable, ...] | None:
-    """A key naming ``parts`` of this version of the store and these examples; None without a store path."""
-    if not ds.attrs.get("store_path") or not ds.attrs.get("store_signature"):
-        return None
-    return (str(ds.attrs["store_path"]), str(ds.attrs["store_signature"]), examples_digest(ds), *parts)
 
 
 def pending(key: Hashable, is_ready: Callable[[], bool], compute: Callable[[], object]) -> Future | None:
@@ -65,13 +56,12 @@ def pending_for_store(
 ) -> Future | None:
     """``pending`` for work of ``nbytes`` on a stored dataset: None (do it now) at ``above`` bytes or less.
 
-    Work on a dataset without a store path also runs in the request: there is no store version
-    to name it by, and such datasets are built in memory, small.
+    Work on a dataset without a store path also runs in the request: such datasets are built
+    in memory, small, and no other session shares them.
     """
-    if nbytes <= above:
+    if nbytes <= above or not ds.vli.identity.stored:
         return None
-    key = store_key(ds, *parts)
-    return None if key is None else pending(key, is_ready, compute)
+    return pending(ds.vli.key(*parts), is_ready, compute)
 
 
 class Redraw:

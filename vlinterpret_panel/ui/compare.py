@@ -9,11 +9,11 @@ import param
 import xarray as xr
 
 from vlinterpret_panel.errors import VLIError
-from vlinterpret_panel.maps import example_tokens
 from vlinterpret_panel.ui.attention import matrix_image
 from vlinterpret_panel.ui.common import OVERLAY_ALPHA, OVERLAY_CMAP
 from vlinterpret_panel.ui.image import image_element, map_element
 from vlinterpret_panel.ui.selection import Selection
+from vlinterpret_panel.ui.view import View
 
 TILE_SIZE = 200
 MAX_HEADS = 8
@@ -24,23 +24,27 @@ def head_name(layer: int, head: int | None) -> str:
     return f"L{layer} mean" if head is None else f"L{layer} H{head}"
 
 
-class HeadComparison(pn.viewable.Viewer):
+class HeadComparison(View):
     """Pick up to eight (layer, head) pairs; see their attention matrices and token maps side by side."""
 
     heads = param.List(default=[], doc="chosen (layer, head) names")
 
-    def __init__(self, ds: xr.Dataset, selection: Selection, **params) -> None:
-        super().__init__(**params)
-        self._ds, self.selection = ds, selection
+    def __init__(self, ds: xr.Dataset, selection: Selection | None = None, **params) -> None:
+        super().__init__(ds, selection, **params)
+        self._pairs: dict[str, tuple[int, int | None]] = {}
+        self.dataset_changed()
+        self.heads = [head_name(self.selection.layer, self.selection.head)]
+        self._add = pn.widgets.Button(label="add the selected head", width=180)
+        self._add.on_click(self._add_selected)
+
+    def dataset_changed(self) -> None:
+        ds = self.ds
         heads = ds["layer_heads"].values if "layer_heads" in ds.coords else [ds.sizes["head"]] * ds.sizes["layer"]
         self._pairs = {
             head_name(layer, head): (layer, head)
             for layer in range(ds.sizes["layer"])
             for head in [None, *range(int(heads[layer]))]
         }
-        self.heads = [head_name(selection.layer, selection.head)]
-        self._add = pn.widgets.Button(label="add the selected head", width=180)
-        self._add.on_click(self._add_selected)
 
     def _add_selected(self, event: object = None) -> None:
         name = head_name(self.selection.layer, self.selection.head)
@@ -49,14 +53,14 @@ class HeadComparison(pn.viewable.Viewer):
 
     def tiles(self, heads: list[str], example: str, tokens: list[int], direction: str, smooth: bool) -> hv.Layout:
         """One column per chosen head: its attention matrix above the selected token's map on the image."""
-        info = example_tokens(self._ds, example)
+        info = self.ds.vli.tokens(example)
         size = {"frame_width": TILE_SIZE, "frame_height": TILE_SIZE}
         matrices, maps = [], []
         for name in heads[:MAX_HEADS]:
             layer, head = self._pairs[name]
-            matrix = self._ds.vli.attention_map(example, layer, head).values
+            matrix = self.ds.vli.attention_map(example, layer, head).values
             matrices.append(matrix_image(matrix).opts(title=name, invert_yaxis=True, colorbar=False, **size))
-            painted = self._ds.vli.token_attention_on_image(example, layer, head, tokens, direction, smooth).values
+            painted = self.ds.vli.token_attention_on_image(example, layer, head, tokens, direction, smooth).values
             top = float(np.nanmax(painted)) if np.isfinite(painted).any() else 1.0
             picture = image_element(info.image).opts(invert_yaxis=True, xaxis=None, yaxis=None, **size)
             heat = map_element(painted, "attention").opts(cmap=OVERLAY_CMAP, clim=(0, top or 1.0), alpha=OVERLAY_ALPHA)
@@ -64,7 +68,7 @@ class HeadComparison(pn.viewable.Viewer):
         return hv.Layout(matrices + maps).cols(max(1, len(matrices))).opts(shared_axes=False)
 
     def _view(
-        self, heads: list[str], example: str, tokens: list[int], direction: str, smooth: bool
+        self, heads: list[str], ds: xr.Dataset, example: str, tokens: list[int], direction: str, smooth: bool
     ) -> pn.viewable.Viewable:
         if not heads:
             return pn.pane.Markdown("Choose heads to compare.")
@@ -81,6 +85,7 @@ class HeadComparison(pn.viewable.Viewer):
         view = pn.bind(
             self._view,
             self.param.heads,
+            self.param.ds,
             selection.param.example,
             selection.param.tokens,
             selection.param.direction,

@@ -25,13 +25,12 @@ import xarray as xr
 from holoviews.operation.datashader import datashade, dynspread
 
 from vlinterpret_panel.errors import VLIError
-from vlinterpret_panel.maps import LRUCache, example_tokens
-from vlinterpret_panel.neighbors import layer_ready, prepare_layer
-from vlinterpret_panel.schema import IMAGE, PAD, TEXT
+from vlinterpret_panel.schema import IMAGE, TEXT
 from vlinterpret_panel.ui.background import Redraw, pending_for_store
 from vlinterpret_panel.ui.common import PLOT_SIZE, SELECTED_COLOR, dynamic_map, guarded, heading
 from vlinterpret_panel.ui.image import image_element
 from vlinterpret_panel.ui.selection import Selection
+from vlinterpret_panel.ui.view import View
 
 COLOR_BY = ("modality", "label", "correct", "example")
 LISTED_POINTS = 200
@@ -44,15 +43,6 @@ HOVER_RADIUS = 0.03
 HOVER_COLOR = "#ff9f1c"
 BACKGROUND_ABOVE_BYTES = 64 * 2**20
 """Hidden states of one layer above which its map, and its first read for the search, run in the background."""
-_PROJECTIONS = LRUCache(16)
-# One example's rows and a map's extent, per map: a pointer move must not scan a million-token table (45 ms).
-_EXAMPLE_ROWS = LRUCache(64)
-_EXTENTS = LRUCache(16)
-_CATEGORIES = LRUCache(16)
-
-
-def _projection_key(ds: xr.Dataset, hidden_layer: int) -> tuple:
-    return (ds.attrs.get("store_signature") or id(ds), int(hidden_layer))
 
 
 def _layer_bytes(ds: xr.Dataset) -> int:
@@ -70,8 +60,8 @@ def projection_in_background(ds: xr.Dataset, hidden_layer: int) -> Future | None
         ("projection", int(hidden_layer)),
         nbytes=_layer_bytes(ds),
         above=BACKGROUND_ABOVE_BYTES,
-        is_ready=lambda: _projection_key(ds, hidden_layer) in _PROJECTIONS,
-        compute=lambda: projection_table(ds, hidden_layer),
+        is_ready=lambda: ds.vli.projection_ready(hidden_layer),
+        compute=lambda: ds.vli.projection_table(hidden_layer),
     )
 
 
@@ -86,22 +76,8 @@ def _empty_cloud(categories: list[str] | None = None) -> hv.Points:
 
 
 def cloud_categories(ds: xr.Dataset, color_by: str) -> list[str]:
-    """The colour categories of the map for ``color_by``, in the order the map's categorical gets them, without it.
-
-    Cached per store version: the modality categories read every token's modality.
-    """
-
-    def read() -> list[str]:
-        if color_by == "modality":
-            values = np.unique(ds["modality"].values.astype(str))
-            values = values[values != PAD]
-        elif color_by in ("label", "correct") and color_by in ds:
-            values = np.unique(ds[color_by].values.astype(str))
-        else:
-            values = np.unique(ds["example"].values.astype(str))
-        return sorted(map(str, values))
-
-    return _CATEGORIES.get((ds.attrs.get("store_signature") or id(ds), color_by), read)
+    """The colour categories of the map for ``color_by``, in the order the map's categorical gets them, without it."""
+    return ds.vli.categories(color_by)
 
 
 def search_in_background(ds: xr.Dataset, hidden_layer: int) -> Future | None:
@@ -114,24 +90,9 @@ def search_in_background(ds: xr.Dataset, hidden_layer: int) -> Future | None:
         ("neighbours", int(hidden_layer)),
         nbytes=_layer_bytes(ds),
         above=BACKGROUND_ABOVE_BYTES,
-        is_ready=lambda: layer_ready(ds, hidden_layer),
-        compute=lambda: prepare_layer(ds, hidden_layer),
+        is_ready=lambda: ds.vli.search_ready(hidden_layer),
+        compute=lambda: ds.vli.prepare_search(hidden_layer),
     )
-
-
-def projection_table(ds: xr.Dataset, hidden_layer: int) -> pd.DataFrame:
-    """The projection of one hidden layer as a table (one row per token), cached per store and layer."""
-
-    def load() -> pd.DataFrame:
-        projected = ds.vli.projection(hidden_layer)
-        table = pd.DataFrame({"x": projected["x"].values, "y": projected["y"].values})
-        for name in ("example", "token", "modality", "token_text", "label", "correct"):
-            if name in projected.variables:
-                table[name] = projected[name].values
-        table["example"] = table["example"].astype(str)
-        return table
-
-    return _PROJECTIONS.get(_projection_key(ds, hidden_layer), load)
 
 
 def other_modality(modality: str) -> str | None:
@@ -139,26 +100,22 @@ def other_modality(modality: str) -> str | None:
     return {TEXT: IMAGE, IMAGE: TEXT}.get(modality)
 
 
-class EmbeddingView(pn.viewable.Viewer):
+class EmbeddingView(View):
     """Hidden-state projection per layer, with play, colouring, point listing and nearest neighbours."""
 
     color_by = param.Selector(default="modality", objects=list(COLOR_BY))
     hovered = param.Integer(default=None, allow_None=True, doc="The current example's token under the pointer.")
 
-    def __init__(self, ds: xr.Dataset, selection: Selection, **params) -> None:
-        super().__init__(**params)
-        self._ds, self.selection = ds, selection
+    def __init__(self, ds: xr.Dataset, selection: Selection | None = None, **params) -> None:
+        super().__init__(ds, selection, **params)
+        selection = self.selection
         self.param.color_by.objects = [name for name in COLOR_BY if name in ds or name in ("modality", "example")]
         self.redraw = Redraw()  # once a layer's map, computed in the background, is ready
         self.neighbours_redraw = Redraw()  # once a layer is read for the nearest-token search
         self._status = pn.pane.Alert("", alert_type="info", visible=False, width=PLOT_SIZE + 200)
         cloud = dynamic_map(
             self._cloud,
-            streams=[
-                hv.streams.Params(selection, ["hidden_layer"]),
-                hv.streams.Params(self, ["color_by"]),
-                self.redraw.stream,
-            ],
+            streams=[*self.streams("hidden_layer"), hv.streams.Params(self, ["color_by"]), self.redraw.stream],
         )
         # Each layer's map has its own extent: a transient RangeXY forgets the last zoom once it
         # has been used and ``framewise`` refits the axes to each new map (HoloViews #1434).
@@ -181,7 +138,7 @@ class EmbeddingView(pn.viewable.Viewer):
         )
         self._current = dynamic_map(
             self._current_tokens,
-            streams=[hv.streams.Params(selection, ["hidden_layer", "example", "tokens"]), self.redraw.stream],
+            streams=[*self.streams("hidden_layer", "example", "tokens"), self.redraw.stream],
         )
         self.bounds = hv.streams.BoundsXY(source=self._cloud_plot, bounds=None)
         self._listed = pn.pane.DataFrame(pd.DataFrame(), max_rows=LISTED_POINTS, sizing_mode="stretch_width")
@@ -193,7 +150,7 @@ class EmbeddingView(pn.viewable.Viewer):
         selection.param.watch(lambda event: setattr(self, "hovered", None), ["example", "hidden_layer"])
         self._preview = dynamic_map(
             self._patch_preview,
-            streams=[hv.streams.Params(selection, ["example", "tokens"]), hv.streams.Params(self, ["hovered"])],
+            streams=[*self.streams("example", "tokens"), hv.streams.Params(self, ["hovered"])],
         )
         self._play = pn.widgets.Player(
             label="play layers",
@@ -208,26 +165,27 @@ class EmbeddingView(pn.viewable.Viewer):
 
     def ready_table(self, hidden_layer: int) -> pd.DataFrame | None:
         """The layer's map as a table, or None while it is computed in the background (the views redraw then)."""
-        if _projection_key(self._ds, hidden_layer) in _PROJECTIONS:  # loaded: every pointer move comes here
+        ds = self.ds
+        if ds.vli.projection_ready(hidden_layer):  # loaded: every pointer move comes here
             self._status.visible = False
-            return projection_table(self._ds, hidden_layer)
-        running = projection_in_background(self._ds, hidden_layer)
+            return ds.vli.projection_table(hidden_layer)
+        running = projection_in_background(ds, hidden_layer)
         if running is not None:
             self.redraw.when_done(running)
-            tokens = int(self._ds["seq_len"].sum()) if "seq_len" in self._ds else None
+            tokens = int(ds["seq_len"].sum()) if "seq_len" in ds else None
             of = f" for {tokens:,} tokens" if tokens else ""
             self._status.object = f"Computing the map of hidden layer {hidden_layer}{of} (once per store)..."
             self._status.visible = True
             return None
         self._status.visible = False
-        return projection_table(self._ds, hidden_layer)
+        return ds.vli.projection_table(hidden_layer)
 
-    def _cloud(self, hidden_layer: int, color_by: str, counter: int = 0) -> hv.Points:
+    def _cloud(self, hidden_layer: int, color_by: str, ds: xr.Dataset, counter: int = 0) -> hv.Points:
         @guarded(self.selection, lambda message: _empty_cloud().opts(title=message[:80]))
         def draw() -> hv.Points:
             table = self.ready_table(hidden_layer)
             if table is None:
-                return _empty_cloud(cloud_categories(self._ds, color_by))
+                return _empty_cloud(cloud_categories(ds, color_by))
             categories = table[color_by].astype(str) if color_by in table else table["modality"].astype(str)
             points = pd.DataFrame({"x": table["x"], "y": table["y"], "category": categories.astype("category")})
             return hv.Points(points, ["x", "y"], ["category"])
@@ -236,7 +194,7 @@ class EmbeddingView(pn.viewable.Viewer):
 
     def legend(self, color_by: str) -> str:
         """The map's colour key as HTML: each category's colour as datashader gives it (``LEGEND_ENTRIES`` at most)."""
-        categories = cloud_categories(self._ds, color_by)
+        categories = cloud_categories(self.ds, color_by)
         entries = [
             f'<span style="white-space:nowrap;margin-right:12px"><span style="color:{color}">&#9679;</span> '
             f"{html.escape(name)}</span>"
@@ -249,11 +207,13 @@ class EmbeddingView(pn.viewable.Viewer):
 
     def title(self, hidden_layer: int, color_by: str) -> str:
         """The cloud's title: which hidden state, and how it is coloured."""
-        names = self._ds["hidden_layer_name"].values if "hidden_layer_name" in self._ds.coords else None
+        names = self.ds["hidden_layer_name"].values if "hidden_layer_name" in self.ds.coords else None
         name = f" ({names[hidden_layer]})" if names is not None else ""
         return f"hidden layer {hidden_layer}{name} · all examples' tokens · colour: {color_by}"
 
-    def _current_tokens(self, hidden_layer: int, example: str, tokens: list[int], counter: int = 0) -> hv.Overlay:
+    def _current_tokens(
+        self, hidden_layer: int, example: str, tokens: list[int], ds: xr.Dataset, counter: int = 0
+    ) -> hv.Overlay:
         empty = hv.Points([], ["x", "y"], ["token", "token_text", "modality"])
         try:
             table = self.ready_table(hidden_layer)
@@ -261,7 +221,7 @@ class EmbeddingView(pn.viewable.Viewer):
             table = None
         if table is None:
             return empty * empty.clone() * empty.clone()
-        mine = self._example_rows(table, hidden_layer, example)
+        mine = ds.vli.projection_rows(hidden_layer, example)
         current = hv.Points(mine, ["x", "y"], ["token", "token_text", "modality"]).opts(
             color="white", line_color="black", size=6, tools=["hover"]
         )
@@ -286,11 +246,6 @@ class EmbeddingView(pn.viewable.Viewer):
         distance = np.hypot(others["x"] - chosen["x"].iloc[0], others["y"] - chosen["y"].iloc[0])
         return others.iloc[[int(np.argmin(distance.to_numpy()))]]
 
-    def _example_rows(self, table: pd.DataFrame, hidden_layer: int, example: str) -> pd.DataFrame:
-        """The rows of ``example`` in the layer's map ``table``, cached per map."""
-        key = (_projection_key(self._ds, hidden_layer), example)
-        return _EXAMPLE_ROWS.get(key, lambda: table[table["example"] == example])
-
     def token_near(self, x: float | None, y: float | None, *, within: float | None = None) -> int | None:
         """The current example's token nearest ``(x, y)`` in the map; None if none lies ``within`` that distance."""
         if x is None or y is None:
@@ -298,7 +253,7 @@ class EmbeddingView(pn.viewable.Viewer):
         table = self.ready_table(self.selection.hidden_layer)
         if table is None:
             return None
-        mine = self._example_rows(table, self.selection.hidden_layer, self.selection.example)
+        mine = self.ds.vli.projection_rows(self.selection.hidden_layer, self.selection.example)
         if not len(mine):
             return None
         distance = np.hypot(mine["x"] - x, mine["y"] - y).to_numpy()
@@ -321,15 +276,12 @@ class EmbeddingView(pn.viewable.Viewer):
             return
         if table is None:
             return
-        extent = _EXTENTS.get(
-            _projection_key(self._ds, self.selection.hidden_layer),
-            lambda: max(np.ptp(table["x"].to_numpy()), np.ptp(table["y"].to_numpy()), 1e-12),
-        )
+        extent = self.ds.vli.projection_extent(self.selection.hidden_layer)
         self.hovered = self.token_near(x, y, within=HOVER_RADIUS * extent)
 
-    def _patch_preview(self, example: str, tokens: list[int], hovered: int | None) -> hv.Overlay:
+    def _patch_preview(self, example: str, tokens: list[int], hovered: int | None, ds: xr.Dataset) -> hv.Overlay:
         """The example's image with the selected image tokens outlined, and the hovered one (VL-InterpreT's preview)."""
-        info = example_tokens(self._ds, example)
+        info = ds.vli.tokens(example)
 
         def boxes(chosen: list[int]) -> list[tuple]:
             return [
@@ -359,16 +311,18 @@ class EmbeddingView(pn.viewable.Viewer):
         inside = table[table.x.between(min(x0, x1), max(x0, x1)) & table.y.between(min(y0, y1), max(y0, y1))]
         self._listed.object = inside.drop(columns=["x", "y"]).head(LISTED_POINTS)
 
-    def neighbours(self, example: str, tokens: list[int], hidden_layer: int, counter: int = 0) -> pn.viewable.Viewable:
+    def neighbours(
+        self, example: str, tokens: list[int], hidden_layer: int, counter: int = 0, ds: xr.Dataset | None = None
+    ) -> pn.viewable.Viewable:
         """The selected token's nearest tokens across the dataset, in hidden space (not in the 2-D map)."""
         if len(tokens) != 1:
             return pn.pane.Markdown("Select one token to see its nearest neighbours.")
         try:
-            running = search_in_background(self._ds, hidden_layer)
+            running = search_in_background(self.ds, hidden_layer)
             if running is not None:
                 self.neighbours_redraw.when_done(running)
                 return pn.pane.Markdown(f"Reading hidden layer {hidden_layer} for the search (once per store)...")
-            nearest = self._ds.vli.nearest_tokens(example, tokens[0], hidden_layer, k=10)
+            nearest = self.ds.vli.nearest_tokens(example, tokens[0], hidden_layer, k=10)
         except (VLIError, ImportError) as error:
             return pn.pane.Alert(str(error), alert_type="warning")
         shown = nearest.assign(text=nearest["text"].str.slice(0, NEIGHBOUR_TEXT_CHARACTERS))
@@ -383,6 +337,7 @@ class EmbeddingView(pn.viewable.Viewer):
                 selection.param.tokens,
                 selection.param.hidden_layer,
                 self.neighbours_redraw.stream.param.counter,
+                self.param.ds,
             ),
             lazy=True,
             loading_indicator=True,

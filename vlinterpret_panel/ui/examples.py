@@ -2,42 +2,20 @@
 
 from __future__ import annotations
 
-import threading
-
 import pandas as pd
 import panel as pn
 import param
 import xarray as xr
 
+from vlinterpret_panel.accessor import CORRECT_NAMES
 from vlinterpret_panel.ui.common import heading
 from vlinterpret_panel.ui.selection import Selection, valid_tokens
+from vlinterpret_panel.ui.view import View
 
 ANY = "any"
-CORRECT_NAMES = {1: "correct", 0: "incorrect", -1: "unknown"}
-_TABLES: dict[object, pd.DataFrame] = {}
-_TABLES_LOCK = threading.Lock()
 
 
-def example_table(ds: xr.Dataset) -> pd.DataFrame:
-    """One row per example (id, text, label, prediction, correct), read once per store."""
-    key = ds.attrs.get("store_signature") or id(ds)
-    with _TABLES_LOCK:
-        if key in _TABLES:
-            return _TABLES[key]
-    columns = [name for name in ("text", "label", "prediction", "correct") if name in ds]
-    table = ds[columns].compute().to_dataframe()[columns]
-    table.index = table.index.astype(str)
-    for name in ("text", "label", "prediction"):
-        if name in table:
-            table[name] = table[name].astype(str)
-    if "correct" in table:
-        table["correct"] = table["correct"].astype(int).map(CORRECT_NAMES)
-    with _TABLES_LOCK:
-        _TABLES[key] = table
-    return table
-
-
-class ExampleBrowser(pn.viewable.Viewer):
+class ExampleBrowser(View):
     """Find examples by text, label, prediction and correctness; the chosen one sets ``selection.example``."""
 
     search = param.String(default="", doc="words the example text must contain")
@@ -45,13 +23,10 @@ class ExampleBrowser(pn.viewable.Viewer):
     prediction = param.Selector(default=ANY, objects=[ANY])
     correct = param.Selector(default=ANY, objects=[ANY, *CORRECT_NAMES.values()])
 
-    def __init__(self, ds: xr.Dataset, selection: Selection, **params) -> None:
-        super().__init__(**params)
-        self._ds, self.selection = ds, selection
-        self._table = example_table(ds)
-        for name in ("label", "prediction"):
-            if name in self._table:
-                self.param[name].objects = [ANY, *sorted(self._table[name].unique())]
+    def __init__(self, ds: xr.Dataset, selection: Selection | None = None, **params) -> None:
+        super().__init__(ds, selection, **params)
+        selection = self.selection
+        self._table = ds.vli.example_table()
         self._choice = pn.widgets.Select(label="example", options=self._options(self._table), size=8)
         self._choice.value = selection.example
         self._choice.param.watch(self._chosen, "value")
@@ -63,6 +38,13 @@ class ExampleBrowser(pn.viewable.Viewer):
         self._details = pn.pane.Markdown("", sizing_mode="stretch_width")
         self.param.watch(self._filter, ["search", "label", "prediction", "correct"])
         selection.param.watch(self._show_example, "example")
+        self.dataset_changed()
+
+    def dataset_changed(self) -> None:
+        self._table = self.ds.vli.example_table()
+        for name in ("label", "prediction"):
+            if name in self._table:
+                self.param[name].objects = [ANY, *sorted(self._table[name].unique())]
         self._filter()
         self._show_example()
 
@@ -107,7 +89,7 @@ class ExampleBrowser(pn.viewable.Viewer):
         if self._choice.value != example and example in self._choice.options.values():
             self._choice.value = example
         if events:  # keep the token positions the new example has (a shared link sets both at once)
-            self.selection.select(tokens=valid_tokens(self._ds, example, self.selection.tokens))
+            self.selection.select(tokens=valid_tokens(self.ds, example, self.selection.tokens))
         if example not in self._table.index:
             return
         row = self._table.loc[example]

@@ -9,18 +9,18 @@ import pandas as pd
 import panel as pn
 import xarray as xr
 
-from vlinterpret_panel.maps import example_tokens, token_attention
 from vlinterpret_panel.ui.common import heading
 from vlinterpret_panel.ui.selection import Selection
+from vlinterpret_panel.ui.view import View
 
 
 def current_view_data(ds: xr.Dataset, selection: Selection) -> xr.Dataset:
     """The selected attention map, the selected token's attention per token and on the image, and the tokens."""
     example, layer, head, tokens = selection.example, selection.layer, selection.head, selection.tokens
     matrix = ds.vli.attention_map(example, layer, head)
-    per_token = token_attention(ds, example, layer, head, tokens, selection.direction)
+    per_token = ds.vli.token_attention(example, layer, head, tokens, selection.direction)
     on_image = ds.vli.token_attention_on_image(example, layer, head, tokens, selection.direction, selection.smooth)
-    info = example_tokens(ds, example)
+    info = ds.vli.tokens(example)
     data = xr.Dataset(
         {
             "attention": matrix.reset_coords(drop=True),
@@ -56,22 +56,18 @@ def current_view_table(ds: xr.Dataset, selection: Selection) -> pd.DataFrame:
     )
 
 
-class ExportPanel(pn.viewable.Viewer):
+class ExportPanel(View):
     """Download buttons for the data behind the current selection."""
-
-    def __init__(self, ds: xr.Dataset, selection: Selection, **params) -> None:
-        super().__init__(**params)
-        self._ds, self.selection = ds, selection
 
     def _stem(self) -> str:
         head = "mean" if self.selection.head is None else self.selection.head
         return f"{self.selection.example}_L{self.selection.layer}_H{head}"
 
     def _netcdf(self) -> io.BytesIO:
-        return io.BytesIO(current_view_data(self._ds, self.selection).to_netcdf())
+        return io.BytesIO(current_view_data(self.ds, self.selection).to_netcdf())
 
     def _csv(self) -> io.BytesIO:
-        return io.BytesIO(current_view_table(self._ds, self.selection).to_csv(index=False).encode())
+        return io.BytesIO(current_view_table(self.ds, self.selection).to_csv(index=False).encode())
 
     def __panel__(self) -> pn.viewable.Viewable:
         netcdf = pn.widgets.FileDownload(callback=self._netcdf, filename="view.nc", label="data (netCDF)", width=150)

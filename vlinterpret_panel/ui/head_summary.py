@@ -16,16 +16,11 @@ import pandas as pd
 import panel as pn
 import xarray as xr
 
-from vlinterpret_panel.stats import (
-    STATISTICS,
-    available_statistics,
-    cached_head_statistics,
-    compute_head_statistics,
-    layer_means,
-)
+from vlinterpret_panel.stats import STATISTICS, layer_means
 from vlinterpret_panel.ui.background import Redraw, pending_for_store
 from vlinterpret_panel.ui.common import PLOT_SIZE, SELECTED_COLOR, card_title, dynamic_map, guarded
 from vlinterpret_panel.ui.selection import NORMALIZATIONS, SCOPES, Selection
+from vlinterpret_panel.ui.view import View
 
 MEAN_COLUMN = "mean"
 BACKGROUND_ABOVE_BYTES = 256 * 2**20
@@ -43,8 +38,8 @@ def statistics_in_background(ds: xr.Dataset) -> Future | None:
         ("head_statistics",),
         nbytes=ds["attention"].nbytes,
         above=BACKGROUND_ABOVE_BYTES,
-        is_ready=lambda: cached_head_statistics(ds) is not None,
-        compute=lambda: compute_head_statistics(ds),
+        is_ready=lambda: ds.vli.cached_stats() is not None,
+        compute=lambda: ds.vli.compute_stats(),
     )
 
 
@@ -90,37 +85,49 @@ def summary_table(
     return pd.DataFrame(rows)
 
 
-class HeadSummary(pn.viewable.Viewer):
+class HeadSummary(View):
     """Which heads do what: one statistic per (layer, head), for this example, the dataset or the filtered set."""
 
-    def __init__(self, ds: xr.Dataset, selection: Selection, **params) -> None:
-        super().__init__(**params)
-        self._ds, self.selection = ds, selection
-        self._statistics = available_statistics(ds)
-        if selection.statistic not in self._statistics:
-            selection.statistic = self._statistics[0]
-        summary_stream = hv.streams.Params(selection, ["statistic", "scope", "example", "subset", "normalize"])
+    def __init__(self, ds: xr.Dataset, selection: Selection | None = None, **params) -> None:
+        super().__init__(ds, selection, **params)
+        self._statistic_choice = pn.widgets.Select.from_param(
+            self.selection.param.statistic, options=[], label="statistic", width=200
+        )
+        self.dataset_changed()
+        summary_streams = self.streams("statistic", "scope", "example", "subset", "normalize")
         self.redraw = Redraw()  # once the dataset's statistics, computed in the background, are cached
-        self._heatmap = dynamic_map(self._summary, streams=[summary_stream, self.redraw.stream])
-        marker_stream = hv.streams.Params(selection, ["layer", "head"])
-        self._marker = dynamic_map(self._selected_cell, streams=[marker_stream])
+        self._heatmap = dynamic_map(self._summary, streams=[*summary_streams, self.redraw.stream])
+        self._marker = dynamic_map(self._selected_cell, streams=[hv.streams.Params(self.selection, ["layer", "head"])])
         self.tap = hv.streams.Tap(source=self._heatmap, x=None, y=None)
         self.tap.add_subscriber(self._tapped)
+
+    def dataset_changed(self) -> None:
+        statistics = self.ds.vli.statistics()
+        self._statistic_choice.options = statistics
+        if self.selection.statistic not in statistics:
+            self.selection.statistic = statistics[0]
 
     def _empty(self, message: str) -> hv.HeatMap:
         return hv.HeatMap([], ["head", "layer"], ["value", "raw"]).opts(title=message[:80])
 
     def _summary(
-        self, statistic: str, scope: str, example: str, subset: list[str], normalize: str, counter: int = 0
+        self,
+        statistic: str,
+        scope: str,
+        example: str,
+        subset: list[str],
+        normalize: str,
+        ds: xr.Dataset,
+        counter: int = 0,
     ) -> hv.HeatMap:
         @guarded(self.selection, self._empty)
         def draw() -> hv.HeatMap:
             if scope != "example" and statistic in STATISTICS:
-                running = statistics_in_background(self._ds)
+                running = statistics_in_background(ds)
                 if running is not None:
                     self.redraw.when_done(running)
-                    return self._empty(f"computing statistics of {self._ds.sizes['example']} examples...")
-            table = summary_table(self._ds, statistic, scope, example, subset, normalize)
+                    return self._empty(f"computing statistics of {ds.sizes['example']} examples...")
+            table = summary_table(ds, statistic, scope, example, subset, normalize)
             where = {"example": example, "dataset": "all examples", "filtered": f"{len(subset)} filtered examples"}
             units = "z-score per head" if normalize == "zscore" else "raw"
             return hv.HeatMap(table, ["head", "layer"], ["value", "raw"]).opts(
@@ -154,9 +161,6 @@ class HeadSummary(pn.viewable.Viewer):
         self.selection.select(layer=layer, head=head)
 
     def __panel__(self) -> pn.viewable.Viewable:
-        statistic = pn.widgets.Select.from_param(
-            self.selection.param.statistic, options=self._statistics, label="statistic", width=200
-        )
         scope = pn.widgets.RadioButtonGroup.from_param(self.selection.param.scope, options=list(SCOPES))
         normalize = pn.widgets.RadioButtonGroup.from_param(self.selection.param.normalize, options=list(NORMALIZATIONS))
         help_text = pn.Card(
@@ -166,7 +170,7 @@ class HeadSummary(pn.viewable.Viewer):
             width=PLOT_SIZE + 120,
         )
         return pn.Column(
-            pn.Row(statistic, scope, normalize),
+            pn.Row(self._statistic_choice, scope, normalize),
             pn.pane.HoloViews(self._heatmap * self._marker, linked_axes=False),
             help_text,
         )

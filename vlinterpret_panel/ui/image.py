@@ -12,9 +12,9 @@ import numpy as np
 import panel as pn
 import xarray as xr
 
-from vlinterpret_panel.maps import example_tokens
 from vlinterpret_panel.ui.common import OVERLAY_ALPHA, OVERLAY_CMAP, PLOT_SIZE, SELECTED_COLOR, dynamic_map, guarded
 from vlinterpret_panel.ui.selection import Selection
+from vlinterpret_panel.ui.view import View
 
 MAP_PIXELS = 128
 
@@ -44,27 +44,26 @@ def image_plot_size(pixels: np.ndarray) -> dict[str, int]:
     return {"frame_width": max(1, round(width * scale)), "frame_height": max(1, round(height * scale))}
 
 
-class ImageView(pn.viewable.Viewer):
+class ImageView(View):
     """The image with attention from (or to) the selected token(s) painted on it."""
 
-    def __init__(self, ds: xr.Dataset, selection: Selection, **params) -> None:
-        super().__init__(**params)
-        self._ds, self.selection = ds, selection
+    def __init__(self, ds: xr.Dataset, selection: Selection | None = None, **params) -> None:
+        super().__init__(ds, selection, **params)
         self.opacity = pn.widgets.FloatSlider(
             label="overlay opacity", start=0, end=1, step=0.05, value=OVERLAY_ALPHA, width=180
         )
-        self._image = dynamic_map(self._picture, streams=[hv.streams.Params(selection, ["example"])])
-        overlay_params = ["example", "layer", "head", "tokens", "direction", "smooth"]
+        self._image = dynamic_map(self._picture, streams=self.streams("example"))
         opacity = hv.streams.Params(self.opacity, ["value"], rename={"value": "opacity"})
-        self._overlay = dynamic_map(self._attention, streams=[hv.streams.Params(selection, overlay_params), opacity])
-        self._patches = dynamic_map(self._patch_centres, streams=[hv.streams.Params(selection, ["example"])])
+        overlay_streams = self.streams("example", "layer", "head", "tokens", "direction", "smooth")
+        self._overlay = dynamic_map(self._attention, streams=[*overlay_streams, opacity])
+        self._patches = dynamic_map(self._patch_centres, streams=self.streams("example"))
         self.tap = hv.streams.Tap(source=self._image, x=None, y=None)
         self.tap.add_subscriber(self._tapped)
         self.lasso = hv.streams.Selection1D(source=self._patches)
         self.lasso.add_subscriber(self._lassoed)
 
-    def _picture(self, example: str) -> hv.RGB:
-        tokens = example_tokens(self._ds, example)
+    def _picture(self, example: str, ds: xr.Dataset) -> hv.RGB:
+        tokens = ds.vli.tokens(example)
         return image_element(tokens.image).opts(
             invert_yaxis=True, xaxis=None, yaxis=None, title=tokens.text[:60], **image_plot_size(tokens.image)
         )
@@ -80,23 +79,24 @@ class ImageView(pn.viewable.Viewer):
         tokens: list[int],
         direction: str,
         smooth: bool,
+        ds: xr.Dataset,
         opacity: float,
     ) -> hv.Overlay:
         """The token's attention on the image, with the selected patches outlined (one plot update per click)."""
 
         @guarded(self.selection, self._empty)
         def draw() -> hv.Overlay:
-            painted = self._ds.vli.token_attention_on_image(example, layer, head, tokens, direction, smooth)
+            painted = ds.vli.token_attention_on_image(example, layer, head, tokens, direction, smooth)
             finite = painted.values[np.isfinite(painted.values)]
             top = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
             return map_element(painted.values, "attention").opts(
                 cmap=OVERLAY_CMAP, clim=(0, top), colorbar=True, tools=["hover"], invert_yaxis=True, alpha=opacity
-            ) * self._selected_boxes(example, tokens)
+            ) * self._selected_boxes(ds, example, tokens)
 
         return draw()
 
-    def _patch_centres(self, example: str) -> hv.Points:
-        tokens = example_tokens(self._ds, example)
+    def _patch_centres(self, example: str, ds: xr.Dataset) -> hv.Points:
+        tokens = ds.vli.tokens(example)
         image_tokens = tokens.image_tokens()
         boxes = tokens.token_box[image_tokens]
         centres = {
@@ -114,22 +114,23 @@ class ImageView(pn.viewable.Viewer):
             tools=["box_select", "lasso_select", "tap"],
         )
 
-    def _selected_boxes(self, example: str, tokens: list[int]) -> hv.Rectangles:
-        info = example_tokens(self._ds, example)
+    @staticmethod
+    def _selected_boxes(ds: xr.Dataset, example: str, tokens: list[int]) -> hv.Rectangles:
+        info = ds.vli.tokens(example)
         boxes = [tuple(info.token_box[t]) for t in tokens if t < info.n_tokens and np.isfinite(info.token_box[t]).all()]
         return hv.Rectangles(boxes).opts(fill_alpha=0, line_color=SELECTED_COLOR, line_width=2)
 
     def _tapped(self, x: float | None, y: float | None) -> None:
         if x is None or y is None:
             return
-        token = example_tokens(self._ds, self.selection.example).token_at(x, y)
+        token = self.ds.vli.tokens(self.selection.example).token_at(x, y)
         if token is not None:
             self.selection.select(tokens=[token])
 
     def _lassoed(self, index: list[int]) -> None:
         if len(index) < 2:
             return  # a single hit is a tap, handled by _tapped
-        image_tokens = example_tokens(self._ds, self.selection.example).image_tokens()
+        image_tokens = self.ds.vli.tokens(self.selection.example).image_tokens()
         self.selection.select(tokens=sorted(int(image_tokens[i]) for i in index if i < len(image_tokens)))
 
     def __panel__(self) -> pn.viewable.Viewable:

@@ -7,51 +7,41 @@ import numpy as np
 import panel as pn
 import xarray as xr
 
-from vlinterpret_panel.errors import VLIError
-from vlinterpret_panel.maps import example_index, example_tokens, values_on_image
 from vlinterpret_panel.ui.common import OVERLAY_ALPHA, OVERLAY_CMAP, PLOT_SIZE, dynamic_map, guarded, heading
 from vlinterpret_panel.ui.image import image_element, image_plot_size, map_element
 from vlinterpret_panel.ui.selection import Selection
 from vlinterpret_panel.ui.text import coloured_tokens, token_labels, token_layout
+from vlinterpret_panel.ui.view import View
 
 COMPARISON_SIZE = 180
 
 
-def relevancy_values(ds: xr.Dataset, example: str, method: str) -> tuple[np.ndarray, str]:
-    """The per-token relevancy of ``example`` by ``method`` (real tokens) and the output it explains."""
-    index = example_index(ds, example)
-    n_tokens = example_tokens(ds, example).n_tokens
-    methods = [str(m) for m in ds.indexes["relevancy_method"]]
-    if method not in methods:
-        raise VLIError(f"relevancy method {method!r} is not in this store ({', '.join(methods)})")
-    where = {"example": index, "relevancy_method": methods.index(method)}
-    values = ds["relevancy"].isel(where).values[:n_tokens].astype(float)
-    target = str(ds["relevancy_target"].isel(where).values) if "relevancy_target" in ds else ""
-    return values, target
-
-
-class RelevancyView(pn.viewable.Viewer):
+class RelevancyView(View):
     """What the output depends on, by the relevancy methods stored with the examples."""
 
-    def __init__(self, ds: xr.Dataset, selection: Selection, **params) -> None:
-        super().__init__(**params)
-        self._ds, self.selection = ds, selection
-        self.methods = [str(m) for m in ds.indexes["relevancy_method"]] if "relevancy" in ds else []
-        if not self.methods:
-            return
-        streams = [hv.streams.Params(selection, ["example", "relevancy_method", "smooth"])]
-        self._image = dynamic_map(self._on_image, streams=streams)
-        self._text = dynamic_map(self._on_text, streams=[hv.streams.Params(selection, ["example", "relevancy_method"])])
-        self._all_methods = dynamic_map(self._comparison, streams=[hv.streams.Params(selection, ["example", "smooth"])])
+    def __init__(self, ds: xr.Dataset, selection: Selection | None = None, **params) -> None:
+        super().__init__(ds, selection, **params)
+        self._image = dynamic_map(self._on_image, streams=self.streams("example", "relevancy_method", "smooth"))
+        self._text = dynamic_map(self._on_text, streams=self.streams("example", "relevancy_method"))
+        self._all_methods = dynamic_map(self._comparison, streams=self.streams("example", "smooth"))
+
+    @property
+    def methods(self) -> list[str]:
+        """The relevancy methods the store holds."""
+        return self.ds.vli.relevancy_methods
 
     def _empty_image(self, message: str) -> hv.Overlay:
         blank = np.zeros((1, 1, 3), dtype=np.uint8)
         return image_element(blank).opts(title=message[:80]) * map_element(np.full((1, 1), np.nan), "relevancy")
 
-    def _image_with(self, example: str, method: str, smooth: bool, size: dict[str, int] | None = None) -> hv.Overlay:
-        tokens = example_tokens(self._ds, example)
-        values, target = relevancy_values(self._ds, example, method)
-        painted = values_on_image(self._ds, example, np.nan_to_num(values), smooth=smooth).values
+    @staticmethod
+    def _image_with(
+        ds: xr.Dataset, example: str, method: str, smooth: bool, size: dict[str, int] | None = None
+    ) -> hv.Overlay:
+        tokens = ds.vli.tokens(example)
+        relevancy = ds.vli.relevancy(example, method)
+        values, target = relevancy.values, relevancy.attrs["target"]
+        painted = ds.vli.values_on_image(example, np.nan_to_num(values), smooth=smooth).values
         finite = painted[np.isfinite(painted)]
         top = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
         size = size or image_plot_size(tokens.image)
@@ -61,27 +51,28 @@ class RelevancyView(pn.viewable.Viewer):
         )
         return (picture * heat).opts(title=f"{method} → {target}" if target else method)
 
-    def _on_image(self, example: str, relevancy_method: str, smooth: bool) -> hv.Overlay:
-        return guarded(self.selection, self._empty_image)(self._image_with)(example, relevancy_method, smooth)
+    def _on_image(self, example: str, relevancy_method: str, smooth: bool, ds: xr.Dataset) -> hv.Overlay:
+        return guarded(self.selection, self._empty_image)(self._image_with)(ds, example, relevancy_method, smooth)
 
     def _empty_text(self, message: str) -> hv.Overlay:
-        info = example_tokens(self._ds, self.selection.example)
+        info = self.ds.vli.tokens(self.selection.example)
         layout = token_layout(info)
         return coloured_tokens(layout, np.zeros(info.n_tokens), "", message) * token_labels(layout)
 
-    def _text_with(self, example: str, method: str) -> hv.Overlay:
-        values, target = relevancy_values(self._ds, example, method)
-        info = example_tokens(self._ds, example)
-        layout = token_layout(info)
-        title = f"text relevancy for {target}"
-        return coloured_tokens(layout, np.nan_to_num(values), "relevancy", title) * token_labels(layout)
+    @staticmethod
+    def _text_with(ds: xr.Dataset, example: str, method: str) -> hv.Overlay:
+        relevancy = ds.vli.relevancy(example, method)
+        layout = token_layout(ds.vli.tokens(example))
+        title = f"text relevancy for {relevancy.attrs['target']}"
+        return coloured_tokens(layout, np.nan_to_num(relevancy.values), "relevancy", title) * token_labels(layout)
 
-    def _on_text(self, example: str, relevancy_method: str) -> hv.Overlay:
-        return guarded(self.selection, self._empty_text)(self._text_with)(example, relevancy_method)
+    def _on_text(self, example: str, relevancy_method: str, ds: xr.Dataset) -> hv.Overlay:
+        return guarded(self.selection, self._empty_text)(self._text_with)(ds, example, relevancy_method)
 
-    def _comparison(self, example: str, smooth: bool) -> hv.Layout:
+    def _comparison(self, example: str, smooth: bool, ds: xr.Dataset) -> hv.Layout:
         size = {"frame_width": COMPARISON_SIZE, "frame_height": COMPARISON_SIZE}
-        return hv.Layout([self._image_with(example, method, smooth, size) for method in self.methods]).cols(4)
+        methods = ds.vli.relevancy_methods
+        return hv.Layout([self._image_with(ds, example, method, smooth, size) for method in methods]).cols(4)
 
     def __panel__(self) -> pn.viewable.Viewable:
         if not self.methods:

@@ -7,7 +7,7 @@ import param
 import xarray as xr
 from panel.io.document import hold
 
-from vlinterpret_panel.maps import DIRECTIONS, example_tokens
+from vlinterpret_panel.maps import DIRECTIONS
 from vlinterpret_panel.schema import TEXT
 
 NORMALIZATIONS = ("raw", "zscore")
@@ -56,16 +56,23 @@ class Selection(param.Parameterized):
         """A selection with bounds from ``ds``: first example, last layer, head mean, its first text token."""
         ids = [str(i) for i in ds.indexes["example"]]
         selection = cls(layer=ds.sizes["layer"] - 1, hidden_layer=ds.sizes["hidden_layer"] - 1, subset=ids)
-        selection.param.example.objects = ids  # a link naming another store's example is refused
+        selection.adopt(ds)
         selection.example = ids[0]
-        selection.param.layer.bounds = (0, ds.sizes["layer"] - 1)
-        selection.param.head.bounds = (0, ds.sizes["head"] - 1)
-        selection.param.hidden_layer.bounds = (0, ds.sizes["hidden_layer"] - 1)
-        if "relevancy" in ds:
-            selection.relevancy_method = str(ds.indexes["relevancy_method"][0])
+        if ds.vli.relevancy_methods:
+            selection.relevancy_method = ds.vli.relevancy_methods[0]
         selection.tokens = default_tokens(ds, ids[0])
         selection.param.update(**params)
         return selection
+
+    def adopt(self, ds: xr.Dataset) -> None:
+        """Take the bounds of ``ds`` (a grown store) while keeping what is selected where it still fits."""
+        ids = [str(i) for i in ds.indexes["example"]]
+        self.param.example.objects = ids  # a link naming another store's example is refused
+        self.param.layer.bounds = (0, ds.sizes["layer"] - 1)
+        self.param.head.bounds = (0, ds.sizes["head"] - 1)
+        self.param.hidden_layer.bounds = (0, ds.sizes["hidden_layer"] - 1)
+        if self.example is not None and self.example not in ids:
+            self.example = ids[0]
 
     def select(self, **changes) -> None:
         """Set several fields at once; linked plots update inside one held, frozen document change.
@@ -79,12 +86,12 @@ class Selection(param.Parameterized):
 
 def default_tokens(ds: xr.Dataset, example: str) -> list[int]:
     """The token selected when an example opens: its first text token (else its first token)."""
-    text_tokens = example_tokens(ds, example).tokens_of(TEXT)
+    text_tokens = ds.vli.tokens(example).tokens_of(TEXT)
     return [int(text_tokens[0])] if len(text_tokens) else [0]
 
 
 def valid_tokens(ds: xr.Dataset, example: str, tokens: list[int]) -> list[int]:
     """``tokens`` that exist in ``example``; the default token when none does."""
-    n_tokens = example_tokens(ds, example).n_tokens
+    n_tokens = ds.vli.tokens(example).n_tokens
     kept = [int(t) for t in np.unique(tokens) if 0 <= t < n_tokens]
     return kept or default_tokens(ds, example)

@@ -11,10 +11,11 @@ import pandas as pd
 import panel as pn
 import xarray as xr
 
-from vlinterpret_panel.maps import ExampleTokens, example_tokens, token_attention
+from vlinterpret_panel.maps import ExampleTokens
 from vlinterpret_panel.schema import SPECIAL, TEXT
 from vlinterpret_panel.ui.common import PLOT_SIZE, SELECTED_COLOR, TEXT_CMAP, dynamic_map, guarded
 from vlinterpret_panel.ui.selection import Selection
+from vlinterpret_panel.ui.view import View
 
 CHARACTER_WIDTH = 1.0
 LINE_WIDTH = 48.0
@@ -79,40 +80,42 @@ def token_labels(layout: pd.DataFrame) -> hv.Labels:
     return hv.Labels(centres, ["x", "y"], "text").opts(text_font_size="9pt", text_color="black")
 
 
-class TextView(pn.viewable.Viewer):
+class TextView(View):
     """The tokens of the text, coloured by the attention of the selected query; a tap makes a token the query."""
 
-    def __init__(self, ds: xr.Dataset, selection: Selection, **params) -> None:
-        super().__init__(**params)
-        self._ds, self.selection = ds, selection
-        streams = [hv.streams.Params(selection, ["example", "layer", "head", "tokens", "direction"])]
-        self._tokens = dynamic_map(self._coloured, streams=streams)
-        self._labels = dynamic_map(self._token_strings, streams=[hv.streams.Params(selection, ["example"])])
+    def __init__(self, ds: xr.Dataset, selection: Selection | None = None, **params) -> None:
+        super().__init__(ds, selection, **params)
+        self._tokens = dynamic_map(
+            self._coloured, streams=self.streams("example", "layer", "head", "tokens", "direction")
+        )
+        self._labels = dynamic_map(self._token_strings, streams=self.streams("example"))
         self.tap = hv.streams.Tap(source=self._tokens, x=None, y=None)
         self.tap.add_subscriber(self._tapped)
 
     def _empty(self, message: str) -> hv.Rectangles:
-        info = example_tokens(self._ds, self.selection.example)
+        info = self.ds.vli.tokens(self.selection.example)
         return coloured_tokens(token_layout(info), np.zeros(info.n_tokens), "", message)
 
-    def _coloured(self, example: str, layer: int, head: int | None, tokens: list[int], direction: str) -> hv.Rectangles:
+    def _coloured(
+        self, example: str, layer: int, head: int | None, tokens: list[int], direction: str, ds: xr.Dataset
+    ) -> hv.Rectangles:
         @guarded(self.selection, self._empty)
         def draw() -> hv.Rectangles:
-            info = example_tokens(self._ds, example)
-            values = token_attention(self._ds, example, layer, head, tokens, direction).values
+            info = ds.vli.tokens(example)
+            values = ds.vli.token_attention(example, layer, head, tokens, direction).values
             names = ", ".join(f"{t}:{info.token_text[t]}" for t in tokens[:4]) + (" …" if len(tokens) > 4 else "")
             title = f"attention {direction} {names}"
             return coloured_tokens(token_layout(info), values, "attention", title, selected=tokens)
 
         return draw()
 
-    def _token_strings(self, example: str) -> hv.Labels:
-        return token_labels(token_layout(example_tokens(self._ds, example)))
+    def _token_strings(self, example: str, ds: xr.Dataset) -> hv.Labels:
+        return token_labels(token_layout(ds.vli.tokens(example)))
 
     def _tapped(self, x: float | None, y: float | None) -> None:
         if x is None or y is None:
             return
-        layout = token_layout(example_tokens(self._ds, self.selection.example))
+        layout = token_layout(self.ds.vli.tokens(self.selection.example))
         hit = layout[(layout.x0 <= x) & (x <= layout.x1) & (layout.y0 <= y) & (y <= layout.y1)]
         if len(hit):
             self.selection.select(tokens=[int(hit["token"].iloc[0])])

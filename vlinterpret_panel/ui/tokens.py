@@ -6,21 +6,21 @@ import panel as pn
 import param
 import xarray as xr
 
-from vlinterpret_panel.maps import example_tokens
 from vlinterpret_panel.schema import TEXT
 from vlinterpret_panel.ui.common import heading
 from vlinterpret_panel.ui.selection import Selection
+from vlinterpret_panel.ui.view import View
 
 MEAN = "mean"
 MOVIE_INTERVAL_MS = 2000
 
 
-class TokenControls(pn.viewable.Viewer):
+class TokenControls(View):
     """Pick layer, head and query token by name; play steps through the text tokens like VL-InterpreT's movie."""
 
-    def __init__(self, ds: xr.Dataset, selection: Selection, **params) -> None:
-        super().__init__(**params)
-        self._ds, self.selection = ds, selection
+    def __init__(self, ds: xr.Dataset, selection: Selection | None = None, **params) -> None:
+        super().__init__(ds, selection, **params)
+        selection = self.selection
         self._layer = pn.widgets.IntSlider.from_param(selection.param.layer, label="layer")
         self._head = pn.widgets.Select(label="head", options=[MEAN, *map(str, range(ds.sizes["head"]))], width=100)
         self._token = pn.widgets.Select(label="query token", width=200)
@@ -36,8 +36,13 @@ class TokenControls(pn.viewable.Viewer):
         self._show_head()
         self._show_tokens()
 
+    def dataset_changed(self) -> None:
+        self._head.options = [MEAN, *map(str, range(self.ds.sizes["head"]))]
+        self._show_head()
+        self._show_tokens()
+
     def _text_tokens(self) -> list[int]:
-        return [int(t) for t in example_tokens(self._ds, self.selection.example).tokens_of(TEXT)]
+        return [int(t) for t in self.ds.vli.tokens(self.selection.example).tokens_of(TEXT)]
 
     def _head_chosen(self, event: param.parameterized.Event) -> None:
         self.selection.select(head=None if event.new == MEAN else int(event.new))
@@ -47,9 +52,9 @@ class TokenControls(pn.viewable.Viewer):
 
     def _show_tokens(self, *events: param.parameterized.Event) -> None:
         """Keep the token picker in step; its option list is rebuilt only when it has to change."""
-        info = example_tokens(self._ds, self.selection.example)
+        info = self.ds.vli.tokens(self.selection.example)
         several = len(self.selection.tokens) > 1
-        key = (self.selection.example, several and len(self.selection.tokens))
+        key = (self.ds.vli.identity, self.selection.example, several and len(self.selection.tokens))
         if key != self._options_for:
             options = {f"{t}: {info.token_text[t]} ({info.modality[t]})": t for t in range(info.n_tokens)}
             if several:

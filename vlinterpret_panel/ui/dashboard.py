@@ -1,0 +1,112 @@
+"""The dashboard: every view composed around one shared ``Selection`` and one dataset."""
+
+from __future__ import annotations
+
+import panel as pn
+import xarray as xr
+from panel.io.document import hold
+
+from vlinterpret_panel.ui.attention import AttentionHeatmap
+from vlinterpret_panel.ui.common import ensure_extension, message_banner
+from vlinterpret_panel.ui.compare import HeadComparison
+from vlinterpret_panel.ui.embedding import EmbeddingView
+from vlinterpret_panel.ui.examples import ExampleBrowser
+from vlinterpret_panel.ui.export import ExportPanel
+from vlinterpret_panel.ui.head_summary import HeadSummary
+from vlinterpret_panel.ui.image import ImageView
+from vlinterpret_panel.ui.relevancy import RelevancyView
+from vlinterpret_panel.ui.selection import Selection, default_tokens, valid_tokens
+from vlinterpret_panel.ui.text import TextView
+from vlinterpret_panel.ui.tokens import TokenControls
+from vlinterpret_panel.ui.view import View
+
+ensure_extension()
+pn.extension(notifications=False)
+pn.config.loading_indicator = True
+
+
+class Dashboard(View):
+    """All views of one dataset, linked through one ``Selection``; usable inline in JupyterLab.
+
+    Setting ``ds`` (or calling ``show_store``) moves every view to a grown store without
+    rebuilding anything.
+    """
+
+    def __init__(self, ds: xr.Dataset, selection: Selection | None = None, **params) -> None:
+        super().__init__(ds, selection, **params)
+        selection = self.selection
+        self.examples = ExampleBrowser(ds, selection)
+        self.tokens = TokenControls(ds, selection)
+        self.head_summary = HeadSummary(ds, selection)
+        self.attention = AttentionHeatmap(ds, selection)
+        self.image = ImageView(ds, selection)
+        self.text = TextView(ds, selection)
+        self.embedding = EmbeddingView(ds, selection)
+        self.relevancy = RelevancyView(ds, selection)
+        self.comparison = HeadComparison(ds, selection)
+        self.export = ExportPanel(ds, selection)
+        self._summary = pn.pane.Markdown(self.summary())
+
+    @property
+    def views(self) -> list[View]:
+        """Every view of the dashboard."""
+        return [
+            self.examples,
+            self.tokens,
+            self.head_summary,
+            self.attention,
+            self.image,
+            self.text,
+            self.embedding,
+            self.relevancy,
+            self.comparison,
+            self.export,
+        ]
+
+    def dataset_changed(self) -> None:
+        """Give every view the new dataset, in one document change; the selection keeps what still fits."""
+        if not hasattr(self, "export"):  # during construction
+            return
+        with hold():
+            self.selection.adopt(self.ds)
+            self.selection.tokens = valid_tokens(self.ds, self.selection.example, self.selection.tokens)
+            for view in self.views:
+                view.ds = self.ds
+            self._summary.object = self.summary()
+
+    def show_store(self, ds: xr.Dataset, example: str | None = None) -> None:
+        """Show ``ds`` (a grown store), then select ``example`` if given."""
+        self.ds = ds
+        if example is not None:
+            self.selection.select(example=example, tokens=default_tokens(ds, example))
+
+    def summary(self) -> str:
+        """One line naming the model and the store's sizes."""
+        ds = self.ds
+        return (
+            f"**{ds.attrs.get('model_name', '?')}** · {ds.sizes['example']} examples · "
+            f"{ds.sizes['layer']} layers × {ds.sizes['head']} heads · up to {ds.sizes['token']} tokens"
+        )
+
+    def sidebar(self) -> list[pn.viewable.Viewable]:
+        """The controls: the example browser, token and head pickers, export."""
+        return [self._summary, self.examples, self.tokens, self.export]
+
+    def main(self) -> pn.viewable.Viewable:
+        """The views, in tabs rendered when first opened."""
+        attention = pn.Column(
+            message_banner(self.selection),
+            pn.Row(self.head_summary, self.attention),
+            pn.Row(self.image, self.text),
+        )
+        return pn.Tabs(
+            ("Attention", attention),
+            ("Embeddings", self.embedding),
+            ("Relevancy", self.relevancy),
+            ("Compare heads", self.comparison),
+            dynamic=True,
+            sizing_mode="stretch_width",
+        )
+
+    def __panel__(self) -> pn.viewable.Viewable:
+        return pn.Row(pn.Column(*self.sidebar(), width=330), self.main())
