@@ -16,9 +16,11 @@ from vlinterpret_panel.adapters.builtin import BuiltinAdapter
 from vlinterpret_panel.adapters.registry import load_adapter
 from vlinterpret_panel.cli import main
 from vlinterpret_panel.errors import VLIError
-from vlinterpret_panel.extract import extract, needs_gradients, scene_sources
+from vlinterpret_panel.extract import extract, scene_sources
 from vlinterpret_panel.models import world
 from vlinterpret_panel.relevancy import Captured, compute_relevancy
+from vlinterpret_panel.relevancy.capture import capture_for
+from vlinterpret_panel.relevancy.registry import ATTENTION, GRADIENTS, needs
 from vlinterpret_panel.store import open_dataset
 
 METHODS = ["generic", "rollout", "raw_attention", "attention_gradcam"]
@@ -52,7 +54,7 @@ def test_attention_only_methods_run_batched_and_agree(tmp_path: Path) -> None:
     """rollout and raw_attention need no gradients: extracted through forward_batch, same values as one run."""
     adapter: BuiltinAdapter = load_adapter("single_stream")
     methods = ["rollout", "raw_attention"]
-    assert not needs_gradients(methods) and needs_gradients(["rollout", "generic"])
+    assert needs(methods) == {ATTENTION} and GRADIENTS in needs(["rollout", "generic"])
     sources = scene_sources(4, seed=SEED)
     extract(adapter, sources, tmp_path / "store", relevancy=methods, batch_size=4, progress=False)
     ds = open_dataset(tmp_path / "store")
@@ -87,13 +89,12 @@ def test_unknown_method_fails_before_running(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", ["single_stream", "dual_stream", "dual_encoder"])
 def test_transformer_attribution_is_stored_with_its_lrp_pass(name: str, tmp_path: Path) -> None:
-    from vlinterpret_panel.relevancy.lrp import captured_with_lrp
-
     adapter: BuiltinAdapter = load_adapter(name)
     sources = scene_sources(2, seed=SEED, text="caption" if name == "dual_encoder" else "question")
     report = extract(adapter, sources, tmp_path / "store", relevancy=["transformer_attribution"], progress=False)
     assert report.written == 2 and not report.failures
-    direct = compute_relevancy(captured_with_lrp(adapter, sources[0].load()), "transformer_attribution").values
+    captured, _, _ = capture_for(adapter, sources[0].load(), ["transformer_attribution"])
+    direct = compute_relevancy(captured, "transformer_attribution").values
     stored = open_dataset(tmp_path / "store").sel(example=sources[0].example_id)
     values = stored.relevancy.sel({"relevancy_method": "transformer_attribution"}).values[: len(direct)]
     np.testing.assert_allclose(values, direct, rtol=1e-6, atol=1e-9)

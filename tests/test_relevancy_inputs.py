@@ -119,6 +119,7 @@ def test_registry_lists_finds_and_rejects_methods():
     assert available_methods() == [
         "attention_gradcam",
         "generic",
+        "random",
         "raw_attention",
         "rollout",
         "transformer_attribution",
@@ -127,7 +128,7 @@ def test_registry_lists_finds_and_rejects_methods():
     with pytest.raises(VLIError, match="unknown relevancy method"):
         get_method("lime")
     with pytest.raises(ValueError, match="registered twice"):
-        register("generic")(raw_attention)
+        register("generic", needs=["attention"])(raw_attention)
 
 
 class ToyAdapter(ModelAdapter):

@@ -13,11 +13,11 @@ from vlinterpret_panel.adapters.registry import load_adapter
 from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.models import world
 from vlinterpret_panel.relevancy import Captured, transformer_attribution
+from vlinterpret_panel.relevancy.capture import capture_for
 from vlinterpret_panel.relevancy.lrp import (
     ActivationRecorder,
     add_relevance,
     attention_relevance,
-    captured_with_lrp,
     linear_relevance,
     matmul_relevance,
     propagate,
@@ -149,7 +149,7 @@ def test_propagate_on_the_model_directly_matches_the_adapter_frame(adapters: dic
 
 @pytest.mark.parametrize("architecture", MODELS)
 def test_transformer_attribution_runs_on_every_built_in_model(adapters: dict, architecture: str) -> None:
-    captured = captured_with_lrp(adapters[architecture], _item(architecture))
+    captured, _, _ = capture_for(adapters[architecture], _item(architecture), ["transformer_attribution"])
     assert isinstance(captured, Captured)
     relevancy = transformer_attribution(captured)
     real = relevancy.values[np.isfinite(relevancy.values)]
@@ -169,7 +169,7 @@ def test_models_without_lrp_rules_get_a_clear_error() -> None:
 def test_transformer_attribution_without_lrp_relevance_says_how_to_get_it(adapters: dict) -> None:
     adapter = adapters["dual_stream"]
     record, info = adapter.run(_item("dual_stream"), gradients=True)
-    with pytest.raises(VLIError, match="captured_with_lrp"):
+    with pytest.raises(VLIError, match="capture_for"):
         transformer_attribution(Captured.from_record(record, info))
 
 

@@ -29,13 +29,11 @@ from typing import Any
 import numpy as np
 
 from vlinterpret_panel.adapters.base import ForwardCapture, ModelAdapter, ModelInput
-from vlinterpret_panel.errors import VLIError
+from vlinterpret_panel.errors import VLIError, error_line
 from vlinterpret_panel.schema import ExampleRecord, ModelInfo, records_to_dataset
 from vlinterpret_panel.store import Precision, example_ids, write_shard
 
 FAILURES_FILE = "failures.json"
-# Relevancy methods that need only the attention maps; every other method gets attention gradients.
-ATTENTION_ONLY_METHODS = frozenset({"raw_attention", "rollout"})
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 TEXT_COLUMNS = ("text", "question", "caption")
 
@@ -177,71 +175,6 @@ class ExtractionReport:
         return self.written / self.seconds if self.seconds else math.nan
 
 
-class _Replay(ModelAdapter):
-    """Hands a capture computed in a batch to ``ModelAdapter.run``, which builds the record."""
-
-    def __init__(self, adapter: ModelAdapter, capture: ForwardCapture) -> None:
-        self.name, self.config, self._capture = adapter.name, adapter.config, capture
-
-    def forward(self, image: np.ndarray, text: str, *, keep_tokens: np.ndarray | None = None) -> ForwardCapture:
-        return self._capture
-
-
-def _error_text(error: BaseException) -> str:
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
-def check_relevancy_methods(methods: Sequence[str]) -> list[str]:
-    """The requested relevancy method names, each known to ``vlinterpret_panel.relevancy`` (else ``VLIError``)."""
-    from vlinterpret_panel.relevancy import get_method
-
-    methods = [m.strip() for m in methods if m.strip()]
-    if len(set(methods)) != len(methods):
-        raise VLIError(f"relevancy methods listed twice: {methods}")
-    for method in methods:
-        get_method(method)
-    return methods
-
-
-def check_lrp_support(adapter: ModelAdapter) -> None:
-    """Refuse, before any example runs, an LRP method for a model without LRP rules (all but the built-in ones)."""
-    from vlinterpret_panel.models.layers import BaseVLModel
-
-    if not isinstance(getattr(adapter, "model", None), BaseVLModel):
-        raise VLIError(
-            f"{', '.join(sorted(LRP_METHODS))} needs LRP through the model's layers, which exists for the "
-            f"built-in models only, not {adapter.name!r}"
-        )
-
-
-def needs_gradients(methods: Sequence[str]) -> bool:
-    """Whether any of ``methods`` needs d(target)/d(attention), i.e. one gradient run per example."""
-    return any(m not in ATTENTION_ONLY_METHODS for m in methods)
-
-
-LRP_METHODS = frozenset({"transformer_attribution"})
-"""Methods that also need the LRP relevance of every attention map (``relevancy.lrp``, built-in models)."""
-
-
-def add_relevancy(
-    record: ExampleRecord, info: ModelInfo, methods: Sequence[str], attention_relevance: np.ndarray | None = None
-) -> None:
-    """Compute each method's relevancy for ``record``'s target into ``record.relevancy``; drop the gradients.
-
-    ``attention_relevance`` (LRP, the schema's attention frame) is needed by ``LRP_METHODS``.
-    """
-    import dataclasses
-
-    from vlinterpret_panel.relevancy import Captured, compute_relevancy
-
-    captured = Captured.from_record(record, info)
-    if attention_relevance is not None:
-        captured = dataclasses.replace(captured, attention_relevance=attention_relevance)
-    record.relevancy = {method: compute_relevancy(captured, method).values for method in methods}
-    record.attention_gradient = None
-
-
 def run_batch(
     adapter: ModelAdapter, items: Sequence[ModelInput], relevancy: Sequence[str] = ()
 ) -> list[tuple[ExampleRecord, ModelInfo] | BaseException]:
@@ -249,41 +182,44 @@ def run_batch(
 
     Returns one (record, info) or the exception per item, so one bad example never costs
     the others: a batch that fails is rerun one example at a time. With ``relevancy``
-    methods, each record gets their values; methods needing gradients run one example at a
-    time with autograd (``ModelAdapter.run(..., gradients=True)``).
+    methods, each record gets their values; methods that declare they need gradients (or
+    LRP) run one example at a time through ``relevancy.capture.capture_for``.
     """
     import torch
 
-    gradients = needs_gradients(relevancy)
+    from vlinterpret_panel.relevancy.capture import add_relevancy, capture_for
+    from vlinterpret_panel.relevancy.inputs import Captured
+    from vlinterpret_panel.relevancy.registry import ATTENTION, needs
+
+    per_example = bool(needs(relevancy) - {ATTENTION})
     forward_batch: Callable[..., list[ForwardCapture]] | None = getattr(adapter, "forward_batch", None)
-    results: list[tuple[ExampleRecord, ModelInfo] | BaseException] | None = None
-    if forward_batch is not None and len(items) > 1 and not gradients:
+    if forward_batch is not None and len(items) > 1 and not per_example:
         try:
             with torch.no_grad():
                 captures = forward_batch([i.image for i in items], [i.text for i in items])
-            results = [_Replay(adapter, c).run(item) for item, c in zip(items, captures, strict=True)]
+            records = [adapter.to_record(item, adapter.explain(c)) for item, c in zip(items, captures, strict=True)]
+            results: list[tuple[ExampleRecord, ModelInfo] | BaseException] = []
+            for record, info in records:
+                try:
+                    if relevancy:
+                        add_relevancy(record, Captured.from_record(record, info), relevancy)
+                    results.append((record, info))
+                except Exception as error:  # a method that fails on an example fails that example
+                    results.append(error)
+            return results
         except Exception:  # isolate the failing example(s) below
-            results = None
-    if results is None:
-        results = []
-        for item in items:
-            try:
-                results.append(adapter.run(item, gradients=gradients))
-            except Exception as error:  # reported per example, never dropped
-                results.append(error)
-    if relevancy:
-        for index, (item, result) in enumerate(zip(items, results, strict=True)):
-            if isinstance(result, BaseException):
-                continue
-            try:
-                frame = None
-                if LRP_METHODS.intersection(relevancy):
-                    from vlinterpret_panel.relevancy.lrp import attention_relevance
-
-                    frame, _ = attention_relevance(adapter, item)
-                add_relevancy(*result, relevancy, frame)
-            except Exception as error:  # a method that fails on an example fails that example
-                results[index] = error
+            pass
+    results = []
+    for item in items:
+        try:
+            if relevancy:
+                captured, record, info = capture_for(adapter, item, relevancy)
+                add_relevancy(record, captured, relevancy)
+            else:
+                record, info = adapter.run(item)
+            results.append((record, info))
+        except Exception as error:  # reported per example, never dropped
+            results.append(error)
     return results
 
 
@@ -344,14 +280,14 @@ def extract_chunk(
             try:
                 items.append(source.load())
             except Exception as error:  # an unreadable input is one failure
-                failures.append(Failure(source.example_id, _error_text(error)))
+                failures.append(Failure(source.example_id, error_line(error)))
         began = time.perf_counter()
         with _lock(adapter):  # adapters hook their models: one forward at a time per adapter
             results = run_batch(adapter, items, relevancy) if items else []
         forward_seconds += time.perf_counter() - began
         for item, result in zip(items, results, strict=True):
             if isinstance(result, BaseException):
-                failures.append(Failure(item.example_id, _error_text(result)))
+                failures.append(Failure(item.example_id, error_line(result)))
             else:
                 records.append(result[0])
                 info = info or result[1]
@@ -372,9 +308,10 @@ def extract_chunk(
     return result
 
 
-def _provenance(
+def provenance(
     adapter_spec: str, options: dict[str, Any], batch_size: int, precision: str, relevancy: Sequence[str]
 ) -> dict[str, Any]:
+    """What a store's ``extraction`` attribute records: the adapter, its options and the library versions."""
     import torch
     import transformers
 
@@ -430,12 +367,15 @@ def extract(
     done = example_ids(store)
     todo = [s for s in sources if s.example_id not in done]
     spec = adapter if isinstance(adapter, str) else f"{type(adapter).__module__}.{type(adapter).__name__}"
-    relevancy = check_relevancy_methods(relevancy)
-    provenance = _provenance(spec, options, batch_size, precision, relevancy)
+    from vlinterpret_panel.relevancy.capture import check_supported
+    from vlinterpret_panel.relevancy.registry import check_methods
+
+    relevancy = check_methods(relevancy)
+    recorded = provenance(spec, options, batch_size, precision, relevancy)
     if todo and isinstance(adapter, str) and not (workers or scheduler):
         adapter = _cached_adapter(adapter, options)  # load errors come before the progress bar
-    if LRP_METHODS.intersection(relevancy) and isinstance(adapter, ModelAdapter):
-        check_lrp_support(adapter)
+    if isinstance(adapter, ModelAdapter):
+        check_supported(adapter, relevancy)
     if examples_per_shard is None:
         if workers or scheduler:
             examples_per_shard = DISTRIBUTED_EXAMPLES_PER_SHARD
@@ -446,7 +386,7 @@ def extract(
     began = time.perf_counter()
     with tqdm(total=len(todo), unit="example", disable=not progress, desc="extract") as bar:
         results = _run_chunks(
-            adapter, chunks, str(store), options, batch_size, precision, provenance, workers, scheduler, bar, relevancy
+            adapter, chunks, str(store), options, batch_size, precision, recorded, workers, scheduler, bar, relevancy
         )
         for result in results:
             report.written += len(result.written)

@@ -28,8 +28,8 @@ import numpy as np
 import xarray as xr
 
 from vlinterpret_panel.adapters.base import ModelAdapter, ModelInput
-from vlinterpret_panel.errors import VLIError
-from vlinterpret_panel.extract import _error_text, _provenance, run_batch
+from vlinterpret_panel.errors import VLIError, error_line
+from vlinterpret_panel.extract import provenance, run_batch
 from vlinterpret_panel.schema import CORRECT_UNKNOWN, records_to_dataset
 from vlinterpret_panel.store import Precision, open_dataset, write_shard
 
@@ -196,7 +196,7 @@ class LiveModel:
             image, target_mask = fit_image(image), None
         ds = open_dataset(store)
         self.check_store(ds)
-        methods = [str(m) for m in ds.indexes["relevancy_method"]] if "relevancy_method" in ds.indexes else []
+        methods = ds.vli.relevancy_methods
         precision = _store_precision(ds)
         existing = {str(i) for i in ds.indexes["example"]}
         example_id = f"{LIVE_ID_PREFIX}{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
@@ -206,9 +206,9 @@ class LiveModel:
         with self._lock:
             (result,) = run_batch(self.adapter, [item], methods)
         if isinstance(result, BaseException):
-            raise VLIError(f"the model failed on this example: {_error_text(result)}")
+            raise VLIError(f"the model failed on this example: {error_line(result)}")
         record, info = result
-        attrs = _provenance(self.spec, {}, 1, precision, methods) | {"source": "add example", "failures": []}
+        attrs = provenance(self.spec, {}, 1, precision, methods) | {"source": "add example", "failures": []}
         new = records_to_dataset([record], info, attrs)
         if record.label is None and "label" in ds and "label" not in new:
             # As records_to_dataset writes an unlabelled example among labelled ones: "" and unknown.

@@ -3,9 +3,12 @@
 A model-specific adapter implements one method, ``forward``, which runs the model with
 attention outputs on and returns a ``ForwardCapture``: the attention probabilities of each
 attention module (as tensors still in the autograd graph), hidden states, the token layout
-and the output scores. Everything generic lives here: placing each module's attention in
-the schema's full ``(query, key)`` frame, choosing the explained target, the gradients of
-that target with respect to every attention map, and building the ``ExampleRecord``.
+and the output scores. Everything generic lives here, in two steps: ``run_model`` (the
+forward pass, the prediction, the explained target and, on request, the gradients of that
+target with respect to every attention map: a ``ModelRun``) and ``to_record`` (the
+``ExampleRecord`` the store keeps: each module's attention placed in the schema's full
+``(query, key)`` frame by ``attention_frame``, hidden states by ``hidden_frame``).
+``run`` does both.
 """
 
 from __future__ import annotations
@@ -76,6 +79,21 @@ class ModelInput:
     target_mask: np.ndarray | None = None
 
 
+@dataclass
+class ModelRun:
+    """One example's forward pass, what the model predicted and the output explained.
+
+    ``attention_gradient`` (the schema's ``(layer, head, T, T)`` frame) is the gradient of the
+    ``target`` output with respect to each attention map, when gradients were asked for.
+    """
+
+    capture: ForwardCapture
+    prediction: str | None
+    score: float
+    target: str
+    attention_gradient: np.ndarray | None = None
+
+
 class ModelAdapter(abc.ABC):
     """Base class of every adapter; subclasses implement ``forward`` and set ``name``."""
 
@@ -102,30 +120,34 @@ class ModelAdapter(abc.ABC):
             config=self.config,
         )
 
-    def run(
-        self, item: ModelInput, *, target: str | int | None = None, gradients: bool = False
-    ) -> tuple[ExampleRecord, ModelInfo]:
-        """Run one example; with ``gradients``, also d(target score)/d(each attention map).
+    def run_model(self, item: ModelInput, *, target: str | int | None = None, gradients: bool = False) -> ModelRun:
+        """The forward pass of one example; with ``gradients``, also d(target score)/d(each attention map).
 
         ``target`` names the explained output (a label, or a class index); the default is
         the prediction. Gradients need autograd, so this never runs under ``no_grad``.
         """
         with torch.set_grad_enabled(gradients):
-            capture = self.forward(item.image, item.text)
-            prediction, score, target_score, target_name = self._target(capture, target)
-            gradient = None
-            if gradients:
-                if not target_score.requires_grad:
-                    raise VLIError(
-                        f"{self.name}: the output does not depend on the attention maps through autograd; "
-                        "gradients need the model run with grad enabled and eager attention"
-                    )
-                maps = [a.probabilities for a in capture.attentions]
-                grads = torch.autograd.grad(target_score, maps, allow_unused=True)
-                grads = [torch.zeros_like(m) if g is None else g for m, g in zip(maps, grads, strict=True)]
-                gradient = self._frame(capture, grads)
-        n_tokens = len(capture.tokens)
-        hidden = self._hidden_frame(capture, n_tokens)
+            return self.explain(self.forward(item.image, item.text), target=target, gradients=gradients)
+
+    def explain(self, capture: ForwardCapture, *, target: str | int | None = None, gradients: bool = False) -> ModelRun:
+        """Prediction, score and target of a ``forward`` capture, and the target's gradients when asked."""
+        prediction, score, target_score, target_name = self._target(capture, target)
+        gradient = None
+        if gradients:
+            if not target_score.requires_grad:
+                raise VLIError(
+                    f"{self.name}: the output does not depend on the attention maps through autograd; "
+                    "gradients need the model run with grad enabled and eager attention"
+                )
+            maps = [a.probabilities for a in capture.attentions]
+            grads = torch.autograd.grad(target_score, maps, allow_unused=True)
+            grads = [torch.zeros_like(m) if g is None else g for m, g in zip(maps, grads, strict=True)]
+            gradient = attention_frame(capture, grads)
+        return ModelRun(capture, prediction, score, target_name, gradient)
+
+    def to_record(self, item: ModelInput, run: ModelRun) -> tuple[ExampleRecord, ModelInfo]:
+        """The schema record of ``item``'s run, and the model's layer layout."""
+        capture = run.capture
         record = ExampleRecord(
             example_id=item.example_id,
             image=item.image,
@@ -133,19 +155,25 @@ class ModelAdapter(abc.ABC):
             tokens=list(capture.tokens),
             modality=list(capture.modality),
             token_box=np.asarray(capture.token_box, dtype=np.float32),
-            attention=self._frame(capture, [a.probabilities for a in capture.attentions]),
-            hidden_states=hidden,
+            attention=attention_frame(capture, [a.probabilities for a in capture.attentions]),
+            hidden_states=hidden_frame(capture),
             label=item.label,
-            prediction=prediction,
-            score=score,
+            prediction=run.prediction,
+            score=run.score,
             readout_tokens=dict(capture.readout_tokens),
             patch_position=capture.patch_position,
             target_mask=item.target_mask,
-            relevancy_target=target_name,
-            attention_gradient=gradient,
+            relevancy_target=run.target,
+            attention_gradient=run.attention_gradient,
         )
         record.check()
         return record, self.info(capture)
+
+    def run(
+        self, item: ModelInput, *, target: str | int | None = None, gradients: bool = False
+    ) -> tuple[ExampleRecord, ModelInfo]:
+        """Run one example into its schema record (``run_model`` then ``to_record``)."""
+        return self.to_record(item, self.run_model(item, target=target, gradients=gradients))
 
     def _target(self, capture: ForwardCapture, target: str | int | None) -> tuple[str | None, float, torch.Tensor, str]:
         """Prediction, its score, and the scalar whose gradients explain ``target``."""
@@ -167,37 +195,38 @@ class ModelAdapter(abc.ABC):
             raise VLIError(f"{self.name}: unknown target {target!r}; the model's outputs are e.g. {labels[:8]}")
         return labels[predicted], float(probabilities[predicted]), output[index], labels[index]
 
-    @staticmethod
-    def _frame(capture: ForwardCapture, maps: Sequence[torch.Tensor]) -> np.ndarray:
-        """Place each module's ``[heads, q, k]`` map into the ``(layer, head, T, T)`` frame."""
-        n_tokens = len(capture.tokens)
-        n_heads = max(int(m.shape[0]) for m in maps)
-        frame = np.zeros((len(maps), n_heads, n_tokens, n_tokens), dtype=np.float32)
-        for layer, (module, values) in enumerate(zip(capture.attentions, maps, strict=True)):
-            heads = int(values.shape[0])
-            rows = np.asarray(module.query_tokens)
-            cols = np.asarray(module.key_tokens)
-            if tuple(values.shape[1:]) != (len(rows), len(cols)):
-                raise VLIError(
-                    f"attention module {module.name!r} has shape {tuple(values.shape)}, "
-                    f"expected (heads, {len(rows)}, {len(cols)}) from its query/key tokens"
-                )
-            frame[layer, :heads][:, *_block_index(rows, cols)] = values.detach().float().cpu().numpy()
-            frame[layer, heads:] = np.nan
-        return frame
 
-    @staticmethod
-    def _hidden_frame(capture: ForwardCapture, n_tokens: int) -> np.ndarray:
-        """Stack hidden states over stages, carrying forward tokens a stage did not update."""
-        width = max(int(h.states.shape[-1]) for h in capture.hidden_states)
-        frame = np.full((len(capture.hidden_states), n_tokens, width), np.nan, dtype=np.float32)
-        for stage, hidden in enumerate(capture.hidden_states):
-            if stage:
-                frame[stage] = frame[stage - 1]
-            states = hidden.states.detach().float().cpu().numpy()
-            frame[stage, np.asarray(hidden.token_indices), : states.shape[-1]] = states
-            frame[stage, np.asarray(hidden.token_indices), states.shape[-1] :] = np.nan
-        return frame
+def attention_frame(capture: ForwardCapture, maps: Sequence[torch.Tensor]) -> np.ndarray:
+    """Place each module's ``[heads, q, k]`` map in the ``(layer, head, T, T)`` frame."""
+    n_tokens = len(capture.tokens)
+    n_heads = max(int(m.shape[0]) for m in maps)
+    frame = np.zeros((len(maps), n_heads, n_tokens, n_tokens), dtype=np.float32)
+    for layer, (module, values) in enumerate(zip(capture.attentions, maps, strict=True)):
+        heads = int(values.shape[0])
+        rows = np.asarray(module.query_tokens)
+        cols = np.asarray(module.key_tokens)
+        if tuple(values.shape[1:]) != (len(rows), len(cols)):
+            raise VLIError(
+                f"attention module {module.name!r} has shape {tuple(values.shape)}, "
+                f"expected (heads, {len(rows)}, {len(cols)}) from its query/key tokens"
+            )
+        frame[layer, :heads][:, *_block_index(rows, cols)] = values.detach().float().cpu().numpy()
+        frame[layer, heads:] = np.nan
+    return frame
+
+
+def hidden_frame(capture: ForwardCapture) -> np.ndarray:
+    """Hidden states ``(stage, T, feature)``: stages stacked, carrying forward tokens a stage did not update."""
+    n_tokens = len(capture.tokens)
+    width = max(int(h.states.shape[-1]) for h in capture.hidden_states)
+    frame = np.full((len(capture.hidden_states), n_tokens, width), np.nan, dtype=np.float32)
+    for stage, hidden in enumerate(capture.hidden_states):
+        if stage:
+            frame[stage] = frame[stage - 1]
+        states = hidden.states.detach().float().cpu().numpy()
+        frame[stage, np.asarray(hidden.token_indices), : states.shape[-1]] = states
+        frame[stage, np.asarray(hidden.token_indices), states.shape[-1] :] = np.nan
+    return frame
 
 
 def _block_index(rows: np.ndarray, cols: np.ndarray) -> tuple[slice | np.ndarray, slice | np.ndarray]:

@@ -13,11 +13,11 @@ from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.relevancy.common import read_out
 from vlinterpret_panel.relevancy.generic import propagate_relevance
 from vlinterpret_panel.relevancy.inputs import Captured
-from vlinterpret_panel.relevancy.registry import register
+from vlinterpret_panel.relevancy.registry import ATTENTION, GRADIENTS, LRP, register
 from vlinterpret_panel.relevancy.result import Relevancy
 
 
-@register("transformer_attribution")
+@register("transformer_attribution", needs=[ATTENTION, GRADIENTS, LRP])
 def transformer_attribution(captured: Captured, *, readout: str | None = None, start_layer: int = 0) -> Relevancy:
     """Π_b (I + E_h[(∇A_b ⊙ R^A_b)⁺]) read at the readout row; R^A_b from ``captured.attention_relevance``.
 
@@ -27,8 +27,8 @@ def transformer_attribution(captured: Captured, *, readout: str | None = None, s
     if captured.attention_relevance is None:
         raise VLIError(
             "transformer_attribution needs the LRP relevance of each attention map: get it with "
-            "relevancy.lrp.captured_with_lrp(adapter, item), which supports the built-in models only "
-            "(there are no LRP rules for Hugging Face models)"
+            "relevancy.capture.capture_for(adapter, item, ['transformer_attribution']), which supports "
+            "the built-in models only (there are no LRP rules for Hugging Face models)"
         )
     captured.require("attention_gradient", "transformer_attribution")
     relevance = propagate_relevance(captured, captured.attention_relevance, start_layer)

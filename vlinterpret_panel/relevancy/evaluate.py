@@ -1,6 +1,6 @@
 """Evaluation of relevancy methods: perturbation tests and localisation against ground-truth masks.
 
-Follows the protocol of Chefer et al. (``/work/shared/RELEVANCY-REFERENCE.md``):
+Follows the protocol of Chefer et al. (``../shared/RELEVANCY-REFERENCE.md`` beside the repository):
 
 - each example is explained once, for the model's **predicted** output on the clean input;
 - perturbation: tokens are *deleted* from the sequence through the adapter's
@@ -26,7 +26,6 @@ Follows the protocol of Chefer et al. (``/work/shared/RELEVANCY-REFERENCE.md``):
 from __future__ import annotations
 
 import csv
-import dataclasses
 import itertools
 import time
 from collections.abc import Callable, Sequence
@@ -39,8 +38,7 @@ import torch
 from vlinterpret_panel.adapters.base import ModelAdapter, ModelInput
 from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.models import world
-from vlinterpret_panel.relevancy.inputs import Captured
-from vlinterpret_panel.relevancy.registry import compute_relevancy
+from vlinterpret_panel.relevancy.capture import capture_for, relevancy_values
 from vlinterpret_panel.schema import IMAGE, TEXT
 
 FRACTIONS: tuple[float, ...] = tuple(step / 10 for step in range(10))
@@ -101,22 +99,11 @@ def explain(
 ) -> tuple[dict[str, np.ndarray], np.ndarray, list[str]]:
     """Relevancy ``(T,)`` of each method for the predicted output, the token boxes and modalities (one model run).
 
-    ``transformer_attribution`` adds the LRP pass (``relevancy.lrp``); ``random`` draws from
-    ``numpy.random.default_rng(seed)``.
+    ``capture_for`` runs what the methods declare they need (gradients, the LRP pass);
+    ``random`` draws from ``numpy.random.default_rng(seed)``.
     """
-    record, info = adapter.run(example.item, gradients=True)
-    captured = Captured.from_record(record, info)
-    if "transformer_attribution" in methods:
-        from vlinterpret_panel.relevancy.lrp import attention_relevance
-
-        frame, _ = attention_relevance(adapter, example.item)
-        captured = dataclasses.replace(captured, attention_relevance=frame)
-    values = {}
-    for method in methods:
-        if method == "random":
-            values[method] = np.random.default_rng(seed).random(len(record.modality))
-        else:
-            values[method] = compute_relevancy(captured, method).values
+    captured, record, _ = capture_for(adapter, example.item, methods)
+    values = relevancy_values(captured, methods, {"random": {"seed": seed}})
     return values, np.asarray(record.token_box), list(record.modality)
 
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from vlinterpret_panel.relevancy.common import normalized_residual, read_out, self_layers_from, weighted_attention
 from vlinterpret_panel.relevancy.inputs import CROSS_KINDS, Captured
-from vlinterpret_panel.relevancy.registry import register
+from vlinterpret_panel.relevancy.registry import ATTENTION, GRADIENTS, register
 from vlinterpret_panel.relevancy.result import Relevancy
 
 
@@ -73,7 +73,7 @@ def propagate_relevance(captured: Captured, weights: np.ndarray, start_layer: in
     return relevance
 
 
-@register("generic")
+@register("generic", needs=[ATTENTION, GRADIENTS])
 def generic_relevancy(captured: Captured, *, readout: str | None = None, start_layer: int = 0) -> Relevancy:
     """Chefer et al.'s generic method: R propagated through every module, read at the readout row.
 

@@ -7,7 +7,7 @@ import numpy as np
 from vlinterpret_panel.relevancy.common import block_mask, head_maps, read_out
 from vlinterpret_panel.relevancy.inputs import Captured
 from vlinterpret_panel.relevancy.raw import last_module_row
-from vlinterpret_panel.relevancy.registry import register
+from vlinterpret_panel.relevancy.registry import ATTENTION, GRADIENTS, register
 from vlinterpret_panel.relevancy.result import Relevancy
 
 
@@ -25,7 +25,7 @@ def attention_gradcam_map(captured: Captured, layer: int) -> np.ndarray:
     return np.clip((weights[:, None, None] * attention).mean(axis=0), 0.0, None)
 
 
-@register("attention_gradcam")
+@register("attention_gradcam", needs=[ATTENTION, GRADIENTS])
 def attention_gradcam(captured: Captured, *, readout: str | None = None) -> Relevancy:
     """Grad-CAM on the last attention module(s) the readout token queries (as raw attention)."""
     captured.require("attention_gradient", "attention_gradcam")

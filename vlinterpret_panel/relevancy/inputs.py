@@ -236,7 +236,7 @@ class Captured:
             )
         raise VLIError(
             f"{method} needs the LRP relevance of each attention map (attention_relevance): "
-            "use relevancy.lrp.captured_with_lrp (built-in models only; Hugging Face models have no LRP rules)"
+            "use relevancy.capture.capture_for (built-in models only; Hugging Face models have no LRP rules)"
         )
 
 

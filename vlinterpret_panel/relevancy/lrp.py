@@ -24,7 +24,6 @@ each stream's input collects its own block's share and the other block's context
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -32,13 +31,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from vlinterpret_panel.adapters.base import ModelAdapter, ModelInput
+from vlinterpret_panel.adapters.base import ModelAdapter, ModelInput, attention_frame
 from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.models.dual_encoder import DualEncoderModel
 from vlinterpret_panel.models.dual_stream import CoAttentionLayer, DualStreamModel
 from vlinterpret_panel.models.layers import CrossAttentionBlock, MultiHeadAttention, SelfAttentionBlock
 from vlinterpret_panel.models.single_stream import SingleStreamModel
-from vlinterpret_panel.relevancy.inputs import Captured
 
 EPSILON = 1e-9
 
@@ -323,12 +321,4 @@ def attention_relevance(adapter: ModelAdapter, item: ModelInput, target: int | N
     if len(result.attention) != len(capture.attentions):
         raise VLIError(f"{adapter.name}: {len(result.attention)} LRP maps for {len(capture.attentions)} captured maps")
     maps = [relevance[0].float() for relevance in result.attention]
-    return ModelAdapter._frame(capture, maps), result.input_total
-
-
-def captured_with_lrp(adapter: ModelAdapter, item: ModelInput) -> Captured:
-    """``Captured`` of the predicted answer with gradients and LRP attention relevance (for Transformer Attribution)."""
-    record, info = adapter.run(item, gradients=True)
-    captured = Captured.from_record(record, info)
-    frame, _ = attention_relevance(adapter, item)
-    return dataclasses.replace(captured, attention_relevance=frame)
+    return attention_frame(capture, maps), result.input_total

@@ -8,7 +8,7 @@ import numpy as np
 
 from vlinterpret_panel.relevancy.common import mean_attention, read_out
 from vlinterpret_panel.relevancy.inputs import Captured
-from vlinterpret_panel.relevancy.registry import register
+from vlinterpret_panel.relevancy.registry import ATTENTION, register
 from vlinterpret_panel.relevancy.result import Relevancy
 
 
@@ -27,7 +27,7 @@ def last_module_row(captured: Captured, token: int, map_of_layer: Callable[[int]
     return row
 
 
-@register("raw_attention")
+@register("raw_attention", needs=[ATTENTION])
 def raw_attention(captured: Captured, *, readout: str | None = None) -> Relevancy:
     """E_h[A_last][readout]: what the readout token attends to in the last layer, heads averaged."""
     return read_out(

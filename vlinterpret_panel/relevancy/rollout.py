@@ -7,7 +7,7 @@ import numpy as np
 from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.relevancy.common import mean_attention, normalize_rows, read_out, self_layers_from
 from vlinterpret_panel.relevancy.inputs import CROSS_KINDS, Captured
-from vlinterpret_panel.relevancy.registry import register
+from vlinterpret_panel.relevancy.registry import ATTENTION, register
 from vlinterpret_panel.relevancy.result import Relevancy
 
 
@@ -26,7 +26,7 @@ def rollout_product(captured: Captured, layers: np.ndarray, renormalize: bool) -
     return joint
 
 
-@register("rollout")
+@register("rollout", needs=[ATTENTION])
 def rollout(
     captured: Captured, *, readout: str | None = None, start_layer: int = 0, renormalize: bool = True
 ) -> Relevancy:

@@ -1,0 +1,70 @@
+"""Run a model once for a set of relevancy methods: capture what they need, then compute them.
+
+The one place that turns "these methods" into "this run": with gradients when any method
+declares ``GRADIENTS``, plus the LRP pass when any declares ``LRP`` (``registry.register``).
+Extraction, the evaluation and the live dashboard all come through here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from vlinterpret_panel.adapters.base import ModelAdapter, ModelInput
+from vlinterpret_panel.errors import VLIError
+from vlinterpret_panel.relevancy.inputs import Captured
+from vlinterpret_panel.relevancy.registry import GRADIENTS, LRP, check_methods, compute_relevancy, needs
+from vlinterpret_panel.schema import ExampleRecord, ModelInfo
+
+
+def supports_lrp(adapter: ModelAdapter) -> bool:
+    """Whether LRP rules exist for the adapter's model (the built-in models only)."""
+    from vlinterpret_panel.models.layers import BaseVLModel
+
+    return isinstance(getattr(adapter, "model", None), BaseVLModel)
+
+
+def check_supported(adapter: ModelAdapter, methods: Sequence[str]) -> list[str]:
+    """The checked method names; ``VLIError`` before any example runs when the adapter cannot serve one."""
+    methods = check_methods(methods)
+    if LRP in needs(methods) and not supports_lrp(adapter):
+        lrp_methods = sorted(m for m in methods if LRP in needs([m]))
+        raise VLIError(
+            f"{', '.join(lrp_methods)} needs LRP through the model's layers, which exists for the "
+            f"built-in models only, not {adapter.name!r}"
+        )
+    return methods
+
+
+def capture_for(
+    adapter: ModelAdapter, item: ModelInput, methods: Sequence[str], *, target: str | int | None = None
+) -> tuple[Captured, ExampleRecord, ModelInfo]:
+    """One run of ``item`` capturing what ``methods`` need; the ``Captured`` input of the methods and the record."""
+    required = needs(check_supported(adapter, methods))
+    record, info = adapter.run(item, target=target, gradients=GRADIENTS in required)
+    captured = Captured.from_record(record, info)
+    if LRP in required:
+        from vlinterpret_panel.relevancy.lrp import attention_relevance
+
+        if target is not None and not isinstance(target, int):
+            raise VLIError(f"LRP explains an output given by its index, not {target!r}")
+        frame, _ = attention_relevance(adapter, item, target)
+        captured = dataclasses.replace(captured, attention_relevance=frame)
+    return captured, record, info
+
+
+def relevancy_values(
+    captured: Captured, methods: Sequence[str], options: Mapping[str, Mapping[str, Any]] | None = None
+) -> dict[str, np.ndarray]:
+    """Each method's relevancy ``(T,)`` of one captured example (``options`` per method name)."""
+    options = options or {}
+    return {method: compute_relevancy(captured, method, **options.get(method, {})).values for method in methods}
+
+
+def add_relevancy(record: ExampleRecord, captured: Captured, methods: Sequence[str]) -> None:
+    """Store each method's relevancy in ``record.relevancy`` and drop the gradients (never stored)."""
+    record.relevancy = relevancy_values(captured, methods)
+    record.attention_gradient = None
