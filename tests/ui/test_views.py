@@ -274,3 +274,19 @@ def test_the_first_nearest_token_search_of_a_large_layer_reads_it_in_the_backgro
     expected = ds.vli.nearest_tokens(selection.example, 1, selection.hidden_layer)
     columns = ["example", "token", "distance"]
     assert len(table) == 10 and table[columns].equals(expected[columns])
+
+
+def test_a_grown_store_is_a_param_update_not_a_rebuild(ds: xr.Dataset) -> None:
+    smaller = ds.isel(example=slice(0, 3))
+    dashboard = Dashboard(smaller)
+    views = list(dashboard.views)
+    heatmap = dashboard.head_summary._heatmap
+    dashboard.selection.select(layer=1, head=0)
+    new_id = str(ds.example.values[-1])
+    dashboard.show_store(ds, example=new_id)
+    assert dashboard.views == views and dashboard.head_summary._heatmap is heatmap  # nothing rebuilt
+    assert all(view.ds is ds for view in views)
+    assert dashboard.selection.example == new_id and (dashboard.selection.layer, dashboard.selection.head) == (1, 0)
+    assert dashboard.selection.param.example.objects == [str(i) for i in ds.example.values]
+    assert new_id in dashboard.examples._choice.options.values()
+    assert dashboard.image._picture(new_id, dashboard.ds).data.shape[:2] == ds.vli.tokens(new_id).image.shape[:2]
