@@ -151,6 +151,23 @@ class VLIAccessor:
 
         return _TABLES.get(self.key("relevancy", tokens.index, method), read)
 
+    def relevancy_ranking(self) -> dict[str, float]:
+        """Pointing-game accuracy of each stored method against the stored target masks (cached; may be empty)."""
+        from vlinterpret_panel.relevancy.localisation import stored_pointing_game
+
+        return _TABLES.get(
+            self.key("relevancy-ranking"), lambda: stored_pointing_game(self._ds, self.relevancy_methods)
+        )
+
+    def best_relevancy_method(self) -> str | None:
+        """The stored method that points at the target most often (None without masks or relevancy).
+
+        What the relevancy view shows first: the evaluation ranks methods differently per model
+        (docs/evaluation/), so the store's own examples decide. Ties go to the first in name order.
+        """
+        ranking = self.relevancy_ranking()
+        return max(sorted(ranking), key=lambda method: ranking[method]) if ranking else None
+
     # Head statistics
 
     def statistics(self) -> list[str]:

@@ -35,9 +35,7 @@ class VLInterpretBackendEntrypoint(BackendEntrypoint):
     url = "https://github.com/vlinterpret-panel/vlinterpret-panel/blob/main/docs/schema.md"
     open_dataset_parameters = ("filename_or_obj", "drop_variables")
 
-    def open_dataset(
-        self, filename_or_obj: Any, *, drop_variables: str | Iterable[str] | None = None
-    ) -> xr.Dataset:
+    def open_dataset(self, filename_or_obj: Any, *, drop_variables: str | Iterable[str] | None = None) -> xr.Dataset:
         path = _store_path(filename_or_obj)
         if path is None:
             raise TypeError(f"engine='vlinterpret' opens a store path, not {type(filename_or_obj).__name__}")

@@ -33,7 +33,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-APP_VIEWPORT = {"width": 1600, "height": 1300}
+APP_VIEWPORT = {"width": 1600, "height": 1000}
 
 # Defines ``findPlot(prefix)``: the first Bokeh plot view whose title starts with ``prefix``, or null.
 _FIND_PLOT_JS = """
@@ -88,6 +88,29 @@ BOX_JS = f"""([prefix, levels]) => {{
   const box = view.el.getBoundingClientRect();
   return {{x: box.left, y: box.top, width: box.width, height: box.height}};
 }}"""
+
+
+# Every colorbar on the page: the title of its plot, its box in its plot's canvas, and its tick labels' text.
+COLORBARS_JS = """() => {
+  const out = [], seen = new Set();
+  function walk(view, figure) {
+    if (!view || seen.has(view)) return;
+    seen.add(view);
+    if (view.frame && view.model.title) figure = view;
+    if (view.model && view.model.type === 'ColorBar') {
+      const axis = view._axis_view, coords = axis.tick_coords.major[axis.dimension];
+      const labels = Array.from(axis.compute_labels(coords).items ?? []).map((label) => label.text);
+      const canvas = view.parent.bbox, box = view.bbox;
+      out.push({plot: figure ? figure.model.title.text : '', labels,
+                left: box.left, right: box.right, top: box.top, bottom: box.bottom,
+                width: canvas.width, height: canvas.height});
+    }
+    for (const child of (view.child_views ?? [])) walk(child, figure);
+    for (const child of (view.renderer_views?.values() ?? [])) walk(child, figure);
+  }
+  for (const view of Object.values(Bokeh.index)) walk(view, null);
+  return out;
+}"""
 
 
 def free_port() -> int:
@@ -158,6 +181,10 @@ class AppPage:
 
     def figures(self) -> list[dict]:
         return self.page.evaluate(FIGURES_JS)
+
+    def colorbars(self) -> list[dict]:
+        """Every colorbar shown: its plot's title, its box in that plot's canvas and its tick labels."""
+        return self.page.evaluate(COLORBARS_JS)
 
     def figure(self, prefix: str) -> dict:
         matches = [f for f in self.figures() if f["title"].startswith(prefix)]

@@ -112,9 +112,8 @@ def test_layer_slider_changes_the_embedding_view(app: AppPage) -> None:
     app.wait_for_figure("hidden layer")
     title_before = app.figure("hidden layer")["title"]
     before = app.pixels("hidden layer")
-    handle = app.page.locator(".bk-input-group").filter(has_text="hidden layer").locator(".noUi-handle").first
-    handle.focus()
-    handle.press("ArrowLeft")
+    player = app.page.locator(".bk-panel-models-widgets-Player").filter(has_text="hidden layer")
+    player.locator("button.previous").click()  # the "hidden layer" player's step back
     app.wait_until(lambda: app.figure("hidden layer")["title"] != title_before, what="the layer in the title")
     app.wait_until(lambda: changed_fraction(before, app.pixels("hidden layer")) > 0.01, what="the cloud to change")
     assert app.errors == []

@@ -69,8 +69,8 @@ _PROBE_JS = """(prefix) => {
 
 
 def heatmap_title(layer: int, head: int | None) -> str:
-    """The attention heatmap's title prefix for a layer and head (None = mean)."""
-    return f"layer {layer}, {'mean of heads' if head is None else f'head {head}'} ("
+    """The attention heatmap's title prefix for a layer and head (None = mean; the test store has < 10 heads)."""
+    return f"layer {layer}, {'mean of heads' if head is None else f'head {head}'}"
 
 
 @dataclass

@@ -39,6 +39,7 @@ from vlinterpret_panel.adapters.base import ModelAdapter, ModelInput
 from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.models import world
 from vlinterpret_panel.relevancy.capture import capture_for, relevancy_values
+from vlinterpret_panel.relevancy.localisation import pointing_hit
 from vlinterpret_panel.schema import IMAGE, TEXT
 
 FRACTIONS: tuple[float, ...] = tuple(step / 10 for step in range(10))
@@ -240,9 +241,7 @@ def localisation(values: np.ndarray, boxes: np.ndarray, mask: np.ndarray) -> tup
     """Pointing game (0/1), IoU at the mean threshold and average precision of one image map against a mask."""
     from sklearn.metrics import average_precision_score
 
-    top = int(np.argmax(values))
-    x0, y0, x1, y1 = (round(v) for v in boxes[top])
-    hit = float(mask[y0:y1, x0:x1].any())
+    hit = float(pointing_hit(values, boxes, mask))
     pixels = patch_pixel_map(values, boxes, mask.shape)
     predicted = pixels > pixels.mean()
     union = np.logical_or(predicted, mask).sum()

@@ -11,6 +11,7 @@ import panel as pn
 import xarray as xr
 
 from vlinterpret_panel.store import open_dataset, shard_signature
+from vlinterpret_panel.ui.common import SIDEBAR_WIDTH
 from vlinterpret_panel.ui.dashboard import Dashboard
 from vlinterpret_panel.ui.selection import URL_PARAMETERS, Selection
 
@@ -63,12 +64,14 @@ def build_app(store: str | os.PathLike, model: str | None = None) -> pn.viewable
         dashboard = Dashboard(current_store())
         sidebar, main = dashboard.sidebar(), [dashboard.main()]
     _link_url(dashboard.selection)
-    # No header spinner: pn.state.busy spans every session of the server process, so one
-    # session's clicks would spin all the others' (per-view loading indicators stay per session).
+    # No header spinner (busy_indicator=None; templates add one by default): pn.state.busy spans
+    # every session of the server process, so one session's clicks spun all the others' headers, and
+    # it kept spinning ~0.45 s after the views had redrawn. Per-view loading indicators stay per session.
     return pn.template.BootstrapTemplate(
         title="vlinterpret-panel",
         sidebar=sidebar,
         main=main,
-        sidebar_width=340,
+        sidebar_width=SIDEBAR_WIDTH,
         header_background="#1f3b57",
+        busy_indicator=None,
     )

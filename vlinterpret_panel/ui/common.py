@@ -9,6 +9,9 @@ from typing import TypeVar
 
 import holoviews as hv
 import panel as pn
+import param
+from bokeh.core.validation import silence
+from bokeh.core.validation.warnings import FIXED_SIZING_MODE
 
 from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.ui.selection import Selection
@@ -16,11 +19,17 @@ from vlinterpret_panel.ui.selection import Selection
 _Element = TypeVar("_Element")
 
 ATTENTION_CMAP = "inferno"
-OVERLAY_CMAP = "fire"
-TEXT_CMAP = "Oranges"
-OVERLAY_ALPHA = 0.55
 SELECTED_COLOR = "#00e5ff"
-PLOT_SIZE = 360
+# Frame sizes chosen so the Attention tab (head summary, image, attention matrix, text) fits one
+# 1600 x 1000 screen beside the sidebar, and wraps into two rows at 1280 x 800.
+SUMMARY_SIZE = 200
+IMAGE_SIZE = 240
+MATRIX_SIZE = 230
+SIDEBAR_WIDTH = 280
+TITLE_PIXELS_PER_CHARACTER = 8.5
+# Every tap goes through HoloViews' Tap stream (Bokeh's plot-level tap event). No plot has Bokeh's
+# tap *tool*: it would select the tapped glyph and fade all others, which hides the data.
+NO_SELECTION_FADE = {"nonselection_alpha": 1.0, "selection_alpha": 1.0}
 # The page template styles headings one way when it is first rendered and another when its
 # design is re-applied to rebuilt objects (after "add example": 14 px bold became 28 px
 # regular); an own stylesheet, applied last either way, pins the first look.
@@ -32,16 +41,41 @@ _HEADING_CSS = """
 
 
 def ensure_extension() -> None:
-    """Load HoloViews' Bokeh backend once and set the plot defaults every view uses."""
+    """Load HoloViews' Bokeh backend once and set the plot defaults every view uses.
+
+    Bokeh's W-1005 (FIXED_SIZING_MODE) is silenced: it flags every plot sized by its frame
+    (``frame_width``/``frame_height``, how every view sizes its plots) as having no width,
+    four times per page load, though the frame fixes the size.
+    """
+    silence(FIXED_SIZING_MODE, True)
     if hv.Store.current_backend != "bokeh" or "bokeh" not in hv.Store.renderers:
         hv.extension("bokeh", logo=False)
+    # Toolbars sit right of the plots: above them, they covered the titles.
     hv.opts.defaults(
-        hv.opts.Image(cmap=ATTENTION_CMAP, colorbar=True, tools=["hover"], toolbar="above"),
-        hv.opts.HeatMap(cmap=ATTENTION_CMAP, colorbar=True, tools=["hover", "tap"], toolbar="above"),
-        hv.opts.RGB(toolbar="above"),
-        hv.opts.Points(toolbar="above"),
-        hv.opts.Rectangles(toolbar="above"),
+        hv.opts.Image(cmap=ATTENTION_CMAP, tools=["hover"], toolbar="right", colorbar=True),
+        hv.opts.HeatMap(cmap=ATTENTION_CMAP, tools=["hover"], toolbar="right", colorbar=True),
+        hv.opts.RGB(toolbar="right"),
+        hv.opts.Points(toolbar="right", **NO_SELECTION_FADE),
+        hv.opts.Rectangles(toolbar="right", **NO_SELECTION_FADE),
     )
+
+
+def checkbox(owner: param.Parameterized, name: str, label: str) -> pn.widgets.CheckBoxGroup:
+    """A checkbox for the Boolean param ``owner.name`` whose label text toggles it too.
+
+    Bokeh's ``Checkbox`` draws its label beside the input, outside any ``<label>`` element, so a
+    click on the text did nothing; a one-option ``CheckBoxGroup`` wraps both in a ``<label>``.
+    """
+    box = pn.widgets.CheckBoxGroup(options=[label], value=[label] if getattr(owner, name) else [], inline=True)
+    box.param.watch(lambda event: setattr(owner, name, label in event.new), "value")
+    owner.param.watch(lambda event: setattr(box, "value", [label] if event.new else []), name)
+    return box
+
+
+def fit_title(text: str, width: int) -> str:
+    """``text`` shortened with an ellipsis to what a plot ``width`` pixels wide shows on one line."""
+    limit = max(8, int(width / TITLE_PIXELS_PER_CHARACTER))
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 _CARD_TITLE_CSS = ":host h3 { font-weight: 700; line-height: 1.43; }"

@@ -7,7 +7,7 @@ import xarray as xr
 from panel.io.document import hold
 
 from vlinterpret_panel.ui.attention import AttentionHeatmap
-from vlinterpret_panel.ui.common import ensure_extension, message_banner
+from vlinterpret_panel.ui.common import SIDEBAR_WIDTH, ensure_extension, message_banner
 from vlinterpret_panel.ui.compare import HeadComparison
 from vlinterpret_panel.ui.embedding import EmbeddingView
 from vlinterpret_panel.ui.examples import ExampleBrowser
@@ -45,7 +45,7 @@ class Dashboard(View):
         self.relevancy = RelevancyView(ds, selection)
         self.comparison = HeadComparison(ds, selection)
         self.export = ExportPanel(ds, selection)
-        self._summary = pn.pane.Markdown(self.summary())
+        self._summary = pn.pane.Markdown(self.summary(), sizing_mode="stretch_width")
 
     @property
     def views(self) -> list[View]:
@@ -94,11 +94,19 @@ class Dashboard(View):
 
     def main(self) -> pn.viewable.Viewable:
         """The views, in tabs rendered when first opened."""
-        attention = pn.Column(
-            message_banner(self.selection),
-            pn.Row(self.head_summary, self.attention),
-            pn.Row(self.image, self.text),
+        # One screen at 1600 x 1000: which head (summary), where on the image, the matrix, then the
+        # text; narrower windows wrap the views into more rows instead of clipping them.
+        views = pn.FlexBox(
+            self.head_summary,
+            self.image,
+            self.attention,
+            self.text,
+            self.attention.mean_view(),
+            flex_wrap="wrap",
+            gap="4px 16px",
+            sizing_mode="stretch_width",
         )
+        attention = pn.Column(message_banner(self.selection), views, sizing_mode="stretch_width")
         return pn.Tabs(
             ("Attention", attention),
             ("Embeddings", self.embedding),
@@ -109,4 +117,4 @@ class Dashboard(View):
         )
 
     def __panel__(self) -> pn.viewable.Viewable:
-        return pn.Row(pn.Column(*self.sidebar(), width=330), self.main())
+        return pn.Row(pn.Column(*self.sidebar(), width=SIDEBAR_WIDTH - 10), self.main())

@@ -27,7 +27,7 @@ from holoviews.operation.datashader import datashade, dynspread
 from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.schema import IMAGE, TEXT
 from vlinterpret_panel.ui.background import Redraw, pending_for_store
-from vlinterpret_panel.ui.common import PLOT_SIZE, SELECTED_COLOR, dynamic_map, guarded, heading
+from vlinterpret_panel.ui.common import SELECTED_COLOR, dynamic_map, fit_title, guarded, heading
 from vlinterpret_panel.ui.image import image_element
 from vlinterpret_panel.ui.selection import Selection
 from vlinterpret_panel.ui.view import View
@@ -35,12 +35,22 @@ from vlinterpret_panel.ui.view import View
 COLOR_BY = ("modality", "label", "correct", "example")
 LISTED_POINTS = 200
 PLAY_INTERVAL_MS = 1500
-NEIGHBOUR_TEXT_CHARACTERS = 32
+NEIGHBOUR_TEXT_CHARACTERS = 24
 PREVIEW_SIZE = 200
 LEGEND_ENTRIES = 16
 HOVER_RADIUS = 0.03
 """How near (a share of the map's larger extent) the pointer must be to a token to preview it."""
 HOVER_COLOR = "#ff9f1c"
+MAP_SIZE = 440
+SPREAD_PIXELS = 3
+"""Datashaded points are spread to at most this many pixels around each: single tokens stay visible."""
+MARKER_KEY = (
+    f'<span style="color:{SELECTED_COLOR}">&#9733;</span> the selected token &nbsp; '
+    '<span style="color:red">&#10005;</span> its nearest token of the other modality (in this map) &nbsp; '
+    "&#9675; this example's other tokens &nbsp; dots: every token of every example"
+)
+# Long example ids and texts stay on one line each in the tables.
+_NO_WRAP = [":host table td, :host table th { white-space: nowrap; }"]
 BACKGROUND_ABOVE_BYTES = 64 * 2**20
 """Hidden states of one layer above which its map, and its first read for the search, run in the background."""
 
@@ -112,7 +122,7 @@ class EmbeddingView(View):
         self.param.color_by.objects = [name for name in COLOR_BY if name in ds or name in ("modality", "example")]
         self.redraw = Redraw()  # once a layer's map, computed in the background, is ready
         self.neighbours_redraw = Redraw()  # once a layer is read for the nearest-token search
-        self._status = pn.pane.Alert("", alert_type="info", visible=False, width=PLOT_SIZE + 200)
+        self._status = pn.pane.Alert("", alert_type="info", visible=False, width=MAP_SIZE + 60)
         cloud = dynamic_map(
             self._cloud,
             streams=[*self.streams("hidden_layer"), hv.streams.Params(self, ["color_by"]), self.redraw.stream],
@@ -126,10 +136,10 @@ class EmbeddingView(View):
             streams=[hv.streams.RangeXY(transient=True)],
         )
         # The plot would keep its first frame's legend whatever the colouring: ``legend`` draws it.
-        self._cloud_plot = dynspread(shaded).opts(
-            tools=["box_select", "tap"],
-            frame_width=PLOT_SIZE + 140,
-            frame_height=PLOT_SIZE + 140,
+        self._cloud_plot = dynspread(shaded, max_px=SPREAD_PIXELS, threshold=0.8).opts(
+            tools=["box_select"],
+            frame_width=MAP_SIZE,
+            frame_height=MAP_SIZE,
             framewise=True,
             show_legend=False,
         )
@@ -141,7 +151,9 @@ class EmbeddingView(View):
             streams=[*self.streams("hidden_layer", "example", "tokens"), self.redraw.stream],
         )
         self.bounds = hv.streams.BoundsXY(source=self._cloud_plot, bounds=None)
-        self._listed = pn.pane.DataFrame(pd.DataFrame(), max_rows=LISTED_POINTS, sizing_mode="stretch_width")
+        self._listed = pn.pane.DataFrame(
+            pd.DataFrame(), max_rows=LISTED_POINTS, sizing_mode="stretch_width", stylesheets=_NO_WRAP
+        )
         self.bounds.add_subscriber(self._list_points)
         self.tap = hv.streams.Tap(source=self._cloud_plot, x=None, y=None)
         self.tap.add_subscriber(self._tapped)
@@ -153,12 +165,13 @@ class EmbeddingView(View):
             streams=[*self.streams("example", "tokens"), hv.streams.Params(self, ["hovered"])],
         )
         self._play = pn.widgets.Player(
-            label="play layers",
+            label="hidden layer",
             start=0,
             end=ds.sizes["hidden_layer"] - 1,
             value=selection.hidden_layer,
             interval=PLAY_INTERVAL_MS,
             show_loop_controls=False,
+            show_value=True,
             width=300,
         )
         self._play.link(selection, value="hidden_layer", bidirectional=True)
@@ -209,7 +222,7 @@ class EmbeddingView(View):
         """The cloud's title: which hidden state, and how it is coloured."""
         names = self.ds["hidden_layer_name"].values if "hidden_layer_name" in self.ds.coords else None
         name = f" ({names[hidden_layer]})" if names is not None else ""
-        return f"hidden layer {hidden_layer}{name} · all examples' tokens · colour: {color_by}"
+        return fit_title(f"hidden layer {hidden_layer}{name} · all examples' tokens · colour: {color_by}", MAP_SIZE)
 
     def _current_tokens(
         self, hidden_layer: int, example: str, tokens: list[int], ds: xr.Dataset, counter: int = 0
@@ -223,7 +236,7 @@ class EmbeddingView(View):
             return empty * empty.clone() * empty.clone()
         mine = ds.vli.projection_rows(hidden_layer, example)
         current = hv.Points(mine, ["x", "y"], ["token", "token_text", "modality"]).opts(
-            color="white", line_color="black", size=6, tools=["hover"]
+            color="white", line_color="black", size=8, tools=["hover"]
         )
         chosen = mine[mine["token"].isin(tokens)]
         star = hv.Points(chosen, ["x", "y"], ["token", "token_text", "modality"]).opts(
@@ -326,7 +339,7 @@ class EmbeddingView(View):
         except (VLIError, ImportError) as error:
             return pn.pane.Alert(str(error), alert_type="warning")
         shown = nearest.assign(text=nearest["text"].str.slice(0, NEIGHBOUR_TEXT_CHARACTERS))
-        return pn.pane.DataFrame(shown, index=False, sizing_mode="stretch_width")
+        return pn.pane.DataFrame(shown, index=False, sizing_mode="stretch_width", stylesheets=_NO_WRAP)
 
     def __panel__(self) -> pn.viewable.Viewable:
         selection = self.selection
@@ -342,26 +355,23 @@ class EmbeddingView(View):
             lazy=True,
             loading_indicator=True,
         )
-        controls = pn.Row(
-            pn.widgets.IntSlider.from_param(self.selection.param.hidden_layer, label="hidden layer", width=220),
-            self._play,
-            pn.widgets.Select.from_param(self.param.color_by, label="colour by", width=140),
-        )
+        controls = pn.Row(self._play, pn.widgets.Select.from_param(self.param.color_by, label="colour by", width=140))
         tables = pn.Column(
             pn.pane.HoloViews(self._preview, linked_axes=False),
             heading("Nearest tokens across the dataset", level=4),
             neighbours,
             heading("Tokens in the box selection", level=4),
             self._listed,
-            width=480,
+            width=520,
         )
         return pn.Column(
             controls,
             self._status,
             pn.Row(
                 pn.Column(
-                    pn.pane.HTML(pn.bind(self.legend, self.param.color_by), width=PLOT_SIZE + 200),
+                    pn.pane.HTML(pn.bind(self.legend, self.param.color_by), width=MAP_SIZE + 60),
                     pn.pane.HoloViews(self._cloud_plot * self._current, linked_axes=False),
+                    pn.pane.HTML(MARKER_KEY, width=MAP_SIZE + 60),
                 ),
                 tables,
             ),

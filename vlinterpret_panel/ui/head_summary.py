@@ -9,6 +9,7 @@ heatmap says so and redraws itself when the statistics are cached beside the sto
 from __future__ import annotations
 
 from concurrent.futures import Future
+from functools import partial
 
 import holoviews as hv
 import numpy as np
@@ -18,7 +19,8 @@ import xarray as xr
 
 from vlinterpret_panel.stats import STATISTICS, layer_means
 from vlinterpret_panel.ui.background import Redraw, pending_for_store
-from vlinterpret_panel.ui.common import PLOT_SIZE, SELECTED_COLOR, card_title, dynamic_map, guarded
+from vlinterpret_panel.ui.common import SELECTED_COLOR, SUMMARY_SIZE, card_title, dynamic_map, fit_title, guarded
+from vlinterpret_panel.ui.scales import colorbar_options, title_colorbar
 from vlinterpret_panel.ui.selection import NORMALIZATIONS, SCOPES, Selection
 from vlinterpret_panel.ui.view import View
 
@@ -97,7 +99,7 @@ class HeadSummary(View):
         summary_streams = self.streams("statistic", "scope", "example", "subset", "normalize")
         self.redraw = Redraw()  # once the dataset's statistics, computed in the background, are cached
         self._heatmap = dynamic_map(self._summary, streams=[*summary_streams, self.redraw.stream])
-        self._marker = dynamic_map(self._selected_cell, streams=[hv.streams.Params(self.selection, ["layer", "head"])])
+        self._marker = dynamic_map(self._selected_cell, streams=self.streams("layer", "head"))
         self.tap = hv.streams.Tap(source=self._heatmap, x=None, y=None)
         self.tap.add_subscriber(self._tapped)
 
@@ -108,7 +110,9 @@ class HeadSummary(View):
             self.selection.statistic = statistics[0]
 
     def _empty(self, message: str) -> hv.HeatMap:
-        return hv.HeatMap([], ["head", "layer"], ["value", "raw"]).opts(title=message[:80])
+        return hv.HeatMap([], ["head", "layer"], ["value", "raw"]).opts(
+            title=fit_title(message, SUMMARY_SIZE + 40), colorbar=False
+        )
 
     def _summary(
         self,
@@ -128,26 +132,34 @@ class HeadSummary(View):
                     self.redraw.when_done(running)
                     return self._empty(f"computing statistics of {ds.sizes['example']} examples...")
             table = summary_table(ds, statistic, scope, example, subset, normalize)
+            if not np.isfinite(table["raw"]).any():
+                return self._empty(f"{statistic}: not defined for this model's layers")
             where = {"example": example, "dataset": "all examples", "filtered": f"{len(subset)} filtered examples"}
             units = "z-score per head" if normalize == "zscore" else "raw"
             return hv.HeatMap(table, ["head", "layer"], ["value", "raw"]).opts(
-                title=f"{statistic} · {where[scope]} ({units})",
+                title=fit_title(f"{statistic} · {where[scope]} ({units})", SUMMARY_SIZE + 40),
                 xlabel="head",
                 ylabel="layer",
                 invert_yaxis=True,
-                frame_width=PLOT_SIZE,
-                frame_height=PLOT_SIZE,
+                frame_width=SUMMARY_SIZE,
+                frame_height=SUMMARY_SIZE,
                 hover_tooltips=[("layer", "@layer"), ("head", "@head"), ("value", "@value"), ("raw", "@raw")],
                 clim=(-3, 3) if normalize == "zscore" else (None, None),
                 cmap="RdBu_r" if normalize == "zscore" else "inferno",
+                clabel=f"{statistic} ({units})",
+                hooks=[partial(title_colorbar, f"{statistic} ({units})")],
+                tools=["hover"],
+                **colorbar_options(),
             )
 
         return draw()
 
-    def _selected_cell(self, layer: int, head: int | None) -> hv.Points:
+    def _selected_cell(self, layer: int, head: int | None, ds: xr.Dataset) -> hv.Points:
+        """A square outline on the selected cell, sized to the cells (our marker: the data is never faded)."""
         column = MEAN_COLUMN if head is None else str(head)
+        cell = SUMMARY_SIZE / max(ds.sizes["head"] + 1, ds.sizes["layer"])
         return hv.Points([(column, str(layer))], ["head", "layer"]).opts(
-            marker="square", size=22, fill_alpha=0, line_color=SELECTED_COLOR, line_width=3, tools=[]
+            marker="square", size=max(6, cell - 3), fill_alpha=0, line_color=SELECTED_COLOR, line_width=3, tools=[]
         )
 
     def _tapped(self, x: object, y: object) -> None:
@@ -167,10 +179,11 @@ class HeadSummary(View):
             pn.pane.Markdown("\n".join(f"- **{name}**: {text}" for name, text in STATISTICS.items())),
             header=card_title("what the statistics mean"),
             collapsed=True,
-            width=PLOT_SIZE + 120,
+            width=SUMMARY_SIZE + 150,
         )
         return pn.Column(
-            pn.Row(self._statistic_choice, scope, normalize),
+            self._statistic_choice,
+            pn.Row(scope, normalize),
             pn.pane.HoloViews(self._heatmap * self._marker, linked_axes=False),
             help_text,
         )

@@ -12,7 +12,8 @@ import numpy as np
 import panel as pn
 import xarray as xr
 
-from vlinterpret_panel.ui.common import OVERLAY_ALPHA, OVERLAY_CMAP, PLOT_SIZE, SELECTED_COLOR, dynamic_map, guarded
+from vlinterpret_panel.ui.common import IMAGE_SIZE, SELECTED_COLOR, checkbox, dynamic_map, fit_title, guarded
+from vlinterpret_panel.ui.scales import SCALE_HELP, MapScale, map_scale, overlay_palette
 from vlinterpret_panel.ui.selection import Selection
 from vlinterpret_panel.ui.view import View
 
@@ -37,11 +38,34 @@ def map_element(values: np.ndarray, label: str) -> hv.Image:
     return hv.Image(sampled[::-1], bounds=(0, 0, width, height), kdims=["x", "y"], vdims=[label])
 
 
-def image_plot_size(pixels: np.ndarray) -> dict[str, int]:
-    """Frame size keeping the image's aspect ratio within the standard plot size."""
+def overlay_element(values: np.ndarray, scale: MapScale, quantity: str, opacity: float) -> hv.Image:
+    """A per-pixel map to lay over ``image_element``: transparent at 0, brightest and most opaque at the top.
+
+    The colour range and colorbar follow ``scale`` (``ui.scales``); an all-zero map draws nothing
+    and has no colorbar (the title of the plot says so).
+    """
+    return map_element(values, quantity).opts(
+        cmap=overlay_palette(opacity), invert_yaxis=True, tools=["hover"], **scale.options(quantity)
+    )
+
+
+def image_plot_size(pixels: np.ndarray, size: int = IMAGE_SIZE) -> dict[str, int]:
+    """Frame size keeping the image's aspect ratio within ``size`` pixels."""
     height, width = pixels.shape[:2]
-    scale = PLOT_SIZE / max(height, width)
+    scale = size / max(height, width)
     return {"frame_width": max(1, round(width * scale)), "frame_height": max(1, round(height * scale))}
+
+
+def scale_controls(selection: Selection) -> list[pn.viewable.Viewable]:
+    """The colour-range and overlay-opacity widgets every map view shows."""
+    scale = pn.widgets.Select.from_param(
+        selection.param.scale,
+        label="colour range",
+        width=110,
+        description="; ".join(f"{name}: {text}" for name, text in SCALE_HELP.items()),
+    )
+    opacity = pn.widgets.FloatSlider.from_param(selection.param.opacity, label="overlay opacity", step=0.05, width=140)
+    return [scale, opacity]
 
 
 class ImageView(View):
@@ -49,13 +73,9 @@ class ImageView(View):
 
     def __init__(self, ds: xr.Dataset, selection: Selection | None = None, **params) -> None:
         super().__init__(ds, selection, **params)
-        self.opacity = pn.widgets.FloatSlider(
-            label="overlay opacity", start=0, end=1, step=0.05, value=OVERLAY_ALPHA, width=180
-        )
         self._image = dynamic_map(self._picture, streams=self.streams("example"))
-        opacity = hv.streams.Params(self.opacity, ["value"], rename={"value": "opacity"})
-        overlay_streams = self.streams("example", "layer", "head", "tokens", "direction", "smooth")
-        self._overlay = dynamic_map(self._attention, streams=[*overlay_streams, opacity])
+        overlay_fields = ("example", "layer", "head", "tokens", "direction", "smooth", "scale", "opacity")
+        self._overlay = dynamic_map(self._attention, streams=self.streams(*overlay_fields))
         self._patches = dynamic_map(self._patch_centres, streams=self.streams("example"))
         self.tap = hv.streams.Tap(source=self._image, x=None, y=None)
         self.tap.add_subscriber(self._tapped)
@@ -64,8 +84,9 @@ class ImageView(View):
 
     def _picture(self, example: str, ds: xr.Dataset) -> hv.RGB:
         tokens = ds.vli.tokens(example)
+        size = image_plot_size(tokens.image)
         return image_element(tokens.image).opts(
-            invert_yaxis=True, xaxis=None, yaxis=None, title=tokens.text[:60], **image_plot_size(tokens.image)
+            invert_yaxis=True, xaxis=None, yaxis=None, title=fit_title(tokens.text, size["frame_width"]), **size
         )
 
     def _empty(self, message: str) -> hv.Overlay:
@@ -79,19 +100,22 @@ class ImageView(View):
         tokens: list[int],
         direction: str,
         smooth: bool,
-        ds: xr.Dataset,
+        scale: str,
         opacity: float,
+        ds: xr.Dataset,
     ) -> hv.Overlay:
         """The token's attention on the image, with the selected patches outlined (one plot update per click)."""
 
         @guarded(self.selection, self._empty)
         def draw() -> hv.Overlay:
             painted = ds.vli.token_attention_on_image(example, layer, head, tokens, direction, smooth)
-            finite = painted.values[np.isfinite(painted.values)]
-            top = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
-            return map_element(painted.values, "attention").opts(
-                cmap=OVERLAY_CMAP, clim=(0, top), colorbar=True, tools=["hover"], invert_yaxis=True, alpha=opacity
-            ) * self._selected_boxes(ds, example, tokens)
+            values = ds.vli.token_attention(example, layer, head, tokens, direction)
+            image_values = values.values[ds.vli.tokens(example).image_tokens()]
+            map_range = map_scale(image_values, "per map" if scale == "shared" else scale)
+            heat = overlay_element(painted.values, map_range, "attention", opacity)
+            if map_range.all_zero:
+                heat = heat.opts(title="no attention on the image here: all 0")
+            return heat * self._selected_boxes(ds, example, tokens)
 
         return draw()
 
@@ -110,8 +134,8 @@ class ImageView(View):
             color="white",
             alpha=0.25,
             nonselection_alpha=0.25,
-            selection_color=SELECTED_COLOR,
-            tools=["box_select", "lasso_select", "tap"],
+            selection_alpha=0.25,
+            tools=["box_select", "lasso_select"],
         )
 
     @staticmethod
@@ -135,9 +159,11 @@ class ImageView(View):
 
     def __panel__(self) -> pn.viewable.Viewable:
         plot = self._image * self._overlay * self._patches
-        controls = pn.Row(
-            pn.widgets.RadioButtonGroup.from_param(self.selection.param.direction, label="attention"),
-            pn.widgets.Checkbox.from_param(self.selection.param.smooth, label="smooth"),
-            self.opacity,
+        controls = pn.Column(
+            pn.Row(
+                pn.widgets.RadioButtonGroup.from_param(self.selection.param.direction, label="attention", width=90),
+                checkbox(self.selection, "smooth", "smooth"),
+            ),
+            pn.Row(*scale_controls(self.selection)),
         )
         return pn.Column(controls, pn.pane.HoloViews(plot, linked_axes=False))

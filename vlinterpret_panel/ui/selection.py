@@ -8,7 +8,8 @@ import xarray as xr
 from panel.io.document import hold
 
 from vlinterpret_panel.maps import DIRECTIONS
-from vlinterpret_panel.schema import TEXT
+from vlinterpret_panel.schema import IMAGE, TEXT
+from vlinterpret_panel.ui.scales import DEFAULT_OPACITY, SCALES
 
 NORMALIZATIONS = ("raw", "zscore")
 SCOPES = ("example", "dataset", "filtered")
@@ -34,15 +35,29 @@ class HeadParameter(param.Integer):
         return int(value)
 
 
+class ExampleParameter(param.Selector):
+    """An example id; always a string in and out of the URL (``?example=3`` names the id "3", not a number)."""
+
+    @classmethod
+    def serialize(cls, value: object) -> str | None:
+        return None if value is None else str(value)
+
+    @classmethod
+    def deserialize(cls, value: object) -> str | None:
+        return None if value is None else str(value)
+
+
 class Selection(param.Parameterized):
     """What the user looks at: example, layer, head (None = mean of heads), token(s) and how to show them."""
 
-    example = param.Selector(default=None, objects=[], check_on_set=True, doc="id of the example shown")
+    example = ExampleParameter(default=None, objects=[], check_on_set=True, doc="id of the example shown")
     layer = param.Integer(default=0, bounds=(0, None), doc="attention module")
     head = HeadParameter(default=None, allow_None=True, bounds=(0, None), doc="head; None = mean of the heads")
     tokens = param.List(default=[], item_type=int, doc="selected token positions (several are averaged)")
     direction = param.Selector(default="from", objects=list(DIRECTIONS), doc="attention from or to the token(s)")
     smooth = param.Boolean(default=False, doc="bilinear smoothing of patch maps")
+    scale = param.Selector(default="per map", objects=list(SCALES), doc="colour range of the maps")
+    opacity = param.Number(default=DEFAULT_OPACITY, bounds=(0, 1), doc="opacity of a map's top value on the image")
     hidden_layer = param.Integer(default=0, bounds=(0, None), doc="hidden state shown in the embedding view")
     statistic = param.String(default="cross_modal", doc="head-summary statistic")
     normalize = param.Selector(default="raw", objects=list(NORMALIZATIONS), doc="head-summary normalisation")
@@ -53,14 +68,22 @@ class Selection(param.Parameterized):
 
     @classmethod
     def for_dataset(cls, ds: xr.Dataset, **params) -> Selection:
-        """A selection with bounds from ``ds``: first example, last layer, head mean, its first text token."""
+        """A selection with bounds from ``ds`` that shows something on the first screen (``default_focus``).
+
+        The first example, the head mean, and the last layer in which its first text token
+        (else an output head's readout token, else its first image token) attends the image.
+        """
         ids = [str(i) for i in ds.indexes["example"]]
         selection = cls(layer=ds.sizes["layer"] - 1, hidden_layer=ds.sizes["hidden_layer"] - 1, subset=ids)
         selection.adopt(ds)
         selection.example = ids[0]
-        if ds.vli.relevancy_methods:
-            selection.relevancy_method = ds.vli.relevancy_methods[0]
-        selection.tokens = default_tokens(ds, ids[0])
+        methods = ds.vli.relevancy_methods
+        if methods:
+            selection.relevancy_method = ds.vli.best_relevancy_method() or methods[0]
+        selection.layer, selection.tokens = default_focus(ds, ids[0])
+        kinds = set(ds["layer_kind"].values.tolist())
+        if not kinds & {"self", "cross_text_to_image", "cross_image_to_text"}:
+            selection.statistic = "intra_modal"  # two towers (a dual encoder): nothing is cross-modal
         selection.param.update(**params)
         return selection
 
@@ -82,6 +105,33 @@ class Selection(param.Parameterized):
         """
         with hold(freeze=True):
             self.param.update(**changes)
+
+
+def default_focus(ds: xr.Dataset, example: str) -> tuple[int, list[int]]:
+    """A (layer, [token]) whose attention shows on the image: a query token that attends image tokens there.
+
+    Candidates in order: the first text token, the tokens output heads read, the first image
+    token; layers from the last. A dual-stream model's last layer may be an image-only
+    layer and a dual encoder's text tower never sees the image: their first screens would
+    otherwise show an empty image map. Falls back to the last layer and ``default_tokens``.
+    """
+    info = ds.vli.tokens(example)
+    image = info.tokens_of(IMAGE)
+    fallback = (ds.sizes["layer"] - 1, default_tokens(ds, example))
+    if not len(image):
+        return fallback
+    candidates = [int(t) for t in info.tokens_of(TEXT)[:1]]
+    if "readout_token" in ds:
+        readouts = ds["readout_token"].isel(example=info.index).values
+        candidates += [int(t) for t in readouts if 0 <= t < info.n_tokens]
+    candidates.append(int(image[0]))
+    heads = ds["layer_heads"].values if "layer_heads" in ds.coords else [ds.sizes["head"]] * ds.sizes["layer"]
+    for token in dict.fromkeys(candidates):
+        for layer in range(ds.sizes["layer"] - 1, -1, -1):
+            block = ds.vli.layer_block(example, layer)  # (head, query, key), real tokens
+            if np.nansum(block[: int(heads[layer]), token][:, image]) > 1e-6:
+                return layer, [token]
+    return fallback
 
 
 def default_tokens(ds: xr.Dataset, example: str) -> list[int]:

@@ -10,15 +10,20 @@ import numpy as np
 import pandas as pd
 import panel as pn
 import xarray as xr
+from bokeh.palettes import Oranges256
 
 from vlinterpret_panel.maps import ExampleTokens
 from vlinterpret_panel.schema import SPECIAL, TEXT
-from vlinterpret_panel.ui.common import PLOT_SIZE, SELECTED_COLOR, TEXT_CMAP, dynamic_map, guarded
+from vlinterpret_panel.ui.common import SELECTED_COLOR, dynamic_map, fit_title, guarded
+from vlinterpret_panel.ui.scales import map_scale
 from vlinterpret_panel.ui.selection import Selection
 from vlinterpret_panel.ui.view import View
 
 CHARACTER_WIDTH = 1.0
 LINE_WIDTH = 48.0
+TEXT_WIDTH = 380
+# Light to mid orange: the top of the scale stays light enough for the black token text on it.
+TEXT_PALETTE = list(reversed(Oranges256))[:176]
 LINE_HEIGHT = 1.6
 
 
@@ -39,9 +44,15 @@ def token_layout(tokens: ExampleTokens) -> pd.DataFrame:
 
 
 def coloured_tokens(
-    layout: pd.DataFrame, values: np.ndarray, label: str, title: str, selected: list[int] | None = None
+    layout: pd.DataFrame,
+    values: np.ndarray,
+    label: str,
+    title: str,
+    selected: list[int] | None = None,
+    scale: str = "per map",
+    width: int = TEXT_WIDTH,
 ) -> hv.Rectangles:
-    """Token boxes coloured by ``values`` (one per token position), ``selected`` ones outlined.
+    """Token boxes coloured by ``values`` (one per token position) on the colour range ``scale``; ``selected`` outlined.
 
     ``token_labels`` writes the token strings on them.
     """
@@ -50,28 +61,25 @@ def coloured_tokens(
         selected=layout["token"].isin(selected or []).astype(int),
     )
     lines = max(1.0, float(table["y1"].max()) if len(table) else 1.0)
-    finite = table["value"][np.isfinite(table["value"])]
-    top = float(finite.max()) if len(finite) and finite.max() > 0 else 1.0
-    boxes = hv.Rectangles(table, ["x0", "y0", "x1", "y1"], ["value", "token", "text", "selected"]).opts(
+    colour_range = map_scale(table["value"].to_numpy(), "per map" if scale == "shared" else scale)
+    if colour_range.all_zero and len(table):
+        title = f"{title}: all 0"
+    return hv.Rectangles(table, ["x0", "y0", "x1", "y1"], ["value", "token", "text", "selected"]).opts(
         color="value",
-        cmap=TEXT_CMAP,
-        clim=(0, top * 1.5),  # the darkest cells stay light enough for black token text
+        cmap=TEXT_PALETTE,
         line_color=hv.dim("selected").categorize({1: SELECTED_COLOR, 0: "#666"}),
         line_width=hv.dim("selected") * 2 + 1,
         hover_tooltips=[("token", "@token"), ("text", "@text"), (label or "value", "@value")],
-        colorbar=True,
-        clabel=label,
-        tools=["hover", "tap"],
-        title=title,
+        tools=["hover"],
+        title=fit_title(title, width),
         invert_yaxis=True,
         xaxis=None,
         yaxis=None,
-        frame_width=PLOT_SIZE + 80,
+        frame_width=width,
         frame_height=int(max(60, 26 * lines / LINE_HEIGHT)),
-        nonselection_alpha=1.0,
-        selection_alpha=1.0,
+        colorbar_position="bottom",
+        **colour_range.options(label or "value"),
     )
-    return boxes
 
 
 def token_labels(layout: pd.DataFrame) -> hv.Labels:
@@ -86,7 +94,7 @@ class TextView(View):
     def __init__(self, ds: xr.Dataset, selection: Selection | None = None, **params) -> None:
         super().__init__(ds, selection, **params)
         self._tokens = dynamic_map(
-            self._coloured, streams=self.streams("example", "layer", "head", "tokens", "direction")
+            self._coloured, streams=self.streams("example", "layer", "head", "tokens", "direction", "scale")
         )
         self._labels = dynamic_map(self._token_strings, streams=self.streams("example"))
         self.tap = hv.streams.Tap(source=self._tokens, x=None, y=None)
@@ -97,7 +105,14 @@ class TextView(View):
         return coloured_tokens(token_layout(info), np.zeros(info.n_tokens), "", message)
 
     def _coloured(
-        self, example: str, layer: int, head: int | None, tokens: list[int], direction: str, ds: xr.Dataset
+        self,
+        example: str,
+        layer: int,
+        head: int | None,
+        tokens: list[int],
+        direction: str,
+        scale: str,
+        ds: xr.Dataset,
     ) -> hv.Rectangles:
         @guarded(self.selection, self._empty)
         def draw() -> hv.Rectangles:
@@ -105,7 +120,7 @@ class TextView(View):
             values = ds.vli.token_attention(example, layer, head, tokens, direction).values
             names = ", ".join(f"{t}:{info.token_text[t]}" for t in tokens[:4]) + (" …" if len(tokens) > 4 else "")
             title = f"attention {direction} {names}"
-            return coloured_tokens(token_layout(info), values, "attention", title, selected=tokens)
+            return coloured_tokens(token_layout(info), values, "attention", title, selected=tokens, scale=scale)
 
         return draw()
 
