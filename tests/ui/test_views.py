@@ -12,6 +12,7 @@ import colorcet
 import holoviews as hv
 import numpy as np
 import pandas as pd
+import panel as pn
 import pytest
 import xarray as xr
 
@@ -290,3 +291,24 @@ def test_a_grown_store_is_a_param_update_not_a_rebuild(ds: xr.Dataset) -> None:
     assert dashboard.selection.param.example.objects == [str(i) for i in ds.example.values]
     assert new_id in dashboard.examples._choice.options.values()
     assert dashboard.image._picture(new_id, dashboard.ds).data.shape[:2] == ds.vli.tokens(new_id).image.shape[:2]
+
+
+def test_batched_clicks_keep_the_documents_model_registry_exact(ds: xr.Dataset) -> None:
+    """``batched`` skips Bokeh's model walk when nothing asked for it: the registry must still be exact."""
+    from bokeh.document import Document
+    from panel.io.state import set_curdoc
+
+    dashboard = Dashboard(ds)
+    document = Document()
+    document.add_root(pn.Row(pn.Column(*dashboard.sidebar()), dashboard.main()).get_root(document))
+    info = ds.vli.tokens(dashboard.selection.example)
+    with set_curdoc(document):
+        dashboard.head_summary.tap.event(x="1", y="0")
+        x0, y0, x1, y1 = info.token_box[info.image_tokens()[2]]
+        dashboard.image.tap.event(x=(x0 + x1) / 2, y=(y0 + y1) / 2)
+        dashboard.selection.select(example=str(ds.example.values[3]))
+        dashboard.attention.show_mean = True
+        dashboard.selection.select(layer=2, head=None, tokens=[1])
+    reachable = set().union(*(root.references() for root in document.roots))
+    assert {model.id for model in reachable} == set(document.models._models)
+    assert "invalidate" not in vars(document.models) and document.models._freeze_count == 0

@@ -108,11 +108,11 @@ class ImageView(View):
 
         @guarded(self.selection, self._empty)
         def draw() -> hv.Overlay:
-            painted = ds.vli.token_attention_on_image(example, layer, head, tokens, direction, smooth)
-            values = ds.vli.token_attention(example, layer, head, tokens, direction)
-            image_values = values.values[ds.vli.tokens(example).image_tokens()]
+            values = ds.vli.token_attention(example, layer, head, tokens, direction).values
+            painted = ds.vli.values_on_image(example, values, smooth=smooth).values
+            image_values = values[ds.vli.tokens(example).image_tokens()]
             map_range = map_scale(image_values, "per map" if scale == "shared" else scale)
-            heat = overlay_element(painted.values, map_range, "attention", opacity)
+            heat = overlay_element(painted, map_range, "attention", opacity)
             if map_range.all_zero:
                 heat = heat.opts(title="no attention on the image here: all 0")
             return heat * self._selected_boxes(ds, example, tokens)
