@@ -30,8 +30,8 @@ from vlinterpret_panel import open_dataset
 from vlinterpret_panel.maps import example_tokens
 from vlinterpret_panel.schema import TEXT
 
-PAGE_SIZE = {"width": 1600, "height": 1100}
-TALL_SIZE = {"width": 1600, "height": 1500}  # element shots: views below the fold fit without scrolling
+PAGE_SIZE = {"width": 1600, "height": 1000}
+TALL_SIZE = {"width": 1600, "height": 1400}  # element shots: views below the fold fit without scrolling
 MARGIN = 8
 
 
@@ -151,24 +151,14 @@ def run(store: Path, out: Path) -> None:
         shots.shoot("relevancy-view.png", shots.box("text relevancy for", 3))
 
         shots.tab("Compare heads")
-        add = page.get_by_role("button", name="add the selected head")
-        add.wait_for()
-        add.click()  # the URL's head beside the default (last layer's mean)
-        if head is not None:
-            other = (head + 1) % chosen["heads"]
-            page.locator(".bk-input-group").filter(has=page.get_by_text("head", exact=True)).locator(
-                "select"
-            ).select_option(str(other))
-            shots.settle(1.0)
-            add.click()
-        slider = page.locator(".bk-input-group").filter(has_text="layer:").locator(".noUi-handle")
-        slider.first.focus()
-        slider.first.press("ArrowLeft" if layer > 0 else "ArrowRight")
-        shots.settle(1.0)
-        add.click()
+        chooser = page.locator("select[multiple]")
+        chooser.wait_for()
+        near = [layer - 1 if layer > 0 else layer + 1, layer]
+        names = [f"L{near[0]} mean", f"L{layer} mean"] + ([] if head is None else [f"L{layer} H{head}"])
+        chooser.select_option(names)
         shots.wait_for_figure("L")
         shots.settle(2.0)
-        shots.shoot("head-comparison.png", shots.box("L", 4))
+        shots.shoot("head-comparison.png", shots.box("L", 6))
     if shots.errors:
         print("console errors:\n" + "\n".join(shots.errors))
     print(json.dumps(chosen))

@@ -96,7 +96,7 @@ def test_every_colorbar_has_readable_tick_labels_inside_its_plot(app: AppPage) -
         for colorbar in app.colorbars():
             labels = colorbar["labels"]
             assert len(labels) >= 2, colorbar
-            assert all(NUMBER.match(label) and len(label) <= 7 for label in labels), colorbar
+            assert all(NUMBER.match(label) and len(label) <= 9 for label in labels), colorbar
             assert len(set(labels)) == len(labels), colorbar
             assert colorbar["left"] >= 0 and colorbar["right"] <= colorbar["width"] + 1, colorbar
             assert colorbar["bottom"] <= colorbar["height"] + 1, colorbar

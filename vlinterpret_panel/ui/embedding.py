@@ -35,7 +35,7 @@ from vlinterpret_panel.ui.view import View
 COLOR_BY = ("modality", "label", "correct", "example")
 LISTED_POINTS = 200
 PLAY_INTERVAL_MS = 1500
-NEIGHBOUR_TEXT_CHARACTERS = 24
+NEIGHBOUR_TEXT_CHARACTERS = 20
 PREVIEW_SIZE = 200
 LEGEND_ENTRIES = 16
 HOVER_RADIUS = 0.03
@@ -362,7 +362,7 @@ class EmbeddingView(View):
             neighbours,
             heading("Tokens in the box selection", level=4),
             self._listed,
-            width=520,
+            width=640,
         )
         return pn.Column(
             controls,

@@ -6,11 +6,11 @@ A researcher reads magnitudes off the colour, so no view autoscales silently:
   map's maximum) or ``shared`` (0 to the maximum over the maps shown together, e.g. the
   heads of a comparison). The colorbar's label states the range's top, and a map that is
   all zero says so instead of drawing a colorbar.
-* Overlays on the image use ``overlay_palette``: the upper half of colorcet's ``fire``
-  (red, orange, yellow, white: bright over the dark scenes and distinct from their object
-  colours) with an opacity that grows from 0 at the bottom of the scale to ``opacity`` at
-  its top (as the 1.5th power of the value's share of the top). Low values leave the image
-  as it is (no darkening), the hottest patch is the most opaque and brightest thing on it.
+* Overlays on the image use ``overlay_palette``: colorcet's ``fire`` from red through orange to
+  bright yellow (bright over the dark scenes; its white end turned a red object pink) with an
+  opacity that grows from 0 at the bottom of the scale to ``opacity`` (0.7 by default) at its
+  top, as the 1.5th power of the value's share of the top. Low values leave the image as it
+  is (no darkening), the hottest patch is the most opaque and brightest thing on it.
   Bokeh takes the alpha from the palette, so the colorbar shows exactly what is painted.
 * Tick labels use at most three significant digits (``%.3g``): Bokeh's default wrote
   ``5.000e-5``, which its colorbar then clipped to ``5.000e``.
@@ -33,10 +33,10 @@ SCALE_HELP = {
     "fixed": "0 to 1 (attention rows are shares of 1)",
     "shared": "0 to the largest value of the maps shown together",
 }
-DEFAULT_OPACITY = 0.85
+DEFAULT_OPACITY = 0.7
 ALPHA_GAMMA = 1.5
 """Opacity grows as (value / top) ** 1.5: half the top is a third as opaque, so the top stands out of a diffuse map."""
-_OVERLAY_COLORS = colorcet.fire[128:]
+_OVERLAY_COLORS = colorcet.fire[128:232]  # red to bright yellow, not white: white washed objects out to pink
 _PALETTE_SIZE = 128
 
 
