@@ -58,6 +58,8 @@ class ExampleSource:
             return _scene_input(self)
         from PIL import Image, UnidentifiedImageError
 
+        if self.image_path is None:
+            raise VLIError(f"example {self.example_id!r}: no image path and no scene seed")
         try:
             with Image.open(self.image_path) as image:
                 pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
@@ -70,7 +72,7 @@ def _scene_input(source: ExampleSource) -> ModelInput:
     """A scene of the built-in models' synthetic world, with its question (or caption)."""
     from vlinterpret_panel.models import world
 
-    scene, vqa = world.vqa_example_for_seed(int(source.seed))
+    scene, vqa = world.vqa_example_for_seed(int(source.seed or 0))
     if source.scene_text == "caption":
         # A caption names every object, so its target is all of them.
         every_object = np.logical_or.reduce(scene.masks)
@@ -293,19 +295,20 @@ def extract_chunk(
                 info = info or result[1]
         if on_batch is not None:
             on_batch(len(batch))
-    result = ChunkResult([r.example_id for r in records], failures, None, forward_seconds)
-    if records:
+    chunk = ChunkResult([r.example_id for r in records], failures, None, forward_seconds)
+    if records and info is not None:
         attrs = dict(extraction or {})
         attrs["failures"] = [asdict(f) for f in failures]
+        model_info = info
 
         def write() -> Path:
-            return write_shard(records_to_dataset(records, info, attrs), store, precision=precision)
+            return write_shard(records_to_dataset(records, model_info, attrs), store, precision=precision)
 
         if writer is None:
-            result.shard = str(write())
+            chunk.shard = str(write())
         else:
-            result.pending = writer.submit(write)
-    return result
+            chunk.pending = writer.submit(write)
+    return chunk
 
 
 def provenance(
@@ -436,7 +439,7 @@ def _run_chunks(
     relevancy: Sequence[str],
 ) -> Iterable[ChunkResult]:
     """Yield each chunk's result: in this process, or as Dask tasks (one shard each)."""
-    common = {
+    common: dict[str, Any] = {
         "options": options,
         "batch_size": batch_size,
         "precision": precision,

@@ -196,7 +196,7 @@ def attention_map(
 
 
 def _as_tokens(token: int | Sequence[int], n_tokens: int) -> list[int]:
-    selected = [int(token)] if np.isscalar(token) else [int(t) for t in token]
+    selected = [int(token)] if isinstance(token, int | np.integer) else [int(t) for t in token]
     if not selected:
         raise VLIError("select at least one token")
     bad = [t for t in selected if not 0 <= t < n_tokens]

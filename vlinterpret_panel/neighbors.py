@@ -176,7 +176,7 @@ def nearest_tokens(
     if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or not 0 <= token < n_real:
         raise VLIError(f"token: expected a position between 0 and {n_real - 1} in example {example!r}, got {token!r}")
 
-    query = hidden_vectors(ds, hidden_layer, [position])[0, token][None, :]
+    query = hidden_vectors(ds, hidden_layer, np.array([position]))[0, token][None, :]
     example_index, token_index = real_tokens(ds)
     candidate = ~((example_index == position) & (token_index == token))
     if wanted is not None:

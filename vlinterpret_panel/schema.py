@@ -371,11 +371,13 @@ def _stacked_padded(arrays: Sequence[Any], shape: Sequence[int], fill: Any, dtyp
         if array.ndim == 0:  # one value per example (a 0-d object array would be stored as an array)
             out[index] = array[()]
             continue
-        inside = tuple(slice(0, n) for n in array.shape)
-        out[(index, *inside)] = array
+        inside = [slice(0, n) for n in array.shape]
+        block: tuple[int | slice, ...] = (index, *inside)
+        out[block] = array
         for axis, size in enumerate(array.shape):
             if size != shape[axis]:
-                out[(index, *inside[:axis], slice(size, None))] = fill
+                rest: tuple[int | slice, ...] = (index, *inside[:axis], slice(size, None))
+                out[rest] = fill
     return out
 
 

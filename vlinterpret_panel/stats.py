@@ -99,7 +99,7 @@ def patch_coordinates(ds: xr.Dataset) -> xr.DataArray:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # examples without image tokens
             typical = np.nanmedian(size, axis=1, keepdims=True)
-        position = centre / np.where(typical > 0, typical, np.nan)
+        position = (centre / np.where(typical > 0, typical, np.nan)).astype(np.float32)
     position[~is_image] = np.nan
     return xr.DataArray(
         position, dims=("example", "token", "grid_axis"), coords={"example": ds["example"].values}

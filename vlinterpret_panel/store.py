@@ -16,7 +16,7 @@ import uuid
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import xarray as xr
@@ -80,10 +80,10 @@ def _encoding(ds: xr.Dataset, precision: Precision) -> dict[str, dict]:
     encoding: dict[str, dict] = {}
     for name, var in ds.data_vars.items():
         # Strings as character arrays: xarray decodes those lazily, unlike variable-length ones.
-        enc = dict(compress) if var.dtype.kind in "fiub" else {"dtype": "S1"}
+        enc: dict[str, Any] = dict(compress) if var.dtype.kind in "fiub" else {"dtype": "S1"}
         if var.dtype.kind == "f" and name not in ("attention", "hidden_states"):
             enc["_FillValue"] = np.nan
-        encoding[name] = enc
+        encoding[str(name)] = enc
     attention_bytes = 2 if precision == "float16" else 4
     encoding["attention"].update(
         chunksizes=_block_chunks(ds["attention"], attention_bytes),
@@ -256,7 +256,7 @@ def _combine(shards: list[ShardInfo]) -> xr.Dataset:
     sizes.update({dim: max(s.sizes[dim] for s in shards) for dim in PADDED_DIMS})
     names = list(dict.fromkeys(name for shard in shards for name in shard.variables))
     data_vars = {name: store_array(name, shards, sizes) for name in names}
-    coords = {name: coord for name, coord in first.coords.items() if name not in PADDED_DIMS}
+    coords: dict[str, Any] = {name: coord for name, coord in first.coords.items() if name not in PADDED_DIMS}
     for dim in PADDED_DIMS:
         coords[dim] = (dim, np.arange(sizes[dim], dtype=np.int32), first.coords[dim][2])
     coords["example"] = (

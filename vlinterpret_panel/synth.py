@@ -67,7 +67,7 @@ def _image(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarra
     target = np.zeros((height, width), dtype=bool)
     for shape_index in range(rng.integers(1, 4)):
         h, w = rng.integers(height // 6 + 1, height // 2 + 2), rng.integers(width // 6 + 1, width // 2 + 2)
-        top, left = rng.integers(0, max(1, height - h)), rng.integers(0, max(1, width - w))
+        top, left = rng.integers(0, max(1, height - int(h))), rng.integers(0, max(1, width - int(w)))
         image[top : top + h, left : left + w] = rng.uniform(120, 255, 3)
         if shape_index == 0:
             target[top : top + h, left : left + w] = True

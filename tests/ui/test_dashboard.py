@@ -67,7 +67,8 @@ def test_tapping_a_text_token_changes_the_image_overlay(app: AppPage, relevancy_
     app.wait_until(
         lambda: changed_fraction(before, app.pixels(title)) > IMAGE_OVERLAY_FRACTION, what="the overlay to change"
     )
-    # The brightest patch on screen is where the token attends most (same row-0-at-top convention in both views).
+    # The overlay covers the image most where the token attends most (same row-0-at-top convention in both
+    # views): there the shown pixel is farthest from the image's own pixel; where it attends least, nearest.
     app.page.wait_for_timeout(500)
     after = app.pixels(title)
     layer = ds.sizes["layer"] - 1
@@ -82,13 +83,13 @@ def test_tapping_a_text_token_changes_the_image_overlay(app: AppPage, relevancy_
     ]
     height, width = info.image.shape[:2]
 
-    def brightness(position: int) -> float:
+    def covered(position: int) -> float:
         x0, y0, x1, y1 = info.token_box[position]
-        row = int((y0 + y1) / 2 / height * after.shape[0])
-        column = int((x0 + x1) / 2 / width * after.shape[1])
-        return float(after[row, column].sum())
+        y, x = int((y0 + y1) / 2), int((x0 + x1) / 2)
+        shown = after[int(y / height * after.shape[0]), int(x / width * after.shape[1])]
+        return float(np.abs(shown - info.image[y, x].astype(np.int16)).sum())
 
-    assert brightness(patches[int(np.argmax(values))]) > brightness(patches[int(np.argmin(values))]) + 60
+    assert covered(patches[int(np.argmax(values))]) > covered(patches[int(np.argmin(values))]) + 60
     assert app.errors == []
 
 

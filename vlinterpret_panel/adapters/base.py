@@ -140,8 +140,8 @@ class ModelAdapter(abc.ABC):
                     "gradients need the model run with grad enabled and eager attention"
                 )
             maps = [a.probabilities for a in capture.attentions]
-            grads = torch.autograd.grad(target_score, maps, allow_unused=True)
-            grads = [torch.zeros_like(m) if g is None else g for m, g in zip(maps, grads, strict=True)]
+            raw = torch.autograd.grad(target_score, maps, allow_unused=True)
+            grads = [torch.zeros_like(m) if g is None else g for m, g in zip(maps, raw, strict=True)]
             gradient = attention_frame(capture, grads)
         return ModelRun(capture, prediction, score, target_name, gradient)
 
@@ -281,4 +281,5 @@ class BatchedAdapter(ModelAdapter):
         keep_tokens: KeepMasks = None,
     ) -> list[torch.Tensor]:
         """Each pair's ``ForwardCapture.output``; override to skip building captures when only scores are wanted."""
-        return [capture.output for capture in self.run_examples(images, texts, keep_tokens)]
+        masks = None if keep_tokens is None else np.asarray(keep_tokens)  # one mask, or one row per pair
+        return [capture.output for capture in self.run_examples(images, texts, masks)]

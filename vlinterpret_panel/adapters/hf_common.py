@@ -34,7 +34,7 @@ class AttentionTap:
     """Records attention probabilities call by call, one graph-connected tensor per example."""
 
     def __init__(self) -> None:
-        self.calls: list[Sequence[torch.Tensor]] = []
+        self.calls: list[torch.Tensor | Sequence[torch.Tensor]] = []
         self.modules: list[nn.Module] = []
 
     def record(self, probabilities: torch.Tensor, module: nn.Module) -> torch.Tensor:
@@ -140,7 +140,7 @@ def register_capture_attention() -> str:
 def use_capture_attention(model: nn.Module) -> None:
     """Switch every sub-model of ``model`` to the capturing eager attention."""
     register_capture_attention()
-    model.set_attn_implementation(CAPTURE_ATTENTION)
+    model.set_attn_implementation(CAPTURE_ATTENTION)  # type: ignore[operator]  # nn.Module's __getattr__ hides it
 
 
 def load_pretrained(loader: Callable[..., Any], name_or_path: str, what: str, **kwargs: Any) -> Any:
@@ -213,6 +213,13 @@ def _size_value(size: Any, key: str) -> int | None:
     return None if value is None else int(value)
 
 
+def _required_size(size: Any, key: str) -> int:
+    value = _size_value(size, key)
+    if value is None:
+        raise VLIError(f"the image processor's size {size!r} has no {key!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class PixelMap:
     """Maps pixels of the processed image back to the user's image: ``x = x' * scale_x + offset_x``."""
@@ -270,12 +277,12 @@ def clip_style_pixel_map(image_processor: Any, height: int, width: int) -> Pixel
                 input_data_format="channels_first",
             )
         else:
-            resized_height, resized_width = _size_value(size, "height"), _size_value(size, "width")
+            resized_height, resized_width = _required_size(size, "height"), _required_size(size, "width")
     crop_top = crop_left = 0
     if getattr(image_processor, "do_center_crop", False):
         crop = image_processor.crop_size
-        crop_top = (resized_height - _size_value(crop, "height")) // 2
-        crop_left = (resized_width - _size_value(crop, "width")) // 2
+        crop_top = (resized_height - _required_size(crop, "height")) // 2
+        crop_left = (resized_width - _required_size(crop, "width")) // 2
     scale_y, scale_x = padded_height / resized_height, padded_width / resized_width
     return PixelMap(
         scale_x=scale_x,

@@ -135,7 +135,7 @@ class LlavaAdapter(BatchedAdapter):
                 tokens, modality = [tokens[i] for i in kept], [modality[i] for i in kept]
                 positions, boxes, layout = positions[kept], boxes[kept], np.arange(len(kept))
             sequence_length = int(outputs.logits.shape[1])
-            index = None if len(layout) == sequence_length else torch.as_tensor(layout)
+            kept_positions = None if len(layout) == sequence_length else torch.as_tensor(layout)
             every = range(len(layout))
             last = len(layout) - 1
             captures.append(
@@ -147,7 +147,7 @@ class LlavaAdapter(BatchedAdapter):
                         tap,
                         calls,
                         example,
-                        index,
+                        kept_positions,
                         name="model.language_model.layers.{layer}.self_attn",
                         kind="self",
                         tokens=every,
@@ -155,7 +155,7 @@ class LlavaAdapter(BatchedAdapter):
                     hidden_states=stage_hidden_states(
                         outputs.hidden_states,
                         example,
-                        index,
+                        kept_positions,
                         layer_name="model.language_model.layers.{layer}",
                         tokens=every,
                     ),

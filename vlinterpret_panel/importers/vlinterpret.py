@@ -137,7 +137,7 @@ def _read_transaction(path: Path) -> Iterator[lmdb.Transaction]:
 
 def _example_keys(txn: lmdb.Transaction, path: Path) -> list[bytes]:
     """Keys of the examples (VL-InterpreT's rule: keys made of digits), in numeric order."""
-    keys = [key for key in txn.cursor().iternext(keys=True, values=False) if key.isdigit()]
+    keys = [bytes(key) for key in txn.cursor().iternext(keys=True, values=False) if bytes(key).isdigit()]
     if not keys:
         raise VLIError(f"{path}: the database holds no examples (no numeric keys)")
     return sorted(keys, key=int)
@@ -149,7 +149,7 @@ def _header(txn: lmdb.Transaction, path: Path) -> dict[str, int]:
     for name in ("n_layers", "n_heads", "n_examples"):
         value = txn.get(name.encode())
         if value is not None:
-            decoded = _decode_value(value, source=f"{path} key {name!r}")
+            decoded = _decode_value(bytes(value), source=f"{path} key {name!r}")
             if isinstance(decoded, int):
                 header[name] = decoded
     return header
@@ -158,7 +158,10 @@ def _header(txn: lmdb.Transaction, path: Path) -> dict[str, int]:
 def _load_example(txn: lmdb.Transaction, key: bytes, path: Path) -> dict[str, Any]:
     """Decode one example's dict with the restricted unpickler."""
     source = f"{path} key {key.decode()!r}"
-    payload = _decode_value(txn.get(key), source=source)
+    raw = txn.get(key)
+    if raw is None:
+        raise VLIError(f"{source}: the key vanished from the database")
+    payload = _decode_value(bytes(raw), source=source)
     if not isinstance(payload, bytes):
         raise VLIError(f"{source}: expected a pickled example, found a msgpack {type(payload).__name__}")
     example = safe_loads(payload, source=source)

@@ -31,7 +31,7 @@ def mean_attention(captured: Captured, layer: int) -> np.ndarray:
 
 def weighted_attention(captured: Captured, layer: int, weights: np.ndarray) -> np.ndarray:
     """Ā = E_h[(∇A ⊙ W)⁺], clamped per head *before* the head mean (W = A, or LRP relevance)."""
-    gradient = head_maps(captured, captured.attention_gradient, layer)
+    gradient = head_maps(captured, captured.require("attention_gradient", "a gradient-weighted method"), layer)
     product = gradient * head_maps(captured, weights, layer)
     return np.clip(product, 0.0, None).mean(axis=0)
 

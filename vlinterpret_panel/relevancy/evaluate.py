@@ -122,13 +122,13 @@ def keep_mask(
     so a method that gives many tokens 0 (Grad-CAM after its clamp) does not delete them by
     position. Tokens of other modalities and special tokens stay.
     """
-    modality = np.asarray(modality)
-    tokens = np.flatnonzero(modality == part)
+    labels = np.asarray(modality)
+    tokens = np.flatnonzero(labels == part)
     n_keep = int(np.floor((1.0 - fraction) * len(tokens) + 1e-9))
     secondary = np.arange(len(tokens)) if tie_breaker is None else np.asarray(tie_breaker)[tokens]
     order = np.lexsort((secondary, values[tokens]))
     kept = order[:n_keep] if test == "positive" else order[::-1][:n_keep]
-    keep = modality != part
+    keep = labels != part
     keep[tokens[kept]] = True
     return keep
 
@@ -366,7 +366,7 @@ def write_report(result: EvaluationResult, out: Path, header: Sequence[str] = ()
         writer.writerow([*TABLE_COLUMNS, *curve_columns])
         for row in rows:
             curves = [
-                result.accuracy[row["method"], p, t][s]
+                result.accuracy[str(row["method"]), p, t][s]
                 for p in MODALITIES
                 for t in TESTS
                 for s in range(len(FRACTIONS))

@@ -66,7 +66,7 @@ def propagate_relevance(captured: Captured, weights: np.ndarray, start_layer: in
                 relevance = relevance + weighted_attention(captured, layer, weights) @ relevance
             layer += 1
             continue
-        step = cross_steps(kinds, layer)
+        step = cross_steps(tuple(kinds), layer)
         updates = [cross_attention_update(captured, relevance, module, weights) for module in step]
         relevance = relevance + sum(updates)
         layer += len(step)

@@ -144,7 +144,7 @@ class Captured:
     @property
     def n_tokens(self) -> int:
         """Number of real (unpadded) tokens."""
-        return int(self.seq_len)
+        return int(self.seq_len or 0)  # set in __post_init__
 
     @cached_property
     def head_mask(self) -> np.ndarray:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -85,7 +86,7 @@ class ActivationRecorder:
 
     def __init__(self, model: nn.Module) -> None:
         self.inputs: dict[nn.Module, tuple] = {}
-        self.outputs: dict[nn.Module, object] = {}
+        self.outputs: dict[nn.Module, Any] = {}
         self.attention_calls: list[MultiHeadAttention] = []
         self._handles = [module.register_forward_hook(self._record) for module in model.modules()]
 
@@ -194,6 +195,11 @@ def cross_block_relevance(
     return relevance_skip + relevance_queries, relevance_context, relevance_attention
 
 
+def _blocks(layers: nn.ModuleList) -> list[SelfAttentionBlock]:
+    """A stack's blocks, typed (``nn.ModuleList`` items are plain modules to a type checker)."""
+    return cast(list[SelfAttentionBlock], list(layers))
+
+
 def co_attention_relevance(
     layer: CoAttentionLayer, recorder: ActivationRecorder, relevance_text: Tensor, relevance_image: Tensor
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
@@ -260,8 +266,8 @@ def propagate(model: nn.Module, recorder: ActivationRecorder, output_index: int 
         if isinstance(model, SingleStreamModel):
             relevance = torch.zeros_like(recorder.output_of(model.layers[-1]))
             relevance[:, 0] = pooled
-            inputs, attention = stack_relevance(list(model.layers), recorder, relevance)
-            return LRPResult(1.0, {"joint": inputs}, attention)
+            joint_inputs, joint_attention = stack_relevance(_blocks(model.layers), recorder, relevance)
+            return LRPResult(1.0, {"joint": joint_inputs}, joint_attention)
         return _dual_stream_relevance(model, recorder, pooled)
     if isinstance(model, DualEncoderModel):
         text = recorder.output_of(model.text_projection)
@@ -270,7 +276,8 @@ def propagate(model: nn.Module, recorder: ActivationRecorder, output_index: int 
             raise VLIError("LRP explains one example at a time")
         text_unit, image_unit = nn.functional.normalize(text, dim=-1), nn.functional.normalize(image, dim=-1)
         relevance_text, relevance_image = matmul_relevance(text_unit, image_unit.T, torch.ones(1, 1, dtype=text.dtype))
-        inputs, attention = {}, []
+        inputs: dict[str, Tensor] = {}
+        attention: list[Tensor] = []
         towers = (
             ("text", model.text_projection, model.text_layers, relevance_text),
             ("image", model.image_projection, model.image_layers, relevance_image.T),
@@ -280,7 +287,7 @@ def propagate(model: nn.Module, recorder: ActivationRecorder, output_index: int 
             last = recorder.output_of(layers[-1])
             relevance = torch.zeros_like(last)
             relevance[:, 0] = pooled
-            inputs[stream], tower_attention = stack_relevance(list(layers), recorder, relevance)
+            inputs[stream], tower_attention = stack_relevance(_blocks(layers), recorder, relevance)
             attention += tower_attention
         return LRPResult(1.0, inputs, attention)
     raise VLIError(f"LRP is implemented for the built-in models, not {type(model).__name__}")
@@ -293,11 +300,11 @@ def _dual_stream_relevance(model: DualStreamModel, recorder: ActivationRecorder,
     relevance_text[:, 0] = pooled
     relevance_image = torch.zeros_like(last_image.double())
     cross_maps: list[Tensor] = []
-    for layer in reversed(model.cross_layers):
+    for layer in reversed(cast(list[CoAttentionLayer], list(model.cross_layers))):
         relevance_text, relevance_image, maps = co_attention_relevance(layer, recorder, relevance_text, relevance_image)
         cross_maps = maps + cross_maps
-    text_inputs, text_maps = stack_relevance(list(model.text_layers), recorder, relevance_text)
-    image_inputs, image_maps = stack_relevance(list(model.image_layers), recorder, relevance_image)
+    text_inputs, text_maps = stack_relevance(_blocks(model.text_layers), recorder, relevance_text)
+    image_inputs, image_maps = stack_relevance(_blocks(model.image_layers), recorder, relevance_image)
     return LRPResult(1.0, {"text": text_inputs, "image": image_inputs}, text_maps + image_maps + cross_maps)
 
 

@@ -19,7 +19,7 @@ def rollout_product(captured: Captured, layers: np.ndarray, renormalize: bool) -
     """
     joint = np.eye(captured.n_tokens)
     for layer in np.flatnonzero(layers):
-        step = mean_attention(captured, layer) + np.eye(captured.n_tokens)
+        step = mean_attention(captured, int(layer)) + np.eye(captured.n_tokens)
         if renormalize:
             step = normalize_rows(step)
         joint = step @ joint

@@ -96,7 +96,7 @@ class AddExample(pn.viewable.Viewer):
     def add(self) -> AddedExample:
         """Check the inputs and add the example (blocking: runs the model and writes the shard)."""
         image, known = self._inputs()
-        return self.model.add_example(self.store, image, self.text.value, **known)
+        return self.model.add_example(self.store, image, self.text.value or "", **known)
 
     async def _run(self, event: object = None) -> None:
         self.run_button.disabled = self.draw.disabled = True

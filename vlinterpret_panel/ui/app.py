@@ -41,7 +41,7 @@ def _link_url(selection: Selection) -> None:
     pn.state.location.sync(selection, URL_PARAMETERS, on_error=refuse)
 
 
-def build_app(store: str | os.PathLike, model: str | None = None) -> pn.viewable.Viewable:
+def build_app(store: str | os.PathLike, model: str | None = None) -> pn.template.BaseTemplate:
     """The dashboard page for the store at ``store``, its selection synced with the URL.
 
     With ``model`` (an adapter spec of the store's model), the sidebar also has "Add example".
@@ -59,7 +59,9 @@ def build_app(store: str | os.PathLike, model: str | None = None) -> pn.viewable
         from vlinterpret_panel.ui.session import LiveSession
 
         session = LiveSession(path, live_model(model), current_store)
-        dashboard, sidebar, main = session.dashboard, [session.sidebar], [session.main]
+        dashboard = session.dashboard
+        sidebar: list[pn.viewable.Viewable | pn.viewable.Viewer] = [session.sidebar]
+        main = [session.main]
     else:
         dashboard = Dashboard(current_store())
         sidebar, main = dashboard.sidebar(), [dashboard.main()]

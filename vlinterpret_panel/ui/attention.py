@@ -101,7 +101,7 @@ class AttentionHeatmap(View):
         def beside(show_mean: bool) -> pn.viewable.Viewable | None:
             return pn.pane.HoloViews(self._mean_plot, linked_axes=False) if show_mean else None
 
-        return pn.panel(pn.bind(beside, self.param.show_mean))
+        return pn.panel(pn.bind(beside, self.param.show_mean))  # type: ignore[return-value]
 
     def _empty(self, message: str) -> hv.Image:
         return hv.Image(np.zeros((1, 1)), kdims=["key", "query"], vdims=["attention"]).opts(title=message[:80])

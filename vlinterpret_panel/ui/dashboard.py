@@ -88,7 +88,7 @@ class Dashboard(View):
             f"{ds.sizes['layer']} layers × {ds.sizes['head']} heads · up to {ds.sizes['token']} tokens"
         )
 
-    def sidebar(self) -> list[pn.viewable.Viewable]:
+    def sidebar(self) -> list[pn.viewable.Viewable | pn.viewable.Viewer]:
         """The controls: the example browser, token and head pickers, export."""
         return [self._summary, self.examples, self.tokens, self.export]
 

@@ -113,7 +113,9 @@ def other_modality(modality: str) -> str | None:
 class EmbeddingView(View):
     """Hidden-state projection per layer, with play, colouring, point listing and nearest neighbours."""
 
-    color_by = param.Selector(default="modality", objects=list(COLOR_BY))
+    color_by: str = param.Selector(  # type: ignore[assignment]
+        default="modality", objects=list(COLOR_BY)
+    )
     hovered = param.Integer(default=None, allow_None=True, doc="The current example's token under the pointer.")
 
     def __init__(self, ds: xr.Dataset, selection: Selection | None = None, **params) -> None:

@@ -19,9 +19,15 @@ class ExampleBrowser(View):
     """Find examples by text, label, prediction and correctness; the chosen one sets ``selection.example``."""
 
     search = param.String(default="", doc="words the example text must contain")
-    label = param.Selector(default=ANY, objects=[ANY])
-    prediction = param.Selector(default=ANY, objects=[ANY])
-    correct = param.Selector(default=ANY, objects=[ANY, *CORRECT_NAMES.values()])
+    label: str = param.Selector(  # type: ignore[assignment]
+        default=ANY, objects=[ANY]
+    )
+    prediction: str = param.Selector(  # type: ignore[assignment]
+        default=ANY, objects=[ANY]
+    )
+    correct: str = param.Selector(  # type: ignore[assignment]
+        default=ANY, objects=[ANY, *CORRECT_NAMES.values()]
+    )
 
     def __init__(self, ds: xr.Dataset, selection: Selection | None = None, **params) -> None:
         super().__init__(ds, selection, **params)
@@ -98,7 +104,9 @@ class ExampleBrowser(View):
         self._details.object = "  \n".join(facts)
 
     def __panel__(self) -> pn.viewable.Viewable:
-        filters = [pn.widgets.TextInput.from_param(self.param.search, placeholder="search the text")]
+        filters: list[pn.widgets.Widget] = [
+            pn.widgets.TextInput.from_param(self.param.search, placeholder="search the text")
+        ]
         filters += [
             pn.widgets.Select.from_param(self.param[name], width=140)
             for name in ("label", "prediction", "correct")

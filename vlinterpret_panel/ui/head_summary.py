@@ -166,8 +166,8 @@ class HeadSummary(View):
         if x is None or y is None:
             return
         try:
-            layer = int(y)
-            head = None if str(x) == MEAN_COLUMN else int(x)
+            layer = int(str(y))
+            head = None if str(x) == MEAN_COLUMN else int(str(x))
         except (TypeError, ValueError):
             return
         self.selection.select(layer=layer, head=head)

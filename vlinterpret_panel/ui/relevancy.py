@@ -36,7 +36,9 @@ def target_outline(ds: xr.Dataset, example: str) -> hv.Path:
         return hv.Path([])
     padded = np.pad(mask.astype(np.float64), 1)  # closes outlines that touch the image's edge
     lines = contourpy.contour_generator(z=padded).lines(0.5)
-    return hv.Path([line - 0.5 for line in lines]).opts(color=TARGET_COLOR, line_width=2, line_dash="dashed")
+    return hv.Path([np.asarray(line) - 0.5 for line in lines]).opts(
+        color=TARGET_COLOR, line_width=2, line_dash="dashed"
+    )
 
 
 class RelevancyView(View):

@@ -36,7 +36,7 @@ class HeadParameter(param.Integer):
     def deserialize(cls, value: object) -> int | None:
         if value is None or str(value) in (MEAN_HEAD, "null", ""):
             return None
-        return int(value)
+        return int(str(value))
 
 
 class ExampleParameter(param.Selector):
@@ -58,14 +58,22 @@ class Selection(param.Parameterized):
     layer = param.Integer(default=0, bounds=(0, None), doc="attention module")
     head = HeadParameter(default=None, allow_None=True, bounds=(0, None), doc="head; None = mean of the heads")
     tokens = param.List(default=[], item_type=int, doc="selected token positions (several are averaged)")
-    direction = param.Selector(default="from", objects=list(DIRECTIONS), doc="attention from or to the token(s)")
+    direction: str = param.Selector(  # type: ignore[assignment]
+        default="from", objects=list(DIRECTIONS), doc="attention from or to the token(s)"
+    )
     smooth = param.Boolean(default=False, doc="bilinear smoothing of patch maps")
-    scale = param.Selector(default="per map", objects=list(SCALES), doc="colour range of the maps")
+    scale: str = param.Selector(  # type: ignore[assignment]
+        default="per map", objects=list(SCALES), doc="colour range of the maps"
+    )
     opacity = param.Number(default=DEFAULT_OPACITY, bounds=(0, 1), doc="opacity of a map's top value on the image")
     hidden_layer = param.Integer(default=0, bounds=(0, None), doc="hidden state shown in the embedding view")
     statistic = param.String(default="cross_modal", doc="head-summary statistic")
-    normalize = param.Selector(default="raw", objects=list(NORMALIZATIONS), doc="head-summary normalisation")
-    scope = param.Selector(default="example", objects=list(SCOPES), doc="head summary of the example or a set")
+    normalize: str = param.Selector(  # type: ignore[assignment]
+        default="raw", objects=list(NORMALIZATIONS), doc="head-summary normalisation"
+    )
+    scope: str = param.Selector(  # type: ignore[assignment]
+        default="example", objects=list(SCOPES), doc="head summary of the example or a set"
+    )
     subset = param.List(default=[], item_type=str, doc="ids of the examples the browser's filters keep")
     relevancy_method = param.String(default="", doc="relevancy method shown")
     message = param.String(default="", doc="the last user error, shown instead of a traceback")

@@ -20,8 +20,13 @@ from vlinterpret_panel.ui.selection import Selection
 class View(pn.viewable.Viewer):
     """A view of ``ds`` that shows and sets ``selection``; subclasses implement ``__panel__``."""
 
-    ds = param.ClassSelector(class_=xr.Dataset, doc="the dataset shown; a grown store arrives as a new value")
-    selection = param.ClassSelector(class_=Selection, doc="what the user looks at, shared by every view")
+    # Annotated for type checkers: param's descriptors type their values as Optional.
+    ds: xr.Dataset = param.ClassSelector(  # type: ignore[assignment]
+        class_=xr.Dataset, doc="the dataset shown; a grown store arrives as a new value"
+    )
+    selection: Selection = param.ClassSelector(  # type: ignore[assignment]
+        class_=Selection, doc="what the user looks at, shared by every view"
+    )
 
     def __init__(self, ds: xr.Dataset, selection: Selection | None = None, **params) -> None:
         super().__init__(ds=ds, selection=selection or Selection.for_dataset(ds), **params)
