@@ -4,14 +4,22 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PORT ?= 5006
+# PyTorch's own CPU wheel index: plain PyPI resolves `torch` to the CUDA build (several GB of
+# nvidia-* packages). Override with TORCH_INDEX=... (a mirror, or a CUDA index on a GPU machine).
+TORCH_VERSION ?= 2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_CPU_ONLY ?= 1
+LINTED := vlinterpret_panel tests extract benchmarks dashboards docs/make_screenshots.py
 
 .PHONY: setup serve test lint browser benchmarks
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	# The CPU build of torch; any other spec pulls a multi-GB CUDA build.
-	$(BIN)/python -m pip install --quiet torch==2.13.0
+	@echo "installing torch $(TORCH_VERSION) from $(TORCH_INDEX) (pip's find-links and extra indexes still apply)"
+	$(BIN)/python -m pip install --quiet --retries 1 --timeout 20 --index-url $(TORCH_INDEX) torch==$(TORCH_VERSION)
+	@if [ "$(TORCH_CPU_ONLY)" = 1 ]; then $(BIN)/python -c "import sys, torch; \
+		sys.exit(f'torch {torch.__version__} is a CUDA build; set TORCH_INDEX to a CPU wheel index' if torch.version.cuda else 0)"; fi
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
@@ -24,12 +32,15 @@ serve: $(STAMP)
 # Browser tests drive Debian's chromium; install it when we may (root), else say how.
 browser:
 	@command -v chromium >/dev/null 2>&1 || { \
-		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
-		else echo "browser tests need Debian's chromium: sudo apt-get install chromium"; fi; }
+		if [ "$$(id -u)" = 0 ]; then \
+			echo "installing Debian's chromium for the browser tests (apt-get install chromium)..."; \
+			apt-get update -qq && apt-get install -y -qq chromium >/dev/null && echo "chromium installed"; \
+		else echo "browser tests need Debian's chromium: sudo apt-get install chromium (they are skipped without it)"; fi; }
 
 lint: $(STAMP)
-	$(BIN)/ruff check vlinterpret_panel tests extract benchmarks dashboards docs/make_screenshots.py
-	$(BIN)/ruff format --check vlinterpret_panel tests extract benchmarks dashboards docs/make_screenshots.py
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
+	$(BIN)/mypy vlinterpret_panel
 
 test: $(STAMP) browser lint
 	$(BIN)/python -m pytest

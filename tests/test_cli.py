@@ -57,3 +57,70 @@ def test_synth_then_validate(tmp_path: Path) -> None:
     checked = run_cli("validate", str(store))
     assert checked.returncode == 0, checked.stderr
     assert "valid (5 examples in 1 shard(s)" in checked.stdout
+
+
+def test_version_and_a_plain_top_help_line() -> None:
+    result = run_cli("--version")
+    assert result.returncode == 0 and result.stdout.startswith("vlinterpret-panel ")
+    top = run_cli("--help").stdout
+    assert "``" not in top and "Extract, analyse and explore" in top
+
+
+def test_every_option_says_what_it_does() -> None:
+    from vlinterpret_panel.cli import build_parser
+
+    parser = build_parser()
+    commands = next(action for action in parser._actions if action.dest == "command")
+    for name, subparser in commands.choices.items():
+        for action in subparser._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"vlinterpret {name} {action.option_strings[0]} has no help text"
+
+
+def test_scenes_default_to_held_out_seeds() -> None:
+    from vlinterpret_panel.cli import build_parser
+    from vlinterpret_panel.extract import scene_sources
+    from vlinterpret_panel.models.world import HELDOUT_SEED_START
+
+    args = build_parser().parse_args(["extract", "single_stream", "store", "--scenes", "2"])
+    assert args.seed == HELDOUT_SEED_START
+    assert scene_sources(1)[0].seed == HELDOUT_SEED_START
+
+
+def test_serve_on_a_port_in_use_is_one_line(tmp_path: Path) -> None:
+    import socket
+
+    store = Path(__file__).resolve().parents[1] / "datasets" / "single_stream"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("serve", str(store), "--port", str(port))
+    _assert_one_clear_line(result, "choose another port with --port")
+
+
+def test_an_unknown_model_fails_at_once_offline_first(tmp_path: Path) -> None:
+    import os
+    import time
+
+    env = {key: value for key, value in os.environ.items() if key != "HF_HUB_OFFLINE"}
+    started = time.monotonic()
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vlinterpret_panel.cli",
+            "extract",
+            "no_such_model",
+            str(tmp_path / "s"),
+            "--scenes",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    _assert_one_clear_line(result, "not a local directory nor in the Hugging Face cache")
+    assert "--allow-download" in result.stderr and "Retrying" not in result.stderr
+    assert time.monotonic() - started < 20

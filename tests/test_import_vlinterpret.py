@@ -24,10 +24,18 @@ from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.importers.safe_pickle import safe_loads
 from vlinterpret_panel.importers.vlinterpret import import_vlinterpret
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "vlinterpret_example_database1"
-needs_fixture = pytest.mark.skipif(
-    not (FIXTURE / "data.mdb").is_file(), reason=f"VL-InterpreT example database not found at {FIXTURE}"
-)
+# Ours, made by extract/make_vlinterpret_fixture.py (on every clone), and VL-InterpreT's own example
+# database beside the repository (../shared/fixtures; CI has it): the same tests run on both.
+COMMITTED = Path(__file__).resolve().parent / "fixtures" / "vlinterpret_small"
+EXTERNAL = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "vlinterpret_example_database1"
+
+
+@pytest.fixture(params=[COMMITTED, EXTERNAL], ids=["committed", "vl-interpret"], scope="module")
+def database(request: pytest.FixtureRequest) -> Path:
+    """A VL-InterpreT database in its own format: 3 examples, 8 text and 6 image tokens on a 3 x 2 grid."""
+    if not (request.param / "data.mdb").is_file():
+        pytest.skip(f"VL-InterpreT example database not found at {request.param}")
+    return request.param
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -51,9 +59,9 @@ def write_database(path: Path, values: dict[str, bytes]) -> Path:
     return path
 
 
-def read_fixture() -> dict[str, dict[str, Any]]:
+def read_fixture(database: Path) -> dict[str, dict[str, Any]]:
     """The fixture's examples, decoded independently of the importer's conversion code."""
-    env = lmdb.open(str(FIXTURE), readonly=True, lock=False)
+    env = lmdb.open(str(database), readonly=True, lock=False)
     with env.begin() as txn:
         examples = {
             key.decode(): safe_loads(msgpack.loads(lz4.frame.decompress(value), raw=False), source="fixture")
@@ -97,17 +105,14 @@ def fingerprint(directory: Path) -> dict[str, tuple[str, int]]:
 
 
 @pytest.fixture(scope="module")
-def imported(tmp_path_factory: pytest.TempPathFactory) -> tuple[xr.Dataset, dict[str, dict[str, Any]]]:
-    if not (FIXTURE / "data.mdb").is_file():
-        pytest.skip(f"VL-InterpreT example database not found at {FIXTURE}")
-    before = fingerprint(FIXTURE)
+def imported(database: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[xr.Dataset, dict[str, dict[str, Any]]]:
+    before = fingerprint(database)
     store = tmp_path_factory.mktemp("import") / "store"
-    import_vlinterpret(FIXTURE, store, normalize_attention=True)
-    assert fingerprint(FIXTURE) == before, "the importer must not write to the source database"
-    return vli.open_dataset(store).load(), read_fixture()
+    import_vlinterpret(database, store, normalize_attention=True)
+    assert fingerprint(database) == before, "the importer must not write to the source database"
+    return vli.open_dataset(store).load(), read_fixture(database)
 
 
-@needs_fixture
 def test_fixture_tokens_modality_text_and_image_match_source(imported) -> None:
     ds, source = imported
     assert ds["example"].values.tolist() == ["0", "1", "2"]
@@ -118,12 +123,11 @@ def test_fixture_tokens_modality_text_and_image_match_source(imported) -> None:
         assert str(stored["text"].values) == f"text input for example {example_id} ."
         np.testing.assert_array_equal(stored["image"].values, example["image"].astype(np.uint8))
         assert example["image"].min() >= 0 and example["image"].max() <= 255
-        assert (int(stored["image_height"]), int(stored["image_width"])) == (450, 800)
+        assert (int(stored["image_height"]), int(stored["image_width"])) == example["image"].shape[:2]
         assert int(stored["correct"]) == int(example["accuracy"])
     assert ds["correct"].values.tolist() == [1, 0, 1]
 
 
-@needs_fixture
 def test_fixture_attention_is_the_source_rows_normalized_and_recoverable(imported) -> None:
     ds, source = imported
     assert json.loads(ds.attrs["extraction"])["attention_normalized"] is True
@@ -137,7 +141,6 @@ def test_fixture_attention_is_the_source_rows_normalized_and_recoverable(importe
         assert np.all(stored["layer_kind"].values == "self")
 
 
-@needs_fixture
 def test_fixture_hidden_states_follow_their_tokens(imported) -> None:
     # VL-InterpreT's preprocessing sorted the image tokens (IMG_0, IMG_2, IMG_4, IMG_1, ...) in tokens and
     # attention but not in hidden_states; token IMG_k's hidden state is the source's row txt_len + k.
@@ -153,9 +156,9 @@ def test_fixture_hidden_states_follow_their_tokens(imported) -> None:
     assert json.loads(ds.attrs["extraction"])["realigned_hidden_states"] == ["0", "1", "2"]
 
 
-@needs_fixture
-def test_fixture_patch_positions_boxes_and_metrics(imported) -> None:
+def test_fixture_patch_positions_boxes_and_metrics(imported, database: Path) -> None:
     ds, source = imported
+    height, width = source["0"]["image"].shape[:2]
     for example_id, example in source.items():
         stored = ds.sel(example=example_id)
         coords = np.array(example["img_coords"])  # (x, y), (0, 0) at the top left, on a 3 x 2 grid
@@ -164,8 +167,15 @@ def test_fixture_patch_positions_boxes_and_metrics(imported) -> None:
         np.testing.assert_array_equal(positions[8:], coords[:, ::-1])
         boxes = stored["token_box"].values
         assert np.isnan(boxes[:8]).all()
+        cell_width, cell_height = width / 3, height / 2
         expected = np.stack(
-            [coords[:, 0] * 800 / 3, coords[:, 1] * 225, (coords[:, 0] + 1) * 800 / 3, (coords[:, 1] + 1) * 225], 1
+            [
+                coords[:, 0] * cell_width,
+                coords[:, 1] * cell_height,
+                (coords[:, 0] + 1) * cell_width,
+                (coords[:, 1] + 1) * cell_height,
+            ],
+            1,
         )
         np.testing.assert_allclose(boxes[8:], expected, rtol=1e-6)
         for name, values in example["custom_metrics"].items():
@@ -175,23 +185,23 @@ def test_fixture_patch_positions_boxes_and_metrics(imported) -> None:
     # Row 0 is the top: the token at (x=2, y=1) is the bottom-right cell.
     first = ds.sel(example="0")
     bottom_right = int(np.flatnonzero((first["patch_position"].values == [1, 2]).all(1))[0])
-    np.testing.assert_allclose(first["token_box"].values[bottom_right], [1600 / 3, 225, 800, 450], rtol=1e-6)
+    np.testing.assert_allclose(
+        first["token_box"].values[bottom_right], [2 * width / 3, height / 2, width, height], rtol=1e-6
+    )
     extraction = json.loads(ds.attrs["extraction"])
-    assert extraction["source"] == str(FIXTURE.resolve())
+    assert extraction["source"] == str(database.resolve())
     assert extraction["importer_version"] == "1"
 
 
-@needs_fixture
-def test_random_attention_is_refused_without_normalization(tmp_path: Path) -> None:
+def test_random_attention_is_refused_without_normalization(database: Path, tmp_path: Path) -> None:
     with pytest.raises(VLIError, match=r"do not sum to 1.*--normalize-attention"):
-        import_vlinterpret(FIXTURE, tmp_path / "store")
+        import_vlinterpret(database, tmp_path / "store")
     assert not (tmp_path / "store").exists()
 
 
-@needs_fixture
-def test_cli_imports_the_fixture_and_the_result_validates(tmp_path: Path) -> None:
+def test_cli_imports_the_fixture_and_the_result_validates(database: Path, tmp_path: Path) -> None:
     store = tmp_path / "store"
-    result = run_cli("import-vlinterpret", str(FIXTURE), str(store), "--normalize-attention")
+    result = run_cli("import-vlinterpret", str(database), str(store), "--normalize-attention")
     assert result.returncode == 0, result.stderr
     assert "imported 3 example(s)" in result.stdout
     validated = run_cli("validate", str(store))

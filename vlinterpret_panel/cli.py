@@ -165,8 +165,17 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``vlinterpret`` and all its subcommands."""
-    parser = argparse.ArgumentParser(prog="vlinterpret", description=__doc__.splitlines()[0])
+    from vlinterpret_panel import __version__
+    from vlinterpret_panel.models.world import HELDOUT_SEED_START
+
+    parser = argparse.ArgumentParser(
+        prog="vlinterpret",
+        description="Extract, analyse and explore the attention, hidden states and relevancy of VL models.",
+    )
+    parser.add_argument("--version", action="version", version=f"vlinterpret-panel {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+    precision_help = "float16: attention packed to 16 bits (error < 8e-6), half the disk; float32: exact"
+    download_help = "let a Hugging Face Hub name that is not in the local cache be downloaded (default: offline)"
 
     validate = commands.add_parser("validate", help="check a store or shard against the schema")
     validate.add_argument("path", help="store directory or .nc shard")
@@ -174,24 +183,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     synth = commands.add_parser("synth", help="write a synthetic store of any size")
     synth.add_argument("output", help="store directory to write (appended to if it exists)")
-    synth.add_argument("--examples", type=int, default=16)
-    synth.add_argument("--layers", type=int, default=4)
-    synth.add_argument("--heads", type=int, default=4)
+    synth.add_argument("--examples", type=int, default=16, help="number of examples (default 16)")
+    synth.add_argument("--layers", type=int, default=4, help="attention layers (default 4)")
+    synth.add_argument("--heads", type=int, default=4, help="heads per layer (default 4)")
     synth.add_argument("--tokens", type=int, default=40, help="tokens per example (the longest)")
-    synth.add_argument("--hidden-size", type=int, default=32)
+    synth.add_argument("--hidden-size", type=int, default=32, help="hidden state width (default 32)")
     synth.add_argument("--image-size", type=int, default=64, help="image side in pixels")
     synth.add_argument("--fixed-length", action="store_true", help="same token count for every example")
-    synth.add_argument("--examples-per-shard", type=int, default=8)
-    synth.add_argument("--precision", choices=["float16", "float32"], default="float16")
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--examples-per-shard", type=int, default=8, help="examples per shard file (default 8)")
+    synth.add_argument("--precision", choices=["float16", "float32"], default="float16", help=precision_help)
+    synth.add_argument("--seed", type=int, default=0, help="seed of the generator (same seed, same store)")
     synth.set_defaults(handler=_synth)
 
     serve = commands.add_parser("serve", help="serve the dashboard on a store")
     serve.add_argument("store", help="store directory")
     serve.add_argument("--address", default="127.0.0.1", help="address to bind (default: localhost only)")
-    serve.add_argument("--port", type=int, default=5006)
+    serve.add_argument("--port", type=int, default=5006, help="port to listen on (default 5006)")
     serve.add_argument("--show", action="store_true", help="open a browser")
     serve.add_argument("--model", help="adapter spec of the store's model (e.g. single_stream): adds 'Add example'")
+    serve.add_argument("--allow-download", action="store_true", help=download_help)
     serve.set_defaults(handler=_serve)
 
     extract = commands.add_parser("extract", help="run a model over images and texts into a store")
@@ -200,8 +210,18 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--images", help="folder of images")
     extract.add_argument("--texts", help="JSON or CSV of entries with image, text (or question/caption), id, label")
     extract.add_argument("--scenes", type=int, help="extract N generated scenes instead (built-in models)")
-    extract.add_argument("--scene-text", choices=["question", "caption"], default="question")
-    extract.add_argument("--seed", type=int, default=0, help="first scene seed")
+    extract.add_argument(
+        "--scene-text",
+        choices=["question", "caption"],
+        default="question",
+        help="with --scenes: a question (VQA models) or a caption naming every object (dual encoder)",
+    )
+    extract.add_argument(
+        "--seed",
+        type=int,
+        default=HELDOUT_SEED_START,
+        help=f"first scene seed (default {HELDOUT_SEED_START}: held-out scenes; training used seeds below it)",
+    )
     extract.add_argument("--option", action="append", default=[], help="KEY=VALUE for the adapter (JSON values)")
     extract.add_argument("--batch-size", type=int, default=8, help="examples per forward pass")
     extract.add_argument(
@@ -211,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="examples per shard and per Dask task (memory: 2 shards); default: about 128 MB of arrays "
         "per shard, 16 with Dask",
     )
-    extract.add_argument("--precision", choices=["float16", "float32"], default="float16")
+    extract.add_argument("--precision", choices=["float16", "float32"], default="float16", help=precision_help)
+    extract.add_argument("--allow-download", action="store_true", help=download_help)
     extract.add_argument("--workers", type=int, default=0, help="run on a local Dask cluster of N processes")
     extract.add_argument("--scheduler", help="address of an existing Dask distributed scheduler")
     extract.add_argument(
@@ -228,13 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
     importer.add_argument("lmdb_dir", help="VL-InterpreT database directory (holding data.mdb); opened read-only")
     importer.add_argument("store", help="store directory to write (created, or appended to if it exists)")
     importer.add_argument("--model-name", help="model name for the store (default: from the database's name)")
-    importer.add_argument("--precision", choices=["float16", "float32"], default="float32")
+    importer.add_argument("--precision", choices=["float16", "float32"], default="float32", help=precision_help)
     importer.add_argument(
         "--normalize-attention",
         action="store_true",
         help="divide attention rows that do not sum to 1 by their sums (kept in attention_row_sum)",
     )
-    importer.add_argument("--examples-per-shard", type=int, default=16)
+    importer.add_argument("--examples-per-shard", type=int, default=16, help="examples per shard file (default 16)")
     importer.set_defaults(handler=_import_vlinterpret)
     stats = commands.add_parser("stats", help="precompute and cache head statistics and hidden-state projections")
     stats.add_argument("store", help="store directory (results are cached in STORE/.cache)")
@@ -255,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--examples", type=int, default=200, help="held-out examples of the built-in world")
     evaluate.add_argument("--out", required=True, help="directory for results.md, results.csv and accuracy.png")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
+    evaluate.add_argument("--allow-download", action="store_true", help=download_help)
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
     evaluate.set_defaults(handler=_evaluate)
     return parser
@@ -264,6 +286,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``vlinterpret``; user errors print one line and return 2."""
     args = build_parser().parse_args(argv)
     handler: Handler = args.handler
+    if getattr(args, "allow_download", False):
+        import os
+
+        from vlinterpret_panel.adapters.hf_common import ALLOW_DOWNLOAD_VARIABLE
+
+        os.environ[ALLOW_DOWNLOAD_VARIABLE] = "1"
     try:
         return handler(args)
     except VLIError as error:

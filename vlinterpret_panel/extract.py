@@ -80,8 +80,15 @@ def _scene_input(source: ExampleSource) -> ModelInput:
     return ModelInput(source.example_id, scene.image, vqa.question, label=vqa.answer, target_mask=vqa.target_mask)
 
 
-def scene_sources(count: int, *, seed: int = 0, text: str = "question") -> list[ExampleSource]:
-    """``count`` generated scenes (seeds ``seed`` ... ``seed + count - 1``) for the built-in models."""
+def scene_sources(count: int, *, seed: int | None = None, text: str = "question") -> list[ExampleSource]:
+    """``count`` generated scenes (seeds ``seed`` ... ``seed + count - 1``) for the built-in models.
+
+    The default first seed is ``world.HELDOUT_SEED_START``: held-out scenes, never trained on.
+    """
+    if seed is None:
+        from vlinterpret_panel.models.world import HELDOUT_SEED_START
+
+        seed = HELDOUT_SEED_START
     if text not in ("question", "caption"):
         raise VLIError(f"scene text must be 'question' or 'caption', not {text!r}")
     return [ExampleSource(f"scene-{s:07d}", seed=s, scene_text=text) for s in range(seed, seed + count)]

@@ -143,19 +143,37 @@ def use_capture_attention(model: nn.Module) -> None:
     model.set_attn_implementation(CAPTURE_ATTENTION)  # type: ignore[operator]  # nn.Module's __getattr__ hides it
 
 
+ALLOW_DOWNLOAD_VARIABLE = "VLINTERPRET_ALLOW_DOWNLOAD"
+"""Set to 1 (the CLI's ``--allow-download``) to let a Hub name that is not in the local cache be downloaded."""
+
+
+def downloads_allowed() -> bool:
+    """Whether checkpoints may come from the Hugging Face Hub (off by default: offline first)."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    return not offline and os.environ.get(ALLOW_DOWNLOAD_VARIABLE, "0") in ("1", "true", "True", "yes")
+
+
 def load_pretrained(loader: Callable[..., Any], name_or_path: str, what: str, **kwargs: Any) -> Any:
     """``loader(name_or_path)`` with a readable ``VLIError`` when the checkpoint is missing.
 
-    Honours ``HF_HUB_OFFLINE``: offline, only local paths and the local cache are used.
+    Offline first: a local directory, or a Hub name already in the local Hugging Face cache,
+    loads at once; anything else fails at once naming what was looked for, without the Hub's
+    retries (28 s of "Retrying" before), unless downloads are allowed (``downloads_allowed``).
     """
     looks_local = os.path.isabs(name_or_path) or name_or_path.startswith((".", "~"))
     if looks_local and not os.path.exists(os.path.expanduser(name_or_path)):
         raise VLIError(f"cannot load the {what} {name_or_path!r}: no such file or directory")
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+    allowed = downloads_allowed()
+    if not allowed:
         kwargs.setdefault("local_files_only", True)
     try:
         return loader(name_or_path, **kwargs)
     except (OSError, ValueError) as error:
+        if not allowed and not os.path.isdir(os.path.expanduser(name_or_path)):
+            raise VLIError(
+                f"cannot load the {what} {name_or_path!r}: it is not a local directory nor in the Hugging Face "
+                "cache; pass --allow-download (or set VLINTERPRET_ALLOW_DOWNLOAD=1) to fetch it from the Hub"
+            ) from None
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise VLIError(f"cannot load the {what} {name_or_path!r}: {reason}") from None
 

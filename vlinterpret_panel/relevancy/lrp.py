@@ -295,7 +295,7 @@ def propagate(model: nn.Module, recorder: ActivationRecorder, output_index: int 
 
 def _dual_stream_relevance(model: DualStreamModel, recorder: ActivationRecorder, pooled: Tensor) -> LRPResult:
     """From the last co-attention layer's text [CLS] back through the co-attention layers, then each stream's stack."""
-    last_text, last_image, _ = recorder.outputs[model.cross_layers[-1]]  # type: ignore[misc]
+    last_text, last_image, _ = recorder.outputs[model.cross_layers[-1]]
     relevance_text = torch.zeros_like(last_text.double())
     relevance_text[:, 0] = pooled
     relevance_image = torch.zeros_like(last_image.double())
