@@ -208,6 +208,26 @@ def test_cli_imports_the_fixture_and_the_result_validates(database: Path, tmp_pa
     assert validated.returncode == 0, validated.stderr
 
 
+def raw_values(database: Path) -> dict[bytes, bytes]:
+    """Every value of a database, lz4 and msgpack undone (pickles stay bytes: nothing is unpickled)."""
+    env = lmdb.open(str(database), readonly=True, lock=False)
+    with env.begin() as txn:
+        values = {key: msgpack.loads(lz4.frame.decompress(value), raw=False) for key, value in txn.cursor()}
+    env.close()
+    return values
+
+
+def test_committed_fixture_is_what_its_script_writes(tmp_path: Path) -> None:
+    from extract.make_vlinterpret_fixture import write
+
+    written = raw_values(write(tmp_path / "db").parent)
+    assert written == raw_values(COMMITTED)
+    assert sorted(written) == [b"0", b"1", b"2", b"faiss", b"n_examples", b"n_heads", b"n_layers"]
+    # As in VL-InterpreT's databases (written with NumPy 1.x): the importer's numpy.core spelling is
+    # tested on every clone, not only where the external fixture lies.
+    assert b"numpy.core.multiarray" in written[b"0"] and b"numpy._core" not in written[b"0"]
+
+
 @pytest.mark.parametrize("protocol", [2, 4, 5])
 def test_real_attention_imports_exactly_for_every_pickle_protocol(tmp_path: Path, protocol: int) -> None:
     database = synthetic_database(tmp_path / "db", protocol=protocol)
