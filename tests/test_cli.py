@@ -83,8 +83,16 @@ def test_scenes_default_to_held_out_seeds() -> None:
     from vlinterpret_panel.models.world import HELDOUT_SEED_START
 
     args = build_parser().parse_args(["extract", "single_stream", "store", "--scenes", "2"])
-    assert args.seed == HELDOUT_SEED_START
+    assert [source.seed for source in scene_sources(2, seed=args.seed)] == [HELDOUT_SEED_START, HELDOUT_SEED_START + 1]
     assert scene_sources(1)[0].seed == HELDOUT_SEED_START
+    assert f"default {HELDOUT_SEED_START:,}" in run_cli("extract", "--help").stdout
+
+
+def test_help_and_version_do_not_load_torch() -> None:
+    # --help and --version answer in about a second; the models package would add torch's 2 s.
+    code = "import sys; from vlinterpret_panel.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "False", result.stderr
 
 
 def test_serve_on_a_port_in_use_is_one_line(tmp_path: Path) -> None:

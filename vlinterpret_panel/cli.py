@@ -166,7 +166,6 @@ def _evaluate(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``vlinterpret`` and all its subcommands."""
     from vlinterpret_panel import __version__
-    from vlinterpret_panel.models.world import HELDOUT_SEED_START
 
     parser = argparse.ArgumentParser(
         prog="vlinterpret",
@@ -219,8 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument(
         "--seed",
         type=int,
-        default=HELDOUT_SEED_START,
-        help=f"first scene seed (default {HELDOUT_SEED_START}: held-out scenes; training used seeds below it)",
+        # None: extract.scene_sources starts at world.HELDOUT_SEED_START. Not imported here, since
+        # the models package loads torch: 2 s more for every --help and --version.
+        help="first scene seed (default 1,000,000,000, world.HELDOUT_SEED_START: held-out scenes; "
+        "training used the seeds below it)",
     )
     extract.add_argument("--option", action="append", default=[], help="KEY=VALUE for the adapter (JSON values)")
     extract.add_argument("--batch-size", type=int, default=8, help="examples per forward pass")
