@@ -10,8 +10,11 @@ import pytest
 import xarray as xr
 
 from tests.test_schema import BAD_CASES, SPEC, _broken
+from vlinterpret_panel.adapters.hf_common import ALLOW_DOWNLOAD_VARIABLE
 from vlinterpret_panel.schema import records_to_dataset
 from vlinterpret_panel.synth import synthetic_record
+
+DEMO_STORE = Path(__file__).resolve().parents[1] / "datasets" / "single_stream"
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -98,20 +101,35 @@ def test_help_and_version_do_not_load_torch() -> None:
 def test_serve_on_a_port_in_use_is_one_line(tmp_path: Path) -> None:
     import socket
 
-    store = Path(__file__).resolve().parents[1] / "datasets" / "single_stream"
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = run_cli("serve", str(store), "--port", str(port))
+        result = run_cli("serve", str(DEMO_STORE), "--port", str(port))
     _assert_one_clear_line(result, "choose another port with --port")
+
+
+def test_serve_on_a_port_taken_after_the_check_is_one_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    import vlinterpret_panel.ui.serve as serving
+    from vlinterpret_panel.errors import VLIError
+
+    monkeypatch.setattr(serving, "check_port_free", lambda address, port: None)  # as if taken in between
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(VLIError, match=f"cannot listen on 127.0.0.1:{port} .*choose another port with --port"):
+            serving.serve(DEMO_STORE, port=port)
 
 
 def test_an_unknown_model_fails_at_once_offline_first(tmp_path: Path) -> None:
     import os
     import time
 
-    env = {key: value for key, value in os.environ.items() if key != "HF_HUB_OFFLINE"}
+    cache = tmp_path / "hub-cache"
+    env = {key: value for key, value in os.environ.items() if key not in ("HF_HUB_OFFLINE", ALLOW_DOWNLOAD_VARIABLE)}
     started = time.monotonic()
     result = subprocess.run(
         [
@@ -127,8 +145,9 @@ def test_an_unknown_model_fails_at_once_offline_first(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=120,
-        env=env,
+        env={**env, "HF_HUB_CACHE": str(cache)},
     )
-    _assert_one_clear_line(result, "not a local directory nor in the Hugging Face cache")
-    assert "--allow-download" in result.stderr and "Retrying" not in result.stderr
-    assert time.monotonic() - started < 20
+    _assert_one_clear_line(result, f"not a local directory nor in the Hugging Face cache ({cache})")
+    assert "is no built-in model (" in result.stderr
+    assert "pass --allow-download" in result.stderr and "Retrying" not in result.stderr
+    assert time.monotonic() - started < 20  # imports only: 4-8 s on 2 busy cores; the Hub's retries took 28 s

@@ -147,10 +147,13 @@ ALLOW_DOWNLOAD_VARIABLE = "VLINTERPRET_ALLOW_DOWNLOAD"
 """Set to 1 (the CLI's ``--allow-download``) to let a Hub name that is not in the local cache be downloaded."""
 
 
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
 def downloads_allowed() -> bool:
     """Whether checkpoints may come from the Hugging Face Hub (off by default: offline first)."""
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    return not offline and os.environ.get(ALLOW_DOWNLOAD_VARIABLE, "0") in ("1", "true", "True", "yes")
+    return not _hub_offline() and os.environ.get(ALLOW_DOWNLOAD_VARIABLE, "0") in ("1", "true", "True", "yes")
 
 
 def load_pretrained(loader: Callable[..., Any], name_or_path: str, what: str, **kwargs: Any) -> Any:
@@ -170,9 +173,16 @@ def load_pretrained(loader: Callable[..., Any], name_or_path: str, what: str, **
         return loader(name_or_path, **kwargs)
     except (OSError, ValueError) as error:
         if not allowed and not os.path.isdir(os.path.expanduser(name_or_path)):
+            from huggingface_hub.constants import HF_HUB_CACHE
+
+            how = (
+                "unset HF_HUB_OFFLINE and pass --allow-download"
+                if _hub_offline()
+                else "pass --allow-download (or set VLINTERPRET_ALLOW_DOWNLOAD=1)"
+            )
             raise VLIError(
                 f"cannot load the {what} {name_or_path!r}: it is not a local directory nor in the Hugging Face "
-                "cache; pass --allow-download (or set VLINTERPRET_ALLOW_DOWNLOAD=1) to fetch it from the Hub"
+                f"cache ({HF_HUB_CACHE}); {how} to fetch it from the Hub"
             ) from None
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise VLIError(f"cannot load the {what} {name_or_path!r}: {reason}") from None
