@@ -6,6 +6,10 @@ STAMP := $(VENV)/.installed-stamp
 PORT ?= 5006
 # PyTorch's own CPU wheel index: plain PyPI resolves `torch` to the CUDA build (several GB of
 # nvidia-* packages). Override with TORCH_INDEX=... (a mirror, or a CUDA index on a GPU machine).
+# --index-url replaces PyPI for this one install; pip's configured find-links and extra indexes
+# still apply (this machine's local CPU wheel: 25 s, the unreachable index costing under a
+# second with --retries 1; pip's default 5 retries cost 76 s). TORCH_CPU_ONLY=1 then refuses a
+# CUDA build, wherever it came from; the rest of the install is pinned to the torch installed.
 TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 TORCH_CPU_ONLY ?= 1
@@ -17,10 +21,13 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	@echo "installing torch $(TORCH_VERSION) from $(TORCH_INDEX) (pip's find-links and extra indexes still apply)"
-	$(BIN)/python -m pip install --quiet --retries 1 --timeout 20 --index-url $(TORCH_INDEX) torch==$(TORCH_VERSION)
-	@if [ "$(TORCH_CPU_ONLY)" = 1 ]; then $(BIN)/python -c "import sys, torch; \
-		sys.exit(f'torch {torch.__version__} is a CUDA build; set TORCH_INDEX to a CPU wheel index' if torch.version.cuda else 0)"; fi
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	@$(BIN)/python -m pip install --quiet --retries 1 --timeout 20 --index-url $(TORCH_INDEX) torch==$(TORCH_VERSION) \
+		|| { echo "could not install torch $(TORCH_VERSION) from $(TORCH_INDEX): set TORCH_INDEX to a reachable CPU wheel index (or mirror)"; exit 1; }
+	@$(BIN)/python -W ignore -c "import sys, torch; cuda = torch.version.cuda; \
+		print(f'torch {torch.__version__}: ' + (f'CUDA {cuda} build' if cuda else 'CPU build')); \
+		sys.exit('refusing a CUDA build of torch: set TORCH_INDEX to a CPU wheel index, or TORCH_CPU_ONLY=0' if cuda and '$(TORCH_CPU_ONLY)' == '1' else 0)"
+	@echo "installing vlinterpret-panel and its dependencies (torch pinned to the build just installed)"
+	$(BIN)/python -m pip install --quiet -e ".[test]" "torch==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("torch"))')"
 	touch $(STAMP)
 
 setup: $(STAMP)
