@@ -20,7 +20,7 @@ import xarray as xr
 from scipy import ndimage
 
 from vlinterpret_panel.errors import VLIError
-from vlinterpret_panel.schema import IMAGE
+from vlinterpret_panel.schema import IMAGE, require_full_attention
 
 Direction = Literal["from", "to"]
 DIRECTIONS: tuple[str, ...] = ("from", "to")
@@ -108,6 +108,7 @@ def check_layer(ds: xr.Dataset, layer: int) -> int:
 
 def read_layer_block(ds: xr.Dataset, position: int, layer: int, n_tokens: int) -> np.ndarray:
     """All heads of one (example, layer) attention block, ``(head, query, key)``, the first ``n_tokens`` only."""
+    require_full_attention(ds, "an attention map")
     block = ds["attention"].isel(example=position, layer=layer, query=slice(0, n_tokens), key=slice(0, n_tokens))
     return np.asarray(block.values, dtype=np.float32)
 

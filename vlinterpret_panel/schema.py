@@ -35,7 +35,8 @@ import xarray as xr
 from vlinterpret_panel.errors import VLIError
 
 SCHEMA_NAME = "vlinterpret-panel"
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
+"""1.1 added generated answers (``answer_*``, ``step``, ``rank``); readers accept any 1.x store."""
 
 TEXT, IMAGE, SPECIAL, PAD = "text", "image", "special", "pad"
 MODALITIES = (TEXT, IMAGE, SPECIAL, PAD)
@@ -61,8 +62,10 @@ class Variable:
     ``from_record`` gives one example's value from an ``ExampleRecord`` (None: the record has
     none); a ``keyed_by`` variable's value is a mapping whose keys label that dimension
     (e.g. relevancy per method). An optional variable is stored when any record has a
-    value (and the variables named in ``requires`` are stored). Readers fill padding and
-    examples of shards without the variable with ``fill``.
+    value (and the variables named in ``requires`` are stored). A required variable may be
+    left out of a store that has its ``unless`` variable instead (a generated-answer store
+    keeps the answer's attention rows, not the full maps). Readers fill padding and examples
+    of shards without the variable with ``fill``.
     """
 
     dims: tuple[str, ...]
@@ -73,6 +76,12 @@ class Variable:
     from_record: Callable[[ExampleRecord], Any] | None = None
     keyed_by: str | None = None
     requires: tuple[str, ...] = ()
+    unless: str | None = None
+
+
+def _answer(field_name: str) -> Callable[[ExampleRecord], Any]:
+    """A generated-answer field of a record (None when the record has no generated answer)."""
+    return lambda r: None if r.answer is None else getattr(r.answer, field_name)
 
 
 def _correct(record: ExampleRecord) -> int:
@@ -97,6 +106,7 @@ VARIABLES: dict[str, Variable] = {
         np.float32,
         np.nan,
         lambda r: r.attention,
+        unless="answer_attention",
     ),
     "hidden_states": Variable(
         ("example", "hidden_layer", "token", "feature"),
@@ -105,6 +115,7 @@ VARIABLES: dict[str, Variable] = {
         np.float32,
         np.nan,
         lambda r: r.hidden_states,
+        unless="answer_attention",
     ),
     "token_text": Variable(
         ("example", "token"), True, {"long_name": "token string"}, object, "", lambda r: np.array(r.tokens, object)
@@ -235,6 +246,82 @@ VARIABLES: dict[str, Variable] = {
         np.float32,
         np.nan,
     ),
+    "answer_token": Variable(
+        ("example", "step"),
+        False,
+        {"long_name": "generated token at each step of the answer"},
+        object,
+        "",
+        _answer("tokens"),
+    ),
+    "answer_position": Variable(
+        ("example", "step"),
+        False,
+        {"long_name": "token position of each generated token; the query row that predicted it is one before"},
+        np.int32,
+        -1,
+        _answer("positions"),
+    ),
+    "answer_probability": Variable(
+        ("example", "step"),
+        False,
+        {"long_name": "probability the model gave each generated token", "units": "1"},
+        np.float32,
+        np.nan,
+        _answer("probabilities"),
+    ),
+    "answer_alternative": Variable(
+        ("example", "step", "rank"),
+        False,
+        {"long_name": "most probable tokens at each step, best first (rank 0: the generated one, greedy decoding)"},
+        object,
+        "",
+        _answer("alternatives"),
+    ),
+    "answer_alternative_probability": Variable(
+        ("example", "step", "rank"),
+        False,
+        {"long_name": "probability of each alternative token", "units": "1"},
+        np.float32,
+        np.nan,
+        _answer("alternative_probabilities"),
+    ),
+    "answer_attention": Variable(
+        ("example", "layer", "head", "step", "key"),
+        False,
+        {
+            "long_name": "attention of the query that predicted each generated token (answer_position - 1) to each key",
+            "units": "1",
+        },
+        np.float32,
+        np.nan,
+        _answer("attention"),
+    ),
+    "answer_hidden_states": Variable(
+        ("example", "hidden_layer", "step", "feature"),
+        False,
+        {"long_name": "hidden state of the query that predicted each generated token, after each layer", "units": "1"},
+        np.float32,
+        np.nan,
+        _answer("hidden_states"),
+    ),
+    "answer_relevancy": Variable(
+        ("example", "relevancy_method", "step", "token"),
+        False,
+        {"long_name": "relevancy of each token for each generated token (0 for tokens after its query)", "units": "1"},
+        np.float32,
+        np.nan,
+        _answer("relevancy"),
+        keyed_by="relevancy_method",
+    ),
+    "answer_target_mask": Variable(
+        ("example", "step", "image_y", "image_x"),
+        False,
+        {"long_name": "ground-truth pixels of the object each generated token names (all 0: names none)", "units": "1"},
+        np.uint8,
+        0,
+        _answer("target_masks"),
+    ),
     "custom_metric": Variable(
         ("example", "metric", "layer", "head"),
         False,
@@ -263,6 +350,8 @@ COORDINATE_ATTRS: dict[str, dict[str, str]] = {
     "image_x": {"long_name": "pixel column, 0 at the left", "units": "pixel"},
     "channel": {"long_name": "colour channel"},
     "grid_axis": {"long_name": "patch grid axis"},
+    "step": {"long_name": "generation step: index of the generated token in the answer"},
+    "rank": {"long_name": "rank of an alternative token at a generation step, 0 the most probable"},
 }
 
 REQUIRED_ATTRS = ("schema", "schema_version", "model_name", "created")
@@ -270,7 +359,11 @@ REQUIRED_ATTRS = ("schema", "schema_version", "model_name", "created")
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What is common to every example a model produces: its name and its layer layout."""
+    """What is common to every example a model produces: its name and its layer layout.
+
+    ``layer_index`` and ``head_index`` are the model's own indices of the stored layers and
+    heads when only some are stored (the ``layer`` and ``head`` coordinates); by default all.
+    """
 
     name: str
     layer_kind: Sequence[str]
@@ -278,6 +371,8 @@ class ModelInfo:
     hidden_layer_name: Sequence[str]
     layer_name: Sequence[str] | None = None
     config: Mapping[str, Any] = field(default_factory=dict)
+    layer_index: Sequence[int] | None = None
+    head_index: Sequence[int] | None = None
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.layer_kind) - set(LAYER_KINDS))
@@ -288,12 +383,66 @@ class ModelInfo:
 
 
 @dataclass
+class GeneratedAnswer:
+    """What a generative model produced for one example, step by step, in the schema's conventions.
+
+    ``positions[k]`` is generated token k's position in the example's token sequence; the row
+    that predicted it is ``positions[k] - 1``. ``attention`` is ``(layer, head, step, token)``
+    (that row, over every key), ``hidden_states`` ``(hidden_layer, step, feature)`` (that
+    row's states), ``relevancy`` per method ``(step, token)``, ``target_masks`` ``(step, H, W)``.
+    """
+
+    tokens: Sequence[str]
+    positions: np.ndarray
+    probabilities: np.ndarray
+    alternatives: np.ndarray
+    alternative_probabilities: np.ndarray
+    attention: np.ndarray
+    hidden_states: np.ndarray
+    relevancy: Mapping[str, np.ndarray] | None = None
+    target_masks: np.ndarray | None = None
+
+    def check(self, where: str, n_tokens: int, image_shape: tuple[int, ...]) -> None:
+        """Raise ``VLIError`` if the answer's arrays disagree with each other or the token sequence."""
+        steps = len(self.tokens)
+        if steps == 0:
+            raise VLIError(f"{where}: the generated answer has no tokens")
+        positions = np.asarray(self.positions)
+        if positions.shape != (steps,) or (positions < 1).any() or (positions >= n_tokens).any():
+            raise VLIError(f"{where}: answer positions must give one position in 1..{n_tokens - 1} per generated token")
+        expected = {
+            "probabilities": (self.probabilities, (steps,)),
+            "alternatives": (self.alternatives, (steps, None)),
+            "alternative_probabilities": (self.alternative_probabilities, (steps, None)),
+            "attention": (self.attention, (None, None, steps, n_tokens)),
+            "hidden_states": (self.hidden_states, (None, steps, None)),
+        }
+        if self.target_masks is not None:
+            expected["target_masks"] = (self.target_masks, (steps, *image_shape[:2]))
+        for method, values in (self.relevancy or {}).items():
+            expected[f"relevancy {method!r}"] = (values, (steps, n_tokens))
+        _check_shapes(where, expected)
+
+
+def _check_shapes(where: str, expected: Mapping[str, tuple[Any, tuple[int | None, ...]]]) -> None:
+    """Raise ``VLIError`` naming the first array whose shape is not the expected one (None: any size)."""
+    for name, (array, shape) in expected.items():
+        got = np.shape(array)
+        if len(got) != len(shape) or any(
+            want is not None and size != want for size, want in zip(got, shape, strict=True)
+        ):
+            wanted = tuple("any" if s is None else s for s in shape)
+            raise VLIError(f"{where}: {name} has shape {tuple(got)}, expected {wanted}")
+
+
+@dataclass
 class ExampleRecord:
     """Everything a model run yields for one image-text pair, in the schema's conventions.
 
     Adapters return it; ``records_to_dataset`` turns a batch of them into a Dataset.
     ``attention`` is ``(layer, head, token, token)`` (heads beyond a layer's count NaN),
-    ``hidden_states`` is ``(hidden_layer, token, feature)``.
+    ``hidden_states`` is ``(hidden_layer, token, feature)``; a generated answer's record may
+    leave both out (None) and keep its ``answer``'s rows instead.
     ``attention_gradient`` (same shape as ``attention``) is for relevancy and is not stored.
     """
 
@@ -303,8 +452,8 @@ class ExampleRecord:
     tokens: Sequence[str]
     modality: Sequence[str]
     token_box: np.ndarray
-    attention: np.ndarray
-    hidden_states: np.ndarray
+    attention: np.ndarray | None
+    hidden_states: np.ndarray | None
     label: str | None = None
     prediction: str | None = None
     score: float | None = None
@@ -315,6 +464,13 @@ class ExampleRecord:
     relevancy_target: str | None = None
     custom_metrics: Mapping[str, np.ndarray] | None = None
     attention_gradient: np.ndarray | None = None
+    answer: GeneratedAnswer | None = None
+
+    def full_attention(self) -> np.ndarray:
+        """``attention``, or a ``VLIError`` for a generated answer's record that keeps only its rows."""
+        if self.attention is None:
+            raise VLIError(f"example {self.example_id!r} keeps only its answer's attention rows, not the full maps")
+        return self.attention
 
     def check(self) -> None:
         """Raise ``VLIError`` if the arrays disagree in shape with each other."""
@@ -331,27 +487,25 @@ class ExampleRecord:
             raise VLIError(
                 f"{where}: image must be uint8 (height, width, 3), got {self.image.dtype} {tuple(self.image.shape)}"
             )
-        expected = {
-            "token_box": (self.token_box, (n_tokens, 4)),
-            "attention": (self.attention, (None, None, n_tokens, n_tokens)),
-            "hidden_states": (self.hidden_states, (None, n_tokens, None)),
-        }
+        if self.answer is None and (self.attention is None or self.hidden_states is None):
+            raise VLIError(f"{where}: has no attention or hidden states (only a generated answer may leave them out)")
+        expected: dict[str, tuple[Any, tuple[int | None, ...]]] = {"token_box": (self.token_box, (n_tokens, 4))}
+        if self.attention is not None:
+            expected["attention"] = (self.attention, (None, None, n_tokens, n_tokens))
+        if self.hidden_states is not None:
+            expected["hidden_states"] = (self.hidden_states, (None, n_tokens, None))
         if self.patch_position is not None:
             expected["patch_position"] = (self.patch_position, (n_tokens, 2))
         if self.target_mask is not None:
             expected["target_mask"] = (self.target_mask, self.image.shape[:2])
-        if self.attention_gradient is not None:
+        if self.attention_gradient is not None and self.attention is not None:
             expected["attention_gradient"] = (self.attention_gradient, self.attention.shape)
-        for name, (array, shape) in expected.items():
-            ok = array.ndim == len(shape) and all(
-                want is None or got == want for got, want in zip(array.shape, shape, strict=True)
-            )
-            if not ok:
-                wanted = tuple("any" if s is None else s for s in shape)
-                raise VLIError(f"{where}: {name} has shape {tuple(array.shape)}, expected {wanted}")
+        _check_shapes(where, expected)
         for name, values in (self.relevancy or {}).items():
             if np.shape(values) != (n_tokens,):
                 raise VLIError(f"{where}: relevancy {name!r} needs one value per token")
+        if self.answer is not None:
+            self.answer.check(where, n_tokens, self.image.shape)
 
 
 def _stacked_padded(arrays: Sequence[Any], shape: Sequence[int], fill: Any, dtype: Any) -> np.ndarray:
@@ -393,32 +547,34 @@ def records_to_dataset(
         record.check()
     n_layers = len(info.layer_kind)
     n_heads = max(info.num_heads)
+    for name in ("attention", "hidden_states"):
+        present = [getattr(r, name) is not None for r in records]
+        if any(present) and not all(present):
+            raise VLIError(f"some examples have {name} and others not; store them in separate shards")
+    steps = [len(r.answer.tokens) for r in records if r.answer is not None]
+    feature_sizes = [r.hidden_states.shape[2] for r in records if r.hidden_states is not None]
+    feature_sizes += [r.answer.hidden_states.shape[2] for r in records if r.answer is not None]
+    ranks = [r.answer.alternatives.shape[1] for r in records if r.answer is not None]
     for r in records:
-        if r.attention.shape[:2] != (n_layers, n_heads):
-            raise VLIError(
-                f"example {r.example_id!r}: attention has {r.attention.shape[:2]} "
-                f"(layers, heads), the model info says {(n_layers, n_heads)}"
-            )
-        if r.hidden_states.shape[0] != len(info.hidden_layer_name):
-            raise VLIError(
-                f"example {r.example_id!r}: {r.hidden_states.shape[0]} hidden layers, "
-                f"the model info names {len(info.hidden_layer_name)}"
-            )
+        _check_layout(r, info, n_layers, n_heads)
     sizes = {
         "layer": n_layers,
         "head": n_heads,
         "token": max(len(r.tokens) for r in records),
         "hidden_layer": len(info.hidden_layer_name),
-        "feature": max(r.hidden_states.shape[2] for r in records),
+        "feature": max(feature_sizes),
         "image_y": max(r.image.shape[0] for r in records),
         "image_x": max(r.image.shape[1] for r in records),
         "box": len(BOX_NAMES),
         "channel": len(CHANNEL_NAMES),
         "grid_axis": len(GRID_AXES),
+        "step": max(steps, default=0),
+        "rank": max(ranks, default=0),
     }
     sizes["query"] = sizes["key"] = sizes["token"]
     coords: dict[str, Any] = {}
     data_vars: dict[str, tuple[tuple[str, ...], np.ndarray]] = {}
+    keys_of = _keyed_coordinates(records)
     for name, variable in VARIABLES.items():
         if variable.from_record is None or not all(other in data_vars for other in variable.requires):
             continue
@@ -426,7 +582,7 @@ def records_to_dataset(
         if all(value is None for value in values):
             continue
         if variable.keyed_by is not None:
-            keys = sorted({key for value in values for key in (value or {})})
+            keys = keys_of[variable.keyed_by]
             coords[variable.keyed_by] = keys
             sizes[variable.keyed_by] = len(keys)
             inner = tuple(sizes[dim] for dim in variable.dims[2:])
@@ -434,18 +590,21 @@ def records_to_dataset(
             values = [_stacked_padded(v, inner, variable.fill, variable.dtype) for v in values]
         shape = tuple(sizes[dim] for dim in variable.dims[1:])
         data_vars[name] = (variable.dims, _stacked_padded(values, shape, variable.fill, variable.dtype))
-    attention = data_vars["attention"][1]
-    for layer, heads in enumerate(info.num_heads):
-        attention[:, layer, heads:] = np.nan
+    for name in ("attention", "answer_attention"):
+        if name in data_vars:
+            for layer, heads in enumerate(info.num_heads):
+                data_vars[name][1][:, layer, heads:] = np.nan
     if "patch_position" in data_vars:
         coords["grid_axis"] = list(GRID_AXES)
+    if sizes["step"]:
+        coords.update(step=np.arange(sizes["step"], dtype=np.int32), rank=np.arange(sizes["rank"], dtype=np.int32))
     coords.update(
         example=[r.example_id for r in records],
-        layer=np.arange(n_layers, dtype=np.int32),
+        layer=np.asarray(info.layer_index if info.layer_index is not None else np.arange(n_layers), dtype=np.int32),
         layer_kind=("layer", np.array(info.layer_kind, dtype=object)),
         layer_name=("layer", np.array(info.layer_name or [f"layer.{i}" for i in range(n_layers)], dtype=object)),
         layer_heads=("layer", np.array(info.num_heads, dtype=np.int32)),
-        head=np.arange(n_heads, dtype=np.int32),
+        head=np.asarray(info.head_index if info.head_index is not None else np.arange(n_heads), dtype=np.int32),
         query=np.arange(sizes["token"], dtype=np.int32),
         key=np.arange(sizes["token"], dtype=np.int32),
         token=np.arange(sizes["token"], dtype=np.int32),
@@ -466,6 +625,39 @@ def records_to_dataset(
     }
     ds = xr.Dataset(data_vars, coords=coords, attrs=attrs)
     return with_schema_attrs(ds)
+
+
+def _check_layout(record: ExampleRecord, info: ModelInfo, n_layers: int, n_heads: int) -> None:
+    """Raise ``VLIError`` if a record's layers, heads or hidden layers disagree with the model info."""
+    where = f"example {record.example_id!r}"
+    attention = [("attention", record.attention)]
+    hidden = [("hidden_states", record.hidden_states)]
+    if record.answer is not None:
+        attention.append(("answer attention", record.answer.attention))
+        hidden.append(("answer hidden states", record.answer.hidden_states))
+    for name, values in attention:
+        if values is not None and values.shape[:2] != (n_layers, n_heads):
+            raise VLIError(
+                f"{where}: {name} has {values.shape[:2]} (layers, heads), the model info says {(n_layers, n_heads)}"
+            )
+    for name, values in hidden:
+        if values is not None and values.shape[0] != len(info.hidden_layer_name):
+            raise VLIError(
+                f"{where}: {values.shape[0]} hidden layers in {name}, "
+                f"the model info names {len(info.hidden_layer_name)}"
+            )
+
+
+def _keyed_coordinates(records: Sequence[ExampleRecord]) -> dict[str, list[str]]:
+    """The labels of each ``keyed_by`` dimension: every key any record gives any variable keyed by it."""
+    keys: dict[str, set[str]] = {}
+    for variable in VARIABLES.values():
+        if variable.keyed_by is None or variable.from_record is None:
+            continue
+        found = keys.setdefault(variable.keyed_by, set())
+        for record in records:
+            found.update(variable.from_record(record) or {})
+    return {dim: sorted(labels) for dim, labels in keys.items()}
 
 
 def with_schema_attrs(ds: xr.Dataset) -> xr.Dataset:
@@ -501,18 +693,21 @@ def validate(ds: xr.Dataset, *, source: str | None = None, check_values: bool = 
             _fail(source, f"missing attribute {attr!r}")
     for name, variable in VARIABLES.items():
         if name not in ds.variables:
-            if variable.required:
+            if variable.required and not (variable.unless and variable.unless in ds.variables):
                 _fail(source, f"missing variable {name!r}")
             continue
         if ds[name].dims != variable.dims:
             _fail(source, f"variable {name!r} has dims {ds[name].dims}, expected {variable.dims}")
     sizes = ds.sizes
-    if not sizes["query"] == sizes["key"] == sizes["token"]:
+    if any(sizes.get(dim, sizes["token"]) != sizes["token"] for dim in ("query", "key")):
         _fail(
             source,
             f"token/attention length mismatch: {sizes['token']} tokens but attention is "
-            f"{sizes['query']} queries x {sizes['key']} keys",
+            f"{sizes.get('query')} queries x {sizes.get('key')} keys",
         )
+    answer_variables = sorted(str(name) for name in ds.data_vars if str(name).startswith("answer_"))
+    if answer_variables and not {"answer_token", "answer_position"} <= set(answer_variables):
+        _fail(source, f"{', '.join(answer_variables)} need the generated tokens: answer_token and answer_position")
     if sizes["box"] != 4 or sizes["channel"] != 3:
         _fail(source, "token_box needs 4 box coordinates and image 3 channels")
     for coord in ("layer_kind", "layer_heads", "hidden_layer_name"):
@@ -525,6 +720,15 @@ def validate(ds: xr.Dataset, *, source: str | None = None, check_values: bool = 
         _fail(source, "layer_heads exceeds the head axis")
     if check_values:
         _check_values(ds, source)
+
+
+def require_full_attention(ds: xr.Dataset, purpose: str) -> None:
+    """``VLIError`` if ``ds`` keeps only generated answers' attention rows, which ``purpose`` cannot use."""
+    if "attention" not in ds:
+        raise VLIError(
+            f"{purpose} needs the full attention maps; this store keeps only the generated answers' "
+            "attention rows (answer_attention): extract it with --rows all for the full maps"
+        )
 
 
 def _where(ds: xr.Dataset, example: int, dims: Sequence[str], index: Sequence[int]) -> dict[str, Any]:
@@ -552,24 +756,36 @@ def _check_values(ds: xr.Dataset, source: str | None) -> None:
         _fail(source, f"seq_len must lie between 1 and {n_tokens}")
     layer_heads = np.asarray(ds["layer_heads"].values)
     real_head = np.arange(ds.sizes["head"])[None, :] < layer_heads[:, None]  # (layer, head)
-    example_bytes = ds["attention"].dtype.itemsize * ds["attention"][0].size
+    maps = [name for name in ("attention", "answer_attention") if name in ds]
+    example_bytes = sum(ds[name].dtype.itemsize * ds[name][0].size for name in maps)
     block = max(1, VALUE_CHECK_BYTES // max(1, example_bytes))
+    answer = "answer_position" in ds
+    if answer:
+        positions = np.asarray(ds["answer_position"].values)
+        beyond = (positions >= seq_lens[:, None]) | ((positions < 1) & (positions != -1))
+        if beyond.any():
+            index = np.argwhere(beyond)[0]
+            where = _where(ds, index[0], ["step"], index[1:])
+            _fail(source, f"answer_position must lie in 1..seq_len-1 (or -1 past the answer), see {where}")
+    names = ["modality", *maps, *(name for name in ("hidden_states", "answer_hidden_states") if name in ds)]
     for first in range(0, ds.sizes["example"], block):
-        part = ds[["modality", "attention", "hidden_states"]].isel(example=slice(first, first + block))
+        part = ds[names].isel(example=slice(first, first + block))
         valid_token = np.arange(n_tokens)[None, :] < seq_lens[first : first + block, None]  # (example, token)
-        _check_block(ds, part, first, valid_token, real_head, source)
+        _check_modality(ds, part, first, valid_token, source)
+        if "attention" in part:
+            _check_rows(ds, part["attention"], first, valid_token, valid_token, real_head, source)
+        if "hidden_states" in part:
+            _check_hidden(ds, part["hidden_states"], first, valid_token, source)
+        if answer:
+            valid_step = positions[first : first + block] >= 0  # (example, step)
+            if "answer_attention" in part:
+                _check_rows(ds, part["answer_attention"], first, valid_step, valid_token, real_head, source)
+            if "answer_hidden_states" in part:
+                _check_hidden(ds, part["answer_hidden_states"], first, valid_step, source)
 
 
-def _check_block(
-    ds: xr.Dataset,
-    part: xr.Dataset,
-    first: int,
-    valid_token: np.ndarray,
-    real_head: np.ndarray,
-    source: str | None,
-) -> None:
-    """The value checks on the examples ``first ...`` of ``part``; ``valid_token`` is ``(example, token)``."""
-    tolerance = 2e-2
+def _check_modality(ds: xr.Dataset, part: xr.Dataset, first: int, valid_token: np.ndarray, source: str | None) -> None:
+    """Known modality values, and ``pad`` exactly past ``seq_len``; ``valid_token`` is ``(example, token)``."""
     modality = np.asarray(part["modality"].values)
     bad = sorted(set(np.unique(modality).tolist()) - set(MODALITIES))
     if bad:
@@ -581,30 +797,47 @@ def _check_block(
             source,
             f"padding is not explicit: modality 'pad' must mark exactly the tokens past seq_len, see {where}",
         )
-    attention = np.asarray(part["attention"].values)  # (example, layer, head, query, key)
-    valid_query = valid_token[:, None, None, :, None]
-    valid_key = valid_token[:, None, None, None, :]
-    in_use = real_head[None, :, :, None, None] & valid_query & valid_key
+
+
+def _check_rows(
+    ds: xr.Dataset,
+    values: xr.DataArray,
+    first: int,
+    valid_row: np.ndarray,
+    valid_key: np.ndarray,
+    real_head: np.ndarray,
+    source: str | None,
+) -> None:
+    """Attention ``(example, layer, head, row, key)``: no NaN in use, rows summing to 1 (or 0 for non-queries)."""
+    tolerance = 2e-2
+    name, row_dim = str(values.name), str(values.dims[3])
+    attention = np.asarray(values.values)
+    in_use = real_head[None, :, :, None, None] & valid_row[:, None, None, :, None] & valid_key[:, None, None, None, :]
     holes = np.isnan(attention) & in_use
     if holes.any():
         index = np.argwhere(holes)[0]
-        where = _where(ds, first + index[0], ["layer", "head", "query", "key"], index[1:])
-        _fail(source, f"attention has NaN outside padding at {where}")
+        where = _where(ds, first + index[0], ["layer", "head", row_dim, "key"], index[1:])
+        _fail(source, f"{name} has NaN outside padding at {where}")
     row_sum = np.where(in_use, attention, 0.0).sum(axis=-1)
     bad_rows = (np.abs(row_sum - 1) > tolerance) & (np.abs(row_sum) > tolerance)
     if bad_rows.any():
         index = np.argwhere(bad_rows)[0]
-        where = _where(ds, first + index[0], ["layer", "head", "query"], index[1:])
+        where = _where(ds, first + index[0], ["layer", "head", row_dim], index[1:])
         _fail(
             source,
-            "attention rows must sum to 1 (or 0 for tokens that are not queries of a layer); "
+            f"{name} rows must sum to 1 (or 0 for tokens that are not queries of a layer); "
             f"the row at {where} sums to {row_sum[tuple(index)]:.3f}",
         )
-    hidden_nan = np.isnan(np.asarray(part["hidden_states"].values))  # (example, hidden_layer, token, feature)
+
+
+def _check_hidden(ds: xr.Dataset, values: xr.DataArray, first: int, valid_row: np.ndarray, source: str | None) -> None:
+    """Hidden states ``(example, hidden_layer, row, feature)``: NaN only as padding (rows, or trailing features)."""
+    name, row_dim = str(values.name), str(values.dims[2])
+    hidden_nan = np.isnan(np.asarray(values.values))
     # Narrower towers pad trailing features with NaN; anything else is a hole in the data.
     not_suffix = (np.diff(hidden_nan.astype(np.int8), axis=-1) < 0).any(axis=-1)
-    holes = (not_suffix | hidden_nan.all(axis=-1)) & valid_token[:, None, :]
+    holes = (not_suffix | hidden_nan.all(axis=-1)) & valid_row[:, None, :]
     if holes.any():
         index = np.argwhere(holes)[0]
-        where = _where(ds, first + index[0], ["hidden_layer", "token"], index[1:])
-        _fail(source, f"hidden_states has NaN outside padding at {where}")
+        where = _where(ds, first + index[0], ["hidden_layer", row_dim], index[1:])
+        _fail(source, f"{name} has NaN outside padding at {where}")

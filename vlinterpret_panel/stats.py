@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from vlinterpret_panel import cache
 from vlinterpret_panel.errors import VLIError
-from vlinterpret_panel.schema import IMAGE, SPECIAL, TEXT
+from vlinterpret_panel.schema import IMAGE, SPECIAL, TEXT, require_full_attention
 
 STATISTICS: dict[str, str] = {
     "text_to_image": "mean attention mass text queries put on image keys",
@@ -191,6 +191,7 @@ def head_statistics(ds: xr.Dataset, *, statistics: Sequence[str] | None = None) 
     result = xr.Dataset(coords={name: ds.coords[name] for name in ("example", "layer", "head")})
     result = result.assign_coords({name: ds.coords[name] for name in ("layer_kind", "layer_name", "layer_heads")})
     if builtin:
+        require_full_attention(ds, "head statistics")
         attention = ds["attention"]
         if attention.chunks is not None:
             attention = attention.chunk({"query": -1, "key": -1})

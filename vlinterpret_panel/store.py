@@ -51,6 +51,10 @@ ATTENTION_FILL = 65535
 _HIDDEN_FLOAT16_LIKE = {"dtype": "float32", "quantize_mode": "BitRound", "significant_digits": 10}
 
 
+ATTENTION_VARIABLES = ("attention", "answer_attention")
+"""Attention probabilities: packed to 16 bits at ``precision="float16"``, one chunk per (example, layer)."""
+HIDDEN_VARIABLES = ("hidden_states", "answer_hidden_states")
+
 MIN_CHUNK_BYTES = 64 * 2**10
 """Smallest HDF5 chunk worth its per-chunk cost; small models' per-layer maps are grouped up to it."""
 
@@ -81,19 +85,23 @@ def _encoding(ds: xr.Dataset, precision: Precision) -> dict[str, dict]:
     for name, var in ds.data_vars.items():
         # Strings as character arrays: xarray decodes those lazily, unlike variable-length ones.
         enc: dict[str, Any] = dict(compress) if var.dtype.kind in "fiub" else {"dtype": "S1"}
-        if var.dtype.kind == "f" and name not in ("attention", "hidden_states"):
+        if var.dtype.kind == "f" and name not in ATTENTION_VARIABLES + HIDDEN_VARIABLES:
             enc["_FillValue"] = np.nan
         encoding[str(name)] = enc
     attention_bytes = 2 if precision == "float16" else 4
-    encoding["attention"].update(
-        chunksizes=_block_chunks(ds["attention"], attention_bytes),
-        **({} if precision == "float16" else {"dtype": "float32", "_FillValue": np.nan}),
-    )
-    encoding["hidden_states"].update(
-        chunksizes=_block_chunks(ds["hidden_states"], 4),
-        **(_HIDDEN_FLOAT16_LIKE if precision == "float16" else {"dtype": "float32"}),
-        _FillValue=np.nan,
-    )
+    for name in ATTENTION_VARIABLES:
+        if name in ds:
+            encoding[name].update(
+                chunksizes=_block_chunks(ds[name], attention_bytes),
+                **({} if precision == "float16" else {"dtype": "float32", "_FillValue": np.nan}),
+            )
+    for name in HIDDEN_VARIABLES:
+        if name in ds:
+            encoding[name].update(
+                chunksizes=_block_chunks(ds[name], 4),
+                **(_HIDDEN_FLOAT16_LIKE if precision == "float16" else {"dtype": "float32"}),
+                _FillValue=np.nan,
+            )
     encoding["image"]["chunksizes"] = (1, sizes["image_y"], sizes["image_x"], sizes["channel"])
     return encoding
 
@@ -148,7 +156,7 @@ def write_shard(ds: xr.Dataset, store: str | os.PathLike, *, precision: Precisio
     handle, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=TEMP_SUFFIX, dir=store)
     os.close(handle)
     if precision == "float16":
-        ds = ds.assign(attention=pack_attention(ds["attention"]))
+        ds = ds.assign({name: pack_attention(ds[name]) for name in ATTENTION_VARIABLES if name in ds})
     try:
         with STORE_IO_LOCK:
             ds.to_netcdf(temporary, engine="netcdf4", format="NETCDF4", encoding=_encoding(ds, precision))
@@ -203,7 +211,7 @@ def _check_compatible(shards: list[ShardInfo]) -> None:
                 f"{shard.path}: model {shard.attrs['model_name']!r} differs from the store's "
                 f"{first.attrs['model_name']!r}; keep one model per store"
             )
-        for name in ("layer_kind", "hidden_layer_name", "relevancy_method", "metric", "readout"):
+        for name in ("layer", "layer_kind", "hidden_layer_name", "relevancy_method", "metric", "readout"):
             mine, theirs = shard.coords.get(name), first.coords.get(name)
             if mine is not None and theirs is not None and mine[1].tolist() != theirs[1].tolist():
                 raise VLIError(f"{shard.path}: its {name} {mine[1].tolist()} differs from the store's")
@@ -253,12 +261,17 @@ def _combine(shards: list[ShardInfo]) -> xr.Dataset:
     """All shards as one Dataset, each variable one Dask array padded to common sizes."""
     first = shards[0]
     sizes = dict(first.sizes)
-    sizes.update({dim: max(s.sizes[dim] for s in shards) for dim in PADDED_DIMS})
-    names = list(dict.fromkeys(name for shard in shards for name in shard.variables))
-    data_vars = {name: store_array(name, shards, sizes) for name in names}
     coords: dict[str, Any] = {name: coord for name, coord in first.coords.items() if name not in PADDED_DIMS}
     for dim in PADDED_DIMS:
-        coords[dim] = (dim, np.arange(sizes[dim], dtype=np.int32), first.coords[dim][2])
+        present = [s for s in shards if dim in s.sizes]
+        if not present:
+            continue
+        longest = max(present, key=lambda s: s.sizes[dim])
+        sizes[dim] = longest.sizes[dim]
+        # Index coordinates (token, key, step...) count from 0; heads may be a chosen subset.
+        coords[dim] = longest.coords.get(dim, (dim, np.arange(sizes[dim], dtype=np.int32), {}))
+    names = list(dict.fromkeys(name for shard in shards for name in shard.variables))
+    data_vars = {name: store_array(name, shards, sizes) for name in names}
     coords["example"] = (
         "example",
         np.concatenate([s.coords["example"][1] for s in shards]),

@@ -355,7 +355,7 @@ def _to_dataset(
     row_sums = []
     if normalize_attention:
         for item in converted:
-            sums = _row_sums(item.record.attention)
+            sums = _row_sums(item.record.full_attention())
             row_sums.append(sums)
             divisor = np.where(sums == 0, 1.0, sums)[..., None]
             item.record.attention = item.record.attention / divisor
@@ -427,8 +427,8 @@ def import_vlinterpret(
             checked = _convert_key(txn, key, source)
             example_id = checked.record.example_id
             accuracies.append(checked.accuracy)
-            shapes.add(checked.record.attention.shape[:2])
-            if not _is_normalized(checked.record.attention):
+            shapes.add(checked.record.full_attention().shape[:2])
+            if not _is_normalized(checked.record.full_attention()):
                 not_normalized.append(example_id)
             if checked.realigned:
                 realigned.append(example_id)

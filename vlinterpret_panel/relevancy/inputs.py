@@ -110,7 +110,7 @@ class Captured:
         if not record.readout_tokens:
             raise VLIError(f"example {record.example_id!r}: the adapter gave no readout_tokens")
         return cls(
-            attention=record.attention,
+            attention=record.full_attention(),
             attention_gradient=record.attention_gradient,
             layer_kind=info.layer_kind,
             modality=record.modality,

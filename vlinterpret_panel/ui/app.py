@@ -10,6 +10,7 @@ import dask
 import panel as pn
 import xarray as xr
 
+from vlinterpret_panel.schema import require_full_attention
 from vlinterpret_panel.store import open_dataset, shard_signature
 from vlinterpret_panel.ui.common import SIDEBAR_WIDTH
 from vlinterpret_panel.ui.dashboard import Dashboard
@@ -63,7 +64,9 @@ def build_app(store: str | os.PathLike, model: str | None = None) -> pn.template
         sidebar: list[pn.viewable.Viewable | pn.viewable.Viewer] = [session.sidebar]
         main = [session.main]
     else:
-        dashboard = Dashboard(current_store())
+        opened = current_store()
+        require_full_attention(opened, "the dashboard")
+        dashboard = Dashboard(opened)
         sidebar, main = dashboard.sidebar(), [dashboard.main()]
     _link_url(dashboard.selection)
     # No header spinner (busy_indicator=None; templates add one by default): pn.state.busy spans
