@@ -224,3 +224,96 @@ def tiny_llava(directory: Path, *, seed: int = 0) -> tuple[transformers.PreTrain
         vision_feature_layer=-1,
     )
     return transformers.LlavaForConditionalGeneration(config).eval(), processor
+
+
+QWEN_SPECIALS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+
+def qwen_tokenizer(directory: Path) -> transformers.PreTrainedTokenizerBase:
+    """A word-level tokenizer with Qwen2-VL's chat and vision special tokens (a stand-in for Qwen2's BPE)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = {w: i for i, w in enumerate(["<unk>", *QWEN_SPECIALS, "user", "assistant", *WORDS])}
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    backend = Tokenizer(models.WordLevel(json.loads((directory / "vocab.json").read_text()), unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens=QWEN_SPECIALS[1:],
+    )
+
+
+class ImageOnlyQwen2VLProcessor(transformers.Qwen2VLProcessor):
+    """Qwen2VLProcessor without its video processor, which needs torchvision (not installed here).
+
+    Images go through the real ``Qwen2VLImageProcessorPil`` and the real ``__call__`` (which
+    expands ``<|image_pad|>`` to the image's token count); only the unused video half is left out.
+    """
+
+    @classmethod
+    def get_attributes(cls) -> list[str]:
+        return ["image_processor", "tokenizer"]
+
+
+def tiny_qwen2vl(directory: Path, *, seed: int = 0) -> tuple[transformers.PreTrainedModel, transformers.ProcessorMixin]:
+    """Qwen2VLForConditionalGeneration: 2-block vision tower (4-pixel patches, 2x2 merge), 2-layer decoder, M-RoPE."""
+    torch.manual_seed(seed)
+    tokenizer = qwen_tokenizer(directory / "tokenizer")
+    image_processor = transformers.Qwen2VLImageProcessorPil(
+        patch_size=4, merge_size=2, temporal_patch_size=2, size={"shortest_edge": 16 * 16, "longest_edge": 48 * 48}
+    )
+    processor = ImageOnlyQwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    ids = tokenizer.convert_tokens_to_ids
+    config = transformers.Qwen2VLConfig(
+        vision_config={
+            "depth": 2,
+            "embed_dim": 16,
+            "hidden_size": 32,
+            "num_heads": 2,
+            "mlp_ratio": 2,
+            "patch_size": 4,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "in_channels": 3,
+        },
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 256,
+            "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]},
+            "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "bos_token_id": None,
+        },
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
+    return transformers.Qwen2VLForConditionalGeneration(config).eval(), processor
+
+
+def tiny_decoder_adapter(family: str, directory: str, seed: int = 0) -> object:
+    """A generative adapter over a tiny LLaVA or Qwen2-VL, for ``load_adapter("py:hf_tiny:tiny_decoder_adapter")``."""
+    from vlinterpret_panel.adapters.hf_llava import LlavaAdapter
+    from vlinterpret_panel.adapters.hf_qwen2vl import Qwen2VLAdapter
+
+    if family == "llava":
+        return LlavaAdapter(*tiny_llava(Path(directory), seed=seed), name="tiny-llava")
+    return Qwen2VLAdapter(*tiny_qwen2vl(Path(directory), seed=seed), name="tiny-qwen2-vl")

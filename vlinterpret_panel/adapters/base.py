@@ -14,7 +14,7 @@ target with respect to every attention map: a ``ModelRun``) and ``to_record`` (t
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,13 +70,18 @@ class ForwardCapture:
 
 @dataclass
 class ModelInput:
-    """One image-text pair to run, with what is known about it."""
+    """One image-text pair to run, with what is known about it.
+
+    ``answer_masks`` (generated answers, built-in world): given the generated tokens, the
+    ground-truth mask of the object each one names (None where it names none).
+    """
 
     example_id: str
     image: np.ndarray
     text: str
     label: str | None = None
     target_mask: np.ndarray | None = None
+    answer_masks: Callable[[list[str]], list[np.ndarray | None]] | None = None
 
 
 @dataclass

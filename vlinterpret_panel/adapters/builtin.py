@@ -87,6 +87,21 @@ class _Placement:
     stream_lengths: dict[str, int]
 
 
+def model_pixels(images: Sequence[np.ndarray], size: int, name: str) -> tuple[torch.Tensor, list[PixelMap]]:
+    """A built-in model's ``[B, 3, size, size]`` pixels (area-averaged resize), and each image's pixel map."""
+    from PIL import Image
+
+    resized, maps = [], []
+    for image in images:
+        image = check_image(image, name)
+        height, width = image.shape[:2]
+        if (height, width) != (size, size):
+            image = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BOX))
+        resized.append(image)
+        maps.append(PixelMap(width / size, height / size, 0.0, 0.0, width, height))
+    return images_to_pixels(resized), maps
+
+
 class BuiltinAdapter(BatchedAdapter):
     """Adapter for one built-in model: VQA answers (single/dual stream) or an image-text similarity (dual encoder)."""
 
@@ -112,18 +127,7 @@ class BuiltinAdapter(BatchedAdapter):
 
     def _pixels(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, list[PixelMap]]:
         """Model pixels ``[B, 3, 64, 64]`` and, per image, the map from model pixels back to the caller's."""
-        from PIL import Image
-
-        size = self.model.config.image_size
-        resized, maps = [], []
-        for image in images:
-            image = check_image(image, self.name)
-            height, width = image.shape[:2]
-            if (height, width) != (size, size):
-                image = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BOX))
-            resized.append(image)
-            maps.append(PixelMap(width / size, height / size, 0.0, 0.0, width, height))
-        return images_to_pixels(resized), maps
+        return model_pixels(images, self.model.config.image_size, self.name)
 
     def _text_ids(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Padded ``[CLS] words [SEP]`` ids and mask; a text over the model's length is a ``VLIError``."""
@@ -378,3 +382,12 @@ def _factory(architecture: str) -> Any:
 
 for _name in BUILTIN_MODELS:
     register_builtin(_name, _factory(_name))
+
+
+def _generative_factory(**options: Any) -> Any:
+    from vlinterpret_panel.adapters.builtin_generative import BuiltinGenerativeAdapter
+
+    return BuiltinGenerativeAdapter(**options)
+
+
+register_builtin("generative", _generative_factory)

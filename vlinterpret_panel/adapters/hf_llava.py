@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
+from torch import nn
 
 from vlinterpret_panel.adapters.base import BatchedAdapter, ForwardCapture
 from vlinterpret_panel.adapters.hf_common import (
@@ -31,14 +32,16 @@ from vlinterpret_panel.adapters.hf_common import (
     token_labels,
     use_capture_attention,
 )
+from vlinterpret_panel.adapters.hf_generation import HFGenerativeAdapter
 from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.schema import IMAGE
 
 LLAVA_15_PROMPT = "USER: {image}\n{text} ASSISTANT:"
 
 
-class LlavaAdapter(BatchedAdapter):
-    """Adapter for ``LlavaForConditionalGeneration`` with its ``LlavaProcessor``."""
+class LlavaAdapter(BatchedAdapter, HFGenerativeAdapter):
+    """Adapter for ``LlavaForConditionalGeneration`` with its ``LlavaProcessor``: the first next token, or
+    every token of a generated answer (``generate``/``trace``, over SDPA)."""
 
     def __init__(
         self, model: Any, processor: Any, *, prompt_template: str = LLAVA_15_PROMPT, name: str | None = None
@@ -59,7 +62,11 @@ class LlavaAdapter(BatchedAdapter):
         self.grid = int(vision.image_size) // self.patch_size
         self.with_image_cls = config.vision_feature_select_strategy != "default"
         self.image_token_id = int(config.image_token_id)
-        self._layers = [layer.self_attn for layer in model.model.language_model.layers]
+        self._language_model = model.model.language_model
+        self._decoder_layers = list(cast(nn.ModuleList, self._language_model.layers))
+        self._layers = [cast(nn.Module, layer.self_attn) for layer in self._decoder_layers]
+        self.layer_names = [f"model.language_model.layers.{i}.self_attn" for i in range(len(self._layers))]
+        self.num_heads = int(config.text_config.num_attention_heads)
         vocabulary = int(model.lm_head.out_features)
         self.labels = [str(t) for t in self.tokenizer.convert_ids_to_tokens(list(range(vocabulary)))]
         self.config = {
@@ -111,25 +118,7 @@ class LlavaAdapter(BatchedAdapter):
         captures = []
         for example, image in enumerate(images):
             n_tokens = int(mask[example].sum())
-            ids = np.asarray(input_ids[example, :n_tokens])
-            tokens, modality = token_labels(self.tokenizer, ids.tolist())
-            is_image = ids == self.image_token_id
-            positions = np.full((n_tokens, 2), -1, np.int64)
-            n_patches = int(is_image.sum())
-            offset = 1 if self.with_image_cls else 0
-            expected = self.grid * self.grid + offset
-            if n_patches % expected:
-                raise VLIError(f"{self.name}: {n_patches} image tokens, expected a multiple of {expected}")
-            patch = np.arange(n_patches) % expected - offset
-            positions[is_image] = np.stack([patch // self.grid, patch % self.grid], axis=1)
-            positions[np.flatnonzero(is_image)[patch < 0]] = -1
-            boxes = clip_style_pixel_map(self.processor.image_processor, *image.shape[:2]).patch_boxes(
-                positions, self.patch_size, self.patch_size
-            )
-            for index in np.flatnonzero(is_image):
-                modality[index] = IMAGE
-                if positions[index, 0] >= 0:
-                    tokens[index] = f"<patch_{positions[index, 0]}_{positions[index, 1]}>"
+            tokens, modality, boxes, positions = self._layout(input_ids[example, :n_tokens].tolist(), image)
             layout = np.arange(n_tokens)
             if kept is not None:
                 tokens, modality = [tokens[i] for i in kept], [modality[i] for i in kept]
@@ -166,6 +155,36 @@ class LlavaAdapter(BatchedAdapter):
                 )
             )
         return captures
+
+    def _encode(self, image: np.ndarray, text: str) -> dict[str, torch.Tensor]:
+        """The processor's tensors for one image and the prompt built from ``text``."""
+        image = check_image(image, self.name)
+        prompt = self.prompt_template.format(image=self.processor.image_token, text=text)
+        return dict(self.processor(images=[image], text=[prompt], return_tensors="pt"))
+
+    def _layout(
+        self, ids: Sequence[int], image: np.ndarray, encoded: Any = None
+    ) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
+        """Tokens (patches named by grid cell), modality, pixel boxes and patch positions of a sequence."""
+        tokens, modality = token_labels(self.tokenizer, list(ids))
+        is_image = np.asarray(ids) == self.image_token_id
+        positions = np.full((len(tokens), 2), -1, np.int64)
+        n_patches = int(is_image.sum())
+        offset = 1 if self.with_image_cls else 0
+        expected = self.grid * self.grid + offset
+        if n_patches % expected:
+            raise VLIError(f"{self.name}: {n_patches} image tokens, expected a multiple of {expected}")
+        patch = np.arange(n_patches) % expected - offset
+        positions[is_image] = np.stack([patch // self.grid, patch % self.grid], axis=1)
+        positions[np.flatnonzero(is_image)[patch < 0]] = -1
+        boxes = clip_style_pixel_map(self.processor.image_processor, *image.shape[:2]).patch_boxes(
+            positions, self.patch_size, self.patch_size
+        )
+        for index in np.flatnonzero(is_image):
+            modality[index] = IMAGE
+            if positions[index, 0] >= 0:
+                tokens[index] = f"<patch_{positions[index, 0]}_{positions[index, 1]}>"
+        return tokens, modality, boxes, positions
 
     def _deleting(self, kept: np.ndarray | None) -> contextlib.AbstractContextManager:
         """Delete tokens from the language model's input embeddings, passing their original positions."""

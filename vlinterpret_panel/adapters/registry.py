@@ -4,7 +4,7 @@ Spec syntax (see docs/adapters.md):
 
 * ``NAME`` or ``builtin:NAME``: a built-in model (``single_stream``, ...), registered by
   ``vlinterpret_panel.adapters.builtin`` through ``register_builtin``;
-* ``vilt:PATH``, ``clip:PATH``, ``lxmert:PATH``, ``llava:PATH``: a Hugging Face checkpoint (Hub
+* ``vilt:PATH``, ``clip:PATH``, ``lxmert:PATH``, ``llava:PATH``, ``qwen2_vl:PATH``: a Hugging Face checkpoint (Hub
   name or local directory) run by that family's adapter;
 * ``PATH``: a Hugging Face checkpoint whose family is read from its ``config.json``
   (``model_type``);
@@ -30,6 +30,7 @@ HF_FAMILIES: dict[str, str] = {
     "clip": "vlinterpret_panel.adapters.hf_clip:ClipAdapter",
     "lxmert": "vlinterpret_panel.adapters.hf_lxmert:LxmertAdapter",
     "llava": "vlinterpret_panel.adapters.hf_llava:LlavaAdapter",
+    "qwen2_vl": "vlinterpret_panel.adapters.hf_qwen2vl:Qwen2VLAdapter",
 }
 
 # The registration point for our built-in models: ``vlinterpret_panel.adapters.builtin``
