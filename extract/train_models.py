@@ -36,11 +36,13 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vlinterpret_panel.models import world
+from vlinterpret_panel.models import generative, world
 from vlinterpret_panel.models.dual_encoder import DualEncoderModel
+from vlinterpret_panel.models.generative import GenerativeConfig, GenerativeModel
 from vlinterpret_panel.models.layers import BaseVLModel, ModelConfig
 from vlinterpret_panel.models.registry import (
     BUILTIN_MODELS,
+    GENERATIVE_MODELS,
     WEIGHTS_DIR,
     build_model,
     evaluate_retrieval,
@@ -50,7 +52,8 @@ from vlinterpret_panel.models.registry import (
     texts_to_ids,
 )
 
-STEPS = {"single_stream": 5000, "dual_stream": 6000, "dual_encoder": 3000}
+STEPS = {"single_stream": 5000, "dual_stream": 6000, "dual_encoder": 3000, "generative": 2000}
+TRAINABLE: tuple[str, ...] = BUILTIN_MODELS + GENERATIVE_MODELS
 BATCH_SIZE = 32
 LEARNING_RATE = 1e-3
 WARMUP_STEPS = 100
@@ -58,8 +61,14 @@ EVAL_EXAMPLES = 2000
 CURRICULUM: dict[str, tuple[tuple[float, str], ...]] = {
     "single_stream": ((0.04, "where_single"), (0.16, "where"), (1.0, "mixed")),
     "dual_stream": ((0.03, "where_single"), (0.5, "where_half"), (1.0, "mixed")),
+    "generative": ((0.05, "single"), (1.0, "mixed")),
 }
-"""Per VQA model, its training stages and the fraction of the steps at which each one ends."""
+"""Per VQA or generative model, its training stages and the fraction of the steps at which each one ends."""
+GENERATIVE_CONFIG = GenerativeConfig()
+GENERATIVE_DESCRIBE_SHARE = 0.5
+"""The share of the generative model's training examples that ask for a description (the rest are questions)."""
+GENERATIVE_QUESTION_WEIGHT = 1.0
+GENERATIVE_EVAL_DESCRIPTIONS = 1000
 
 
 def learning_rate(step: int, total: int) -> float:
@@ -115,6 +124,56 @@ def vqa_step(model: BaseVLModel, seeds: range, stage: str) -> tuple[Tensor, floa
     return nn.functional.cross_entropy(logits, answers), accuracy
 
 
+def generative_example(seed: int, stage: str) -> tuple[world.Scene, world.GenerativeExample]:
+    """One training scene with a question or the description prompt.
+
+    Stages: "where_single" ("where is ...?" about one-object scenes), "questions" (the world's
+    questions only), "single" (one-object scenes, either task), "mixed" (either task).
+    """
+    rng = np.random.default_rng(seed)
+    if stage in ("where_single", "questions"):
+        if stage == "questions":
+            return world.generative_example_for_seed(seed, "question")
+        scene = world.make_scene(rng, num_objects=1)
+        vqa = world.where_question(scene, rng)
+        return scene, world.GenerativeExample("question", vqa.question, vqa.answer, vqa.target_mask)
+    task = "describe" if rng.random() < GENERATIVE_DESCRIBE_SHARE else "question"
+    if stage == "mixed":
+        return world.generative_example_for_seed(seed, task)
+    scene = world.make_scene(rng, num_objects=1)
+    if task == "describe":
+        return scene, world.GenerativeExample(task, world.DESCRIBE_PROMPT, world.describe_scene(scene), scene.masks[0])
+    vqa = world.make_question(scene, rng)
+    return scene, world.GenerativeExample(task, vqa.question, vqa.answer, vqa.target_mask)
+
+
+def generative_step(model: GenerativeModel, seeds: range, stage: str) -> tuple[Tensor, float]:
+    """Weighted answer-token loss and token accuracy on one batch of questions and descriptions.
+
+    Every scored token weighs 1, a question's answer tokens ``GENERATIVE_QUESTION_WEIGHT``.
+    Questions and descriptions run as two passes so that short questions are not padded to
+    the length of descriptions.
+    """
+    drawn = [generative_example(seed, stage) for seed in seeds]
+    total, weights, correct, scored = torch.zeros(()), 0.0, 0, 0
+    for task in world.GENERATIVE_TASKS:
+        group = [(scene, example) for scene, example in drawn if example.task == task]
+        if not group:
+            continue
+        token_loss, hits, mask = generative.answer_loss(
+            model,
+            [scene.image for scene, _ in group],
+            [example.prompt for _, example in group],
+            [example.reference for _, example in group],
+        )
+        weight = GENERATIVE_QUESTION_WEIGHT if task == "question" else 1.0
+        total = total + weight * token_loss[mask].sum()
+        weights += weight * int(mask.sum())
+        correct += int(hits.sum())
+        scored += int(mask.sum())
+    return total / weights, correct / scored
+
+
 def contrastive_step(model: DualEncoderModel, seeds: range) -> tuple[Tensor, float]:
     """Symmetric InfoNCE over the batch, with one hard-negative caption per image added."""
     scenes = [world.scene_for_seed(seed) for seed in seeds]
@@ -138,7 +197,9 @@ def contrastive_step(model: DualEncoderModel, seeds: range) -> tuple[Tensor, flo
 def train(name: str, seed: int, steps: int) -> dict[str, float]:
     """Train one model, evaluate it on held-out seeds and save it; return its metrics."""
     torch.manual_seed(seed)
-    model = build_model(ModelConfig(name))
+    model: BaseVLModel | GenerativeModel = (
+        GenerativeModel(GENERATIVE_CONFIG) if name in GENERATIVE_MODELS else build_model(ModelConfig(name))
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.01)
     start = time.perf_counter()
     cpu_start = time.process_time()
@@ -149,6 +210,8 @@ def train(name: str, seed: int, steps: int) -> dict[str, float]:
         seeds = range(seed * 10_000_000 + step * BATCH_SIZE, seed * 10_000_000 + (step + 1) * BATCH_SIZE)
         if isinstance(model, DualEncoderModel):
             loss, accuracy = contrastive_step(model, seeds)
+        elif isinstance(model, GenerativeModel):
+            loss, accuracy = generative_step(model, seeds, curriculum_stage(name, step, steps))
         else:
             loss, accuracy = vqa_step(model, seeds, curriculum_stage(name, step, steps))
         optimizer.zero_grad()
@@ -164,17 +227,24 @@ def train(name: str, seed: int, steps: int) -> dict[str, float]:
     train_seconds = time.perf_counter() - start
     cpu_seconds = time.process_time() - cpu_start
     model.eval()
-    by_kind: dict[str, float] = {}
+    details: dict[str, float] = {}
     if isinstance(model, DualEncoderModel):
         metric_name = "heldout_top1_retrieval_of_8"
         metric = evaluate_retrieval(model, EVAL_EXAMPLES)
+    elif isinstance(model, GenerativeModel):
+        metric_name = "heldout_answer_exact_match"
+        scores = generative.evaluate(model, EVAL_EXAMPLES, GENERATIVE_EVAL_DESCRIPTIONS)
+        metric = scores.pop("answer_exact_match")
+        details = {f"heldout_{key}": value for key, value in scores.items()}
+        details["heldout_descriptions"] = GENERATIVE_EVAL_DESCRIPTIONS
     else:
         metric_name = "heldout_accuracy"
         by_kind = evaluate_vqa_by_kind(model, EVAL_EXAMPLES)
         metric = by_kind.pop("all")
+        details = {f"heldout_accuracy_{kind}": value for kind, value in by_kind.items()}
     metrics = {
         metric_name: metric,
-        **{f"heldout_accuracy_{kind}": value for kind, value in by_kind.items()},
+        **details,
         "heldout_examples": EVAL_EXAMPLES,
         "train_steps": steps,
         "batch_size": BATCH_SIZE,
@@ -188,15 +258,21 @@ def train(name: str, seed: int, steps: int) -> dict[str, float]:
         f"(training {train_seconds:.0f}s wall, {cpu_seconds:.0f}s CPU)",
         flush=True,
     )
-    for kind, value in by_kind.items():
-        print(f"{name}:   {kind:6s} questions: {value:.4f}", flush=True)
+    for key, value in details.items():
+        if key.startswith("heldout_accuracy_"):
+            print(f"{name}:   {key.removeprefix('heldout_accuracy_'):6s} questions: {value:.4f}", flush=True)
+        elif key.startswith("heldout_answer_exact_match_"):
+            print(f"{name}:   {key.removeprefix('heldout_answer_exact_match_'):6s} questions: {value:.4f}", flush=True)
+        elif key == "heldout_description_correct":
+            count = GENERATIVE_EVAL_DESCRIPTIONS
+            print(f"{name}:   full descriptions correct: {value:.4f} on {count} held-out scenes", flush=True)
     return metrics
 
 
 def main() -> None:
     """Parse arguments and train the requested model(s)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=[*BUILTIN_MODELS, "all"], required=True)
+    parser.add_argument("--model", choices=[*TRAINABLE, "all"], required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=None, help="override the step count")
     parser.add_argument(
@@ -208,7 +284,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    names = BUILTIN_MODELS if args.model == "all" else (args.model,)
+    names = TRAINABLE if args.model == "all" else (args.model,)
     for name in names:
         train(name, args.seed, args.steps or STEPS[name])
 

@@ -61,11 +61,18 @@ class MultiHeadAttention(nn.Module):
         batch, length, _ = x.shape
         return x.view(batch, length, self.num_heads, self.head_size).transpose(1, 2)
 
-    def forward(self, queries: Tensor, keys_values: Tensor, key_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self,
+        queries: Tensor,
+        keys_values: Tensor,
+        key_mask: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
         """Return the attended output ``[B, Q, D]`` and the probabilities ``[B, H, Q, K]``.
 
-        ``key_mask`` is a bool ``[B, K]`` that is True for real keys; masked keys get
-        probability exactly zero.
+        ``key_mask`` is a bool ``[B, K]`` that is True for real keys; ``attention_mask`` a bool
+        ``[B, Q, K]`` that is True where a query may see a key (causal decoders); masked keys
+        get probability exactly zero.
         """
         q = self._split_heads(self.query(queries))
         k = self._split_heads(self.key(keys_values))
@@ -73,6 +80,8 @@ class MultiHeadAttention(nn.Module):
         scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_size)
         if key_mask is not None:
             scores = scores.masked_fill(~key_mask[:, None, None, :], torch.finfo(scores.dtype).min)
+        if attention_mask is not None:
+            scores = scores.masked_fill(~attention_mask[:, None], torch.finfo(scores.dtype).min)
         probs = scores.softmax(dim=-1)
         mixed = (probs @ v).transpose(1, 2).reshape(queries.shape[0], queries.shape[1], -1)
         return self.output(mixed), probs
@@ -102,10 +111,12 @@ class SelfAttentionBlock(nn.Module):
         self.norm_mlp = nn.LayerNorm(hidden_size)
         self.mlp = FeedForward(hidden_size, intermediate_size)
 
-    def forward(self, x: Tensor, key_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Return the new hidden states and the attention probabilities."""
+    def forward(
+        self, x: Tensor, key_mask: Tensor | None = None, attention_mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Return the new hidden states and the attention probabilities (masks as ``MultiHeadAttention``)."""
         normed = self.norm_attention(x)
-        attended, probs = self.attention(normed, normed, key_mask)
+        attended, probs = self.attention(normed, normed, key_mask, attention_mask)
         x = x + attended
         x = x + self.mlp(self.norm_mlp(x))
         return x, probs

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import Literal, overload
 
 import numpy as np
 import torch
@@ -14,6 +15,7 @@ from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.models import world
 from vlinterpret_panel.models.dual_encoder import DualEncoderModel
 from vlinterpret_panel.models.dual_stream import DualStreamModel
+from vlinterpret_panel.models.generative import GenerativeConfig, GenerativeModel
 from vlinterpret_panel.models.layers import BaseVLModel, ModelConfig, pixels_from_uint8
 from vlinterpret_panel.models.single_stream import SingleStreamModel
 
@@ -24,6 +26,10 @@ MODEL_CLASSES: dict[str, type[BaseVLModel]] = {
     "dual_encoder": DualEncoderModel,
 }
 BUILTIN_MODELS: tuple[str, ...] = tuple(MODEL_CLASSES)
+"""The VQA and dual-encoder models (``BaseVLModel``): the adapters, tests and relevancy methods iterate over these."""
+GENERATIVE_MODELS: tuple[str, ...] = ("generative",)
+"""Built-in models that generate their answer word by word (``models.generative``), kept apart
+from ``BUILTIN_MODELS`` because their forward signature and outputs differ."""
 
 
 class UnknownModelError(VLIError, ValueError):
@@ -38,7 +44,7 @@ def build_model(config: ModelConfig) -> BaseVLModel:
 
 
 def _unknown_message(name: str) -> str:
-    return f"unknown built-in model {name!r}; valid choices: {', '.join(BUILTIN_MODELS)}"
+    return f"unknown built-in model {name!r}; valid choices: {', '.join(BUILTIN_MODELS + GENERATIVE_MODELS)}"
 
 
 def weight_paths(name: str, directory: Path = WEIGHTS_DIR) -> tuple[Path, Path]:
@@ -46,7 +52,9 @@ def weight_paths(name: str, directory: Path = WEIGHTS_DIR) -> tuple[Path, Path]:
     return directory / f"{name}.safetensors", directory / f"{name}.json"
 
 
-def save_model(model: BaseVLModel, directory: Path = WEIGHTS_DIR, metrics: dict | None = None) -> None:
+def save_model(
+    model: BaseVLModel | GenerativeModel, directory: Path = WEIGHTS_DIR, metrics: dict | None = None
+) -> None:
     """Write the weights (safetensors) and a JSON config (plus training metrics) for a model."""
     directory.mkdir(parents=True, exist_ok=True)
     weights_path, config_path = weight_paths(model.config.architecture, directory)
@@ -56,18 +64,52 @@ def save_model(model: BaseVLModel, directory: Path = WEIGHTS_DIR, metrics: dict 
     config_path.write_text(json.dumps(payload, indent=2) + "\n")
 
 
-def load_builtin_model(name: str, directory: Path = WEIGHTS_DIR) -> tuple[BaseVLModel, ModelConfig]:
-    """Load a committed built-in model (offline) in eval mode, with its config."""
-    if name not in MODEL_CLASSES:
+# The overlap is intended: a literal "generative" gives the generative model, any other name a BaseVLModel.
+@overload
+def load_builtin_model(  # type: ignore[overload-overlap]
+    name: Literal["generative"], directory: Path = WEIGHTS_DIR
+) -> tuple[GenerativeModel, GenerativeConfig]: ...
+
+
+@overload
+def load_builtin_model(name: str, directory: Path = WEIGHTS_DIR) -> tuple[BaseVLModel, ModelConfig]: ...
+
+
+def load_builtin_model(
+    name: str, directory: Path = WEIGHTS_DIR
+) -> tuple[BaseVLModel, ModelConfig] | tuple[GenerativeModel, GenerativeConfig]:
+    """Load a committed built-in model (offline) in eval mode, with its config.
+
+    ``"generative"`` gives a ``GenerativeModel`` and its ``GenerativeConfig``; the names of
+    ``BUILTIN_MODELS`` a ``BaseVLModel`` and its ``ModelConfig``.
+    """
+    if name not in MODEL_CLASSES and name not in GENERATIVE_MODELS:
         raise UnknownModelError(_unknown_message(name))
     weights_path, config_path = weight_paths(name, directory)
     if not weights_path.exists() or not config_path.exists():
         raise VLIError(f"weights for built-in model {name!r} are missing in {directory}")
-    config = ModelConfig(**json.loads(config_path.read_text())["config"])
+    fields = json.loads(config_path.read_text())["config"]
+    state = load_file(str(weights_path))
+    if name in GENERATIVE_MODELS:
+        generative_config = GenerativeConfig(**fields)
+        generative = GenerativeModel(generative_config)
+        generative.load_state_dict(state)
+        generative.eval()
+        return generative, generative_config
+    config = ModelConfig(**fields)
     model = build_model(config)
-    model.load_state_dict(load_file(str(weights_path)))
+    model.load_state_dict(state)
     model.eval()
     return model, config
+
+
+def load_generative_model(name: str = "generative", directory: Path = WEIGHTS_DIR) -> GenerativeModel:
+    """Load a committed generative model (offline) in eval mode: ``load_builtin_model`` without the config."""
+    if name not in GENERATIVE_MODELS:
+        raise UnknownModelError(
+            f"unknown built-in generative model {name!r}; valid choices: {', '.join(GENERATIVE_MODELS)}"
+        )
+    return load_builtin_model("generative", directory)[0]
 
 
 def images_to_pixels(images: list[np.ndarray]) -> torch.Tensor:

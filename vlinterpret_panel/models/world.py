@@ -280,3 +280,141 @@ def vqa_example_for_seed(seed: int) -> tuple[Scene, VQAExample]:
 def scene_for_seed(seed: int) -> Scene:
     """The scene drawn from ``numpy.random.default_rng(seed)`` (for captions and retrieval)."""
     return make_scene(np.random.default_rng(seed))
+
+
+# The generative model's words: its own vocabulary, prompts, reference texts and their ground truth
+# (its tokenizer is in ``models.generative``). ``VOCAB`` above stays as it is (the VQA and
+# dual-encoder weights depend on its ids); the generative vocabulary extends it, so every word
+# the two share has the same id in both.
+
+BOS_TOKEN = "[BOS]"
+EOS_TOKEN = "[EOS]"
+DESCRIBE_PROMPT = "describe the scene"
+GENERATIVE_TASKS: tuple[str, ...] = ("question", "describe")
+"""What the generative model is asked: one of the world's questions, or ``DESCRIBE_PROMPT``."""
+GENERATIVE_SPECIAL_TOKENS: tuple[str, ...] = (*SPECIAL_TOKENS, BOS_TOKEN, EOS_TOKEN)
+GENERATIVE_VOCAB: tuple[str, ...] = (
+    *VOCAB,
+    BOS_TOKEN,
+    EOS_TOKEN,
+    "yes",
+    "no",
+    "describe",
+    "scene",
+    "at",
+    "top",
+    "bottom",
+    "left",
+    "right",
+)
+GENERATIVE_TOKEN_TO_ID: dict[str, int] = {token: index for index, token in enumerate(GENERATIVE_VOCAB)}
+
+
+class GenerativeExample(NamedTuple):
+    """What the generative model is asked about a scene and what it should say.
+
+    ``task`` is ``"question"`` (``prompt`` one of the world's questions, ``reference`` its answer
+    in words, ``target_mask`` the answer's object as ``VQAExample.target_mask``) or ``"describe"``
+    (``prompt`` is ``DESCRIBE_PROMPT``, ``reference`` the scene's description, ``target_mask`` the
+    union of all object masks).
+    """
+
+    task: str
+    prompt: str
+    reference: str
+    target_mask: np.ndarray
+
+
+def describe_scene(scene: Scene) -> str:
+    """The reference description: objects in reading order, each "a <colour> <shape> at the <quadrant>".
+
+    E.g. "a red square at the top right and a blue circle at the bottom left". Colour-shape
+    pairs are unique per scene, so each phrase names exactly one object.
+    """
+    ordered = sorted(scene.objects, key=lambda o: (o.row, o.col))
+    return " and ".join(f"a {o.color} {o.shape} at the {o.quadrant}" for o in ordered)
+
+
+def generative_example_for_seed(seed: int, task: str = "question") -> tuple[Scene, GenerativeExample]:
+    """The scene of ``seed`` with its question (exactly ``vqa_example_for_seed(seed)``'s) or the description prompt."""
+    if task == "question":
+        scene, vqa = vqa_example_for_seed(seed)
+        return scene, GenerativeExample(task, vqa.question, vqa.answer, vqa.target_mask)
+    if task == "describe":
+        scene = scene_for_seed(seed)
+        union = np.logical_or.reduce(scene.masks)
+        return scene, GenerativeExample(task, DESCRIBE_PROMPT, describe_scene(scene), union)
+    raise ValueError(f"unknown generative task {task!r}; valid tasks: {', '.join(GENERATIVE_TASKS)}")
+
+
+def parse_description(text: str) -> list[tuple[str, str, str]] | None:
+    """``(colour, shape, quadrant)`` of each "a <colour> <shape> at the <quadrant>" phrase joined by "and".
+
+    None when the text is not exactly such a list (a missing, extra or misplaced word).
+    """
+    words = text.split()
+    phrases: list[tuple[str, str, str]] = []
+    position = 0
+    while position < len(words):
+        if phrases:
+            if words[position] != "and":
+                return None
+            position += 1
+        part = words[position : position + 7]
+        position += 7
+        if (
+            len(part) < 7
+            or part[0] != "a"
+            or part[1] not in COLORS
+            or part[2] not in SHAPES
+            or part[3:5] != ["at", "the"]
+            or " ".join(part[5:]) not in QUADRANTS
+        ):
+            return None
+        phrases.append((part[1], part[2], " ".join(part[5:])))
+    return phrases or None
+
+
+def description_correct(scene: Scene, text: str) -> bool:
+    """Whether a description names every object with its colour, shape and quadrant, and nothing else.
+
+    The order of the phrases is not scored: the reference lists them in reading order, but a
+    description in another order says the same.
+    """
+    phrases = parse_description(text)
+    expected = sorted((o.color, o.shape, o.quadrant) for o in scene.objects)
+    return phrases is not None and sorted(phrases) == expected
+
+
+def answer_correct(reference: str, text: str) -> bool:
+    """Exact match of a generated answer's words with the reference answer's (e.g. "top left")."""
+    return text.split() == reference.split()
+
+
+def generated_token_masks(scene: Scene, example: GenerativeExample, tokens: list[str]) -> list[np.ndarray | None]:
+    """For each generated token string, the mask of the scene object it names, or None.
+
+    Descriptions: in each "a <colour> <shape>" naming an object of the scene, the colour and
+    shape words get that object's mask, and so do the two quadrant words of the "at the
+    <quadrant>" that follows (they describe that object, right or wrong); "a", "at", "the",
+    "and", special tokens and a colour-shape pair the scene does not hold get None.
+    Answers: every answer word gets the question's target object (None where the answer
+    names none, as "no" to "is there ...?"); special tokens get None.
+    """
+    masks: list[np.ndarray | None] = [None] * len(tokens)
+    if example.task == "question":
+        if example.target_mask.any():
+            for index, token in enumerate(tokens):
+                if token not in GENERATIVE_SPECIAL_TOKENS:
+                    masks[index] = example.target_mask
+        return masks
+    by_pair = {(o.color, o.shape): mask for o, mask in zip(scene.objects, scene.masks, strict=True)}
+    for start in range(len(tokens) - 2):
+        mask = by_pair.get((tokens[start + 1], tokens[start + 2]))
+        if tokens[start] != "a" or mask is None:
+            continue
+        masks[start + 1] = masks[start + 2] = mask
+        place = tokens[start + 5 : start + 7]
+        if tokens[start + 3 : start + 5] == ["at", "the"] and " ".join(place) in QUADRANTS:
+            masks[start + 5] = masks[start + 6] = mask
+    return masks
