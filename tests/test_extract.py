@@ -84,7 +84,7 @@ def test_scene_sources_carry_questions_answers_and_masks() -> None:
     assert first.example_id == "scene-0000005" and second.example_id == "scene-0000006"
     assert first.text and first.label and first.target_mask is not None
     assert scene_sources(1, text="caption")[0].load().label is None
-    with pytest.raises(VLIError, match="question' or 'caption"):
+    with pytest.raises(VLIError, match="one of question, caption, describe, not 'poem'"):
         scene_sources(1, text="poem")
 
 

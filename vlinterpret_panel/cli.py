@@ -7,12 +7,17 @@ with status 2, never with a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vlinterpret_panel.errors import VLIError
+
+if TYPE_CHECKING:
+    from vlinterpret_panel.adapters.generative import GenerationOptions
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -81,6 +86,14 @@ def _extract(args: argparse.Namespace) -> int:
             options[key] = json.loads(value)
         except json.JSONDecodeError:
             options[key] = value
+    generation = _generation_options(args)
+    methods = args.relevancy.split(",") if args.relevancy else []
+    if generation is not None and methods:
+        from vlinterpret_panel.relevancy.answer import ANSWER_METHODS
+
+        chosen = list(ANSWER_METHODS) if methods == ["all"] else [m for m in methods if m != "none"]
+        generation = dataclasses.replace(generation, methods=chosen)
+        methods = ()
     report = extract(
         args.model,
         sources,
@@ -92,7 +105,8 @@ def _extract(args: argparse.Namespace) -> int:
         workers=args.workers,
         scheduler=args.scheduler,
         progress=not args.quiet,
-        relevancy=args.relevancy.split(",") if args.relevancy else (),
+        relevancy=methods,
+        generation=generation,
     )
     print(
         f"{args.output}: wrote {report.written} example(s) in {len(report.shards)} shard(s), "
@@ -105,6 +119,48 @@ def _extract(args: argparse.Namespace) -> int:
         print(f"vlinterpret extract: failures listed in {Path(args.output) / FAILURES_FILE}", file=sys.stderr)
         return 0 if args.allow_failures else 1
     return 0
+
+
+def _index_list(text: str | None, option: str) -> list[int] | None:
+    """``"0,5,31"`` or ``"0-7,12"`` as sorted indices; None for all."""
+    if text is None or text == "all":
+        return None
+    indices: set[int] = set()
+    try:
+        for part in text.split(","):
+            first, sep, last = part.partition("-")
+            indices.update(range(int(first), int(last) + 1) if sep else [int(first)])
+    except ValueError:
+        raise VLIError(f"{option} {text!r}: write indices like 0,5,31 or ranges like 0-7") from None
+    return sorted(indices)
+
+
+def _generation_options(args: argparse.Namespace) -> GenerationOptions | None:
+    """The ``--generate`` options, or None; a generation option without ``--generate`` is an error."""
+    from vlinterpret_panel.adapters.generative import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TOP_K, GenerationOptions
+
+    given = [
+        flag
+        for flag, value in (
+            ("--max-new-tokens", args.max_new_tokens),
+            ("--top-k", args.top_k),
+            ("--layers", args.layers),
+            ("--heads", args.heads),
+            ("--rows", args.rows),
+        )
+        if value is not None
+    ]
+    if not args.generate:
+        if given:
+            raise VLIError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --generate")
+        return None
+    return GenerationOptions(
+        max_new_tokens=DEFAULT_MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens,
+        top_k=DEFAULT_TOP_K if args.top_k is None else args.top_k,
+        layers=_index_list(args.layers, "--layers"),
+        heads=_index_list(args.heads, "--heads"),
+        rows=args.rows or "answer",
+    )
 
 
 def _import_vlinterpret(args: argparse.Namespace) -> int:
@@ -149,17 +205,27 @@ def _stats(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     import torch
 
+    from vlinterpret_panel.adapters.generative import GenerativeAdapter
     from vlinterpret_panel.adapters.registry import load_adapter
     from vlinterpret_panel.relevancy.evaluate import evaluate_to_directory
 
     if args.examples < 1:
         raise VLIError("--examples must be at least 1")
     torch.manual_seed(args.seed)
-    paths, result = evaluate_to_directory(
-        load_adapter(args.model), args.examples, Path(args.out), seed=args.seed, progress=not args.quiet
-    )
+    adapter = load_adapter(args.model)
+    out = Path(args.out)
+    if isinstance(adapter, GenerativeAdapter) and hasattr(adapter, "deletion_probabilities"):
+        from vlinterpret_panel.relevancy.evaluate_answers import evaluate_answers_to_directory
+
+        paths, answers = evaluate_answers_to_directory(
+            adapter, args.examples, out, seed=args.seed, progress=not args.quiet
+        )
+        examples, seconds = answers.examples, answers.seconds
+    else:
+        paths, result = evaluate_to_directory(adapter, args.examples, out, seed=args.seed, progress=not args.quiet)
+        examples, seconds = result.examples, result.seconds
     written = ", ".join(map(str, paths))
-    print(f"{args.model}: evaluated {result.examples} examples in {result.seconds:.0f} s; wrote {written}")
+    print(f"{args.model}: evaluated {examples} examples in {seconds:.0f} s; wrote {written}")
     return 0
 
 
@@ -211,9 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--scenes", type=int, help="extract N generated scenes instead (built-in models)")
     extract.add_argument(
         "--scene-text",
-        choices=["question", "caption"],
+        choices=["question", "caption", "describe"],
         default="question",
-        help="with --scenes: a question (VQA models) or a caption naming every object (dual encoder)",
+        help="with --scenes: a question (VQA and generative models), a caption naming every object (dual "
+        "encoder) or the description prompt (generative model)",
     )
     extract.add_argument(
         "--seed",
@@ -238,7 +305,25 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--scheduler", help="address of an existing Dask distributed scheduler")
     extract.add_argument(
         "--relevancy",
-        help="relevancy methods to store, comma-separated (e.g. generic,rollout,raw_attention,attention_gradcam)",
+        help="relevancy methods to store, comma-separated (e.g. generic,rollout,raw_attention,attention_gradcam); "
+        "with --generate: raw_attention,rollout by default (recorded while generating), 'all' adds the "
+        "gradient methods (one backward pass per generated token), 'none' stores none",
+    )
+    extract.add_argument(
+        "--generate",
+        action="store_true",
+        help="generate each answer and store every generated token: its probability, top-k alternatives, "
+        "attention rows, hidden states and relevancy (generative models: generative, LLaVA, Qwen2-VL)",
+    )
+    extract.add_argument("--max-new-tokens", type=int, help="with --generate: tokens to generate at most (default 32)")
+    extract.add_argument("--top-k", type=int, help="with --generate: alternatives stored per step (default 5)")
+    extract.add_argument("--layers", help="with --generate: decoder layers to store, e.g. 0,15,31 or 0-7 (default all)")
+    extract.add_argument("--heads", help="with --generate: heads to store, e.g. 0-7 (default all)")
+    extract.add_argument(
+        "--rows",
+        choices=["answer", "all"],
+        help="with --generate: store the attention rows of the generated tokens only (default), or the "
+        "chosen layers' full maps too (large: LLaVA-1.5 needs 26 MB per layer and example)",
     )
     extract.add_argument("--allow-failures", action="store_true", help="exit 0 even if some examples failed")
     extract.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -273,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser(
         "evaluate", help="perturbation and localisation tests of the relevancy methods on the built-in world"
     )
-    evaluate.add_argument("model", help="adapter spec, e.g. single_stream, dual_stream, dual_encoder")
+    evaluate.add_argument("model", help="adapter spec, e.g. single_stream, dual_stream, dual_encoder, generative")
     evaluate.add_argument("--examples", type=int, default=200, help="held-out examples of the built-in world")
     evaluate.add_argument("--out", required=True, help="directory for results.md, results.csv and accuracy.png")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the random baseline")

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from vlinterpret_panel.adapters.base import ForwardCapture, ModelAdapter, ModelInput
+from vlinterpret_panel.adapters.generative import GenerationOptions
 from vlinterpret_panel.errors import VLIError, error_line
 from vlinterpret_panel.schema import ExampleRecord, ModelInfo, records_to_dataset
 from vlinterpret_panel.store import Precision, example_ids, write_shard
@@ -68,16 +69,36 @@ class ExampleSource:
         return ModelInput(example_id=self.example_id, image=pixels, text=self.text, label=self.label)
 
 
+SCENE_TEXTS = ("question", "caption", "describe")
+"""What a generated scene is asked: a question, a caption naming every object, or the description prompt."""
+
+
 def _scene_input(source: ExampleSource) -> ModelInput:
-    """A scene of the built-in models' synthetic world, with its question (or caption)."""
+    """A scene of the built-in models' synthetic world, with its question (or caption, or description prompt).
+
+    Questions and description prompts carry the ground truth of a generated answer: the mask
+    of the object each generated word names (``world.generated_token_masks``).
+    """
+    from functools import partial
+
     from vlinterpret_panel.models import world
 
-    scene, vqa = world.vqa_example_for_seed(int(source.seed or 0))
+    seed = int(source.seed or 0)
     if source.scene_text == "caption":
+        scene = world.scene_for_seed(seed)
         # A caption names every object, so its target is all of them.
         every_object = np.logical_or.reduce(scene.masks)
         return ModelInput(source.example_id, scene.image, world.make_caption(scene), target_mask=every_object)
-    return ModelInput(source.example_id, scene.image, vqa.question, label=vqa.answer, target_mask=vqa.target_mask)
+    task = "describe" if source.scene_text == "describe" else "question"
+    scene, example = world.generative_example_for_seed(seed, task)
+    return ModelInput(
+        source.example_id,
+        scene.image,
+        example.prompt,
+        label=example.reference,
+        target_mask=example.target_mask,
+        answer_masks=partial(world.generated_token_masks, scene, example),
+    )
 
 
 def scene_sources(count: int, *, seed: int | None = None, text: str = "question") -> list[ExampleSource]:
@@ -89,8 +110,8 @@ def scene_sources(count: int, *, seed: int | None = None, text: str = "question"
         from vlinterpret_panel.models.world import HELDOUT_SEED_START
 
         seed = HELDOUT_SEED_START
-    if text not in ("question", "caption"):
-        raise VLIError(f"scene text must be 'question' or 'caption', not {text!r}")
+    if text not in SCENE_TEXTS:
+        raise VLIError(f"scene text must be one of {', '.join(SCENE_TEXTS)}, not {text!r}")
     return [ExampleSource(f"scene-{s:07d}", seed=s, scene_text=text) for s in range(seed, seed + count)]
 
 
@@ -185,16 +206,33 @@ class ExtractionReport:
 
 
 def run_batch(
-    adapter: ModelAdapter, items: Sequence[ModelInput], relevancy: Sequence[str] = ()
+    adapter: ModelAdapter,
+    items: Sequence[ModelInput],
+    relevancy: Sequence[str] = (),
+    generation: GenerationOptions | None = None,
 ) -> list[tuple[ExampleRecord, ModelInfo] | BaseException]:
     """Run ``items`` through ``adapter``, several per forward pass when it has ``forward_batch``.
 
     Returns one (record, info) or the exception per item, so one bad example never costs
     the others: a batch that fails is rerun one example at a time. With ``relevancy``
     methods, each record gets their values; methods that declare they need gradients (or
-    LRP) run one example at a time through ``relevancy.capture.capture_for``.
+    LRP) run one example at a time through ``relevancy.capture.capture_for``. With
+    ``generation``, each item's answer is generated and captured token by token
+    (``adapters.generative.capture_answer``; its options name the relevancy methods).
     """
     import torch
+
+    if generation is not None:
+        from vlinterpret_panel.adapters.generative import capture_answer, check_generative
+
+        generative = check_generative(adapter)
+        answers: list[tuple[ExampleRecord, ModelInfo] | BaseException] = []
+        for item in items:
+            try:
+                answers.append(capture_answer(generative, item, generation))
+            except Exception as error:  # reported per example, never dropped
+                answers.append(error)
+        return answers
 
     from vlinterpret_panel.relevancy.capture import add_relevancy, capture_for
     from vlinterpret_panel.relevancy.inputs import Captured
@@ -266,6 +304,7 @@ def extract_chunk(
     on_batch: Callable[[int], None] | None = None,
     writer: ThreadPoolExecutor | None = None,
     relevancy: Sequence[str] = (),
+    generation: GenerationOptions | None = None,
 ) -> ChunkResult:
     """Extract ``sources`` and write the successful ones as one shard (the unit of a Dask task).
 
@@ -292,7 +331,7 @@ def extract_chunk(
                 failures.append(Failure(source.example_id, error_line(error)))
         began = time.perf_counter()
         with _lock(adapter):  # adapters hook their models: one forward at a time per adapter
-            results = run_batch(adapter, items, relevancy) if items else []
+            results = run_batch(adapter, items, relevancy, generation) if items else []
         forward_seconds += time.perf_counter() - began
         for item, result in zip(items, results, strict=True):
             if isinstance(result, BaseException):
@@ -319,7 +358,12 @@ def extract_chunk(
 
 
 def provenance(
-    adapter_spec: str, options: dict[str, Any], batch_size: int, precision: str, relevancy: Sequence[str]
+    adapter_spec: str,
+    options: dict[str, Any],
+    batch_size: int,
+    precision: str,
+    relevancy: Sequence[str],
+    generation: GenerationOptions | None = None,
 ) -> dict[str, Any]:
     """What a store's ``extraction`` attribute records: the adapter, its options and the library versions."""
     import torch
@@ -333,6 +377,7 @@ def provenance(
         "batch_size": batch_size,
         "precision": precision,
         "relevancy": list(relevancy),
+        **({"generation": asdict(generation)} if generation is not None else {}),
         "vlinterpret_panel": __version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -352,6 +397,7 @@ def extract(
     scheduler: str | None = None,
     progress: bool = True,
     relevancy: Sequence[str] = (),
+    generation: GenerationOptions | None = None,
 ) -> ExtractionReport:
     """Extract ``sources`` with ``adapter`` (a spec for ``load_adapter``, or an adapter) into ``store``.
 
@@ -361,7 +407,9 @@ def extract(
     of ``vlinterpret_panel.relevancy`` whose values are stored per example (``relevancy``,
     ``relevancy_target``: the prediction, or the score of a dual encoder).
     ``examples_per_shard`` defaults to ``auto_examples_per_shard`` (``DISTRIBUTED_EXAMPLES_PER_SHARD``
-    with Dask, where the model is not loaded in this process).
+    with Dask, where the model is not loaded in this process, and ``GENERATED_EXAMPLES_PER_SHARD``
+    for generated answers). ``generation`` generates each answer and stores it token by token
+    (``adapters.generative``); its ``methods`` are the relevancy methods then, not ``relevancy``.
     """
     from tqdm.auto import tqdm
 
@@ -381,13 +429,21 @@ def extract(
     from vlinterpret_panel.relevancy.registry import check_methods
 
     relevancy = check_methods(relevancy)
-    recorded = provenance(spec, options, batch_size, precision, relevancy)
+    if generation is not None and relevancy:
+        raise VLIError("with --generate, the relevancy methods are the generation options' (GenerationOptions.methods)")
+    recorded = provenance(spec, options, batch_size, precision, relevancy, generation)
     if todo and isinstance(adapter, str) and not (workers or scheduler):
         adapter = _cached_adapter(adapter, options)  # load errors come before the progress bar
     if isinstance(adapter, ModelAdapter):
         check_supported(adapter, relevancy)
+        if generation is not None:
+            from vlinterpret_panel.adapters.generative import check_generative
+
+            generation.check(check_generative(adapter))
     if examples_per_shard is None:
-        if workers or scheduler:
+        if generation is not None:
+            examples_per_shard = GENERATED_EXAMPLES_PER_SHARD
+        elif workers or scheduler:
             examples_per_shard = DISTRIBUTED_EXAMPLES_PER_SHARD
         else:
             examples_per_shard = auto_examples_per_shard(adapter, todo)  # type: ignore[arg-type]
@@ -396,7 +452,18 @@ def extract(
     began = time.perf_counter()
     with tqdm(total=len(todo), unit="example", disable=not progress, desc="extract") as bar:
         results = _run_chunks(
-            adapter, chunks, str(store), options, batch_size, precision, recorded, workers, scheduler, bar, relevancy
+            adapter,
+            chunks,
+            str(store),
+            options,
+            batch_size,
+            precision,
+            recorded,
+            workers,
+            scheduler,
+            bar,
+            relevancy,
+            generation,
         )
         for result in results:
             report.written += len(result.written)
@@ -413,6 +480,8 @@ SHARD_TARGET_BYTES = 128 * 2**20
 """Attention and hidden-state bytes (float32, before packing) aimed at per shard by default."""
 MAX_EXAMPLES_PER_SHARD = 1024
 DISTRIBUTED_EXAMPLES_PER_SHARD = 16
+GENERATED_EXAMPLES_PER_SHARD = 16
+"""Generated answers per shard: a LLaVA-1.5-sized one stores up to 64 MB, all held until its shard is written."""
 
 
 def auto_examples_per_shard(adapter: ModelAdapter, sources: Sequence[ExampleSource]) -> int:
@@ -427,7 +496,8 @@ def auto_examples_per_shard(adapter: ModelAdapter, sources: Sequence[ExampleSour
             record, _ = adapter.run(source.load())
         except Exception:  # reported when the example itself runs
             continue
-        example_bytes = 4 * (record.attention.size + record.hidden_states.size)
+        arrays = (record.attention, record.hidden_states)
+        example_bytes = 4 * sum(array.size for array in arrays if array is not None)
         return int(np.clip(SHARD_TARGET_BYTES // max(1, example_bytes), 1, MAX_EXAMPLES_PER_SHARD))
     return DISTRIBUTED_EXAMPLES_PER_SHARD
 
@@ -444,6 +514,7 @@ def _run_chunks(
     scheduler: str | None,
     bar: Any,
     relevancy: Sequence[str],
+    generation: GenerationOptions | None,
 ) -> Iterable[ChunkResult]:
     """Yield each chunk's result: in this process, or as Dask tasks (one shard each)."""
     common: dict[str, Any] = {
@@ -452,6 +523,7 @@ def _run_chunks(
         "precision": precision,
         "extraction": provenance,
         "relevancy": relevancy,
+        "generation": generation,
     }
     if not (workers or scheduler):
         if isinstance(adapter, str):
