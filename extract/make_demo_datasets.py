@@ -1,12 +1,14 @@
 """Make the shipped demo datasets: the built-in models on held-out scenes, with relevancy.
 
-    python extract/make_demo_datasets.py [--only single_stream,dual_stream,dual_encoder]
+    python extract/make_demo_datasets.py [--only single_stream,dual_stream,dual_encoder,generative]
 
 Each store (``datasets/<model>``) is replaced, not appended to, so rerunning after the
 models' weights change gives stores of the new weights only. The scenes are the held-out
 seeds ``world.HELDOUT_SEED_START + i`` (the seeds ``registry.evaluate_vqa`` scores), the same
 scenes for every model: questions with answers for the VQA models, captions for the dual
-encoder; each example has its ground-truth ``target_mask``. Extraction goes through
+encoder, and for the generative model alternately the description prompt and the question,
+its answer generated and stored token by token (``--generate``); each example has its
+ground-truth ``target_mask`` (generated answers: one per generated token). Extraction goes through
 ``vlinterpret_panel.extract.extract``, as ``vlinterpret extract MODEL STORE --scenes N --seed
 1000000000 --relevancy ...`` does. ``datasets/README.md`` is rewritten with the figures of this
 run (accuracy, weights, sizes).
@@ -23,8 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from vlinterpret_panel.extract import extract, scene_sources
+from vlinterpret_panel.adapters.generative import GenerationOptions
+from vlinterpret_panel.extract import ExampleSource, extract, scene_sources
 from vlinterpret_panel.models import world
+from vlinterpret_panel.relevancy.answer import ANSWER_METHODS
 from vlinterpret_panel.store import open_dataset
 
 DATASETS = Path(__file__).resolve().parents[1] / "datasets"
@@ -46,7 +50,25 @@ SPECS = (
     DemoSpec("single_stream", 200, "question"),
     DemoSpec("dual_stream", 100, "question"),
     DemoSpec("dual_encoder", 100, "caption"),
+    DemoSpec("generative", 120, "describe+question"),
 )
+EXAMPLE_KINDS = {
+    "question": "questions",
+    "caption": "captions",
+    "describe+question": "descriptions and questions",
+}
+GENERATION = GenerationOptions(methods=list(ANSWER_METHODS))
+"""The generative store: answers up to 32 tokens, every layer and head, all four methods."""
+
+
+def demo_sources(spec: DemoSpec) -> list[ExampleSource]:
+    """The held-out scenes of a demo store; the generative one alternates descriptions and questions."""
+    if spec.scene_text != "describe+question":
+        return scene_sources(spec.examples, seed=FIRST_SEED, text=spec.scene_text)
+    return [
+        ExampleSource(f"scene-{seed:07d}", seed=seed, scene_text="describe" if index % 2 == 0 else "question")
+        for index, seed in enumerate(range(FIRST_SEED, FIRST_SEED + spec.examples))
+    ]
 
 
 def make_store(spec: DemoSpec) -> dict[str, object]:
@@ -54,15 +76,16 @@ def make_store(spec: DemoSpec) -> dict[str, object]:
     store = DATASETS / spec.model
     if store.exists():
         shutil.rmtree(store)
-    sources = scene_sources(spec.examples, seed=FIRST_SEED, text=spec.scene_text)
+    generative = spec.scene_text == "describe+question"
     report = extract(
         spec.model,
-        sources,
+        demo_sources(spec),
         store,
         batch_size=16,
-        examples_per_shard=50,
+        examples_per_shard=60 if generative else 50,
         precision="float16",
-        relevancy=RELEVANCY,
+        relevancy=() if generative else RELEVANCY,
+        generation=GENERATION if generative else None,
         progress=False,
     )
     if report.failures or report.written != spec.examples:
@@ -84,7 +107,22 @@ def store_figures(spec: DemoSpec) -> dict[str, object]:
         "weights_sha256": config["weights_sha256"],
         "weights_metrics": config["weights_metrics"],
     }
-    if spec.scene_text == "question":
+    if spec.scene_text == "describe+question":
+        described = np.array([str(text) == world.DESCRIBE_PROMPT for text in ds.text.values])
+        hits = []
+        for example, prediction, label, describe in zip(
+            ds.example.values, ds.prediction.values, ds.label.values, described, strict=True
+        ):
+            scene = world.scene_for_seed(int(str(example).removeprefix("scene-")))
+            hits.append(
+                world.description_correct(scene, str(prediction))
+                if describe
+                else world.answer_correct(str(label), str(prediction))
+            )
+        figures["descriptions_correct"] = float(np.mean(np.array(hits)[described]))
+        figures["answers_correct"] = float(np.mean(np.array(hits)[~described]))
+        figures["mean_answer_tokens"] = float((ds.answer_position >= 0).sum("step").mean())
+    elif spec.scene_text == "question":
         correct = ds.correct.values == 1
         figures["accuracy"] = float(np.mean(correct))
         kinds = np.array([" ".join(str(text).split()[:2]) for text in ds.text.values])
@@ -99,7 +137,15 @@ def store_figures(spec: DemoSpec) -> dict[str, object]:
 
 def _model_line(spec: DemoSpec, figures: dict[str, object]) -> str:
     metrics = figures["weights_metrics"]
-    if spec.scene_text == "question":
+    if spec.scene_text == "describe+question":
+        outcome = (
+            f"descriptions fully correct {figures['descriptions_correct']:.1%}, answers exact "
+            f"{figures['answers_correct']:.1%} on these scenes (weights' held-out results at training: "
+            f"{metrics.get('heldout_description_correct', float('nan')):.2%} and "
+            f"{metrics.get('heldout_answer_exact_match', float('nan')):.2%}); "
+            f"{figures['mean_answer_tokens']:.1f} generated tokens per answer on average"
+        )
+    elif spec.scene_text == "question":
         outcome = (
             f"answer accuracy {figures['accuracy']:.1%} on these {figures['examples']} scenes "
             f"(weights' held-out accuracy at training: {metrics.get('heldout_accuracy', float('nan')):.2%} "
@@ -113,7 +159,7 @@ def _model_line(spec: DemoSpec, figures: dict[str, object]) -> str:
             f"{metrics.get('heldout_top1_retrieval_of_8', float('nan')):.2%}"
         )
     return (
-        f"| `{spec.model}` | {figures['examples']} {spec.scene_text}s | {figures['layers']} | "
+        f"| `{spec.model}` | {figures['examples']} {EXAMPLE_KINDS[spec.scene_text]} | {figures['layers']} | "
         f"{figures['megabytes']:.1f} MB | {outcome}; weights sha256 `{str(figures['weights_sha256'])[:12]}` |"
     )
 
@@ -138,14 +184,17 @@ or served with `vlinterpret serve PATH`.
 {COMMAND}
 ```
 
-This one command (re)writes `single_stream/`, `dual_stream/` and `dual_encoder/` (each
+This one command (re)writes `single_stream/`, `dual_stream/`, `dual_encoder/` and `generative/` (each
 store is deleted first, so a rerun replaces it) and this file. It runs each built-in model
 (`vlinterpret_panel/models/weights/`, loaded through `load_adapter(NAME)`) with
 `vlinterpret_panel.extract.extract`, the function behind
 `vlinterpret extract NAME STORE --scenes N --seed {FIRST_SEED} --relevancy {",".join(RELEVANCY)}`
 (`--scene-text caption` for the dual encoder), batch size 16, 50 examples per shard, float16 storage.
+The generative store is the function behind `vlinterpret extract generative STORE --scenes N
+--scene-text describe --generate --relevancy all` (and `--scene-text question` for every other
+scene), 60 examples per shard: answers of up to 32 generated tokens, every layer and head.
 Shard names change on every run: commit a rerun with
-`git add datasets/README.md datasets/single_stream datasets/dual_stream datasets/dual_encoder`,
+`git add datasets/README.md datasets/single_stream datasets/dual_stream datasets/dual_encoder datasets/generative`,
 which records the removed shards too.
 
 * **Scenes**: the held-out seeds {FIRST_SEED} onwards (`world.HELDOUT_SEED_START`, never
@@ -170,7 +219,7 @@ which records the removed shards too.
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", help="comma-separated subset of the models (default: all three)")
+    parser.add_argument("--only", help="comma-separated subset of the models (default: all)")
     args = parser.parse_args()
     wanted = args.only.split(",") if args.only else [spec.model for spec in SPECS]
     results = {}
@@ -178,8 +227,10 @@ def main() -> int:
         if spec.model in wanted:
             results[spec.model] = make_store(spec)
             print(f"datasets/{spec.model}: {json.dumps(results[spec.model], default=str)}", flush=True)
-    if len(results) == len(SPECS):
-        write_readme(results)
+    for spec in SPECS:  # the stores not remade this run are described as they are
+        if spec.model not in results and (DATASETS / spec.model).exists():
+            results[spec.model] = store_figures(spec)
+    write_readme(results)
     return 0
 
 
