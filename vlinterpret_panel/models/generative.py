@@ -2,7 +2,9 @@
 
 Architecture, as LLaVA's at toy size: the 64x64 image is cut into 16 patches (16x16 pixels,
 row-major, row 0 at the top), each embedded linearly with its 2-D grid position (the "vision
-encoder") and mapped by a two-layer MLP **projector** into the language model's space; a
+encoder") and mapped by a two-layer MLP **projector** into the language model's space (the
+shipped configuration, ``extract/train_models.GENERATIVE_CONFIG``, projects the raw patch pixels
+through a 512-wide MLP and adds the grid position in the decoder's space instead); a
 **causal decoder** (pre-LN blocks from ``layers``, each position sees itself and the positions
 before it, image tokens included) runs over::
 
@@ -110,8 +112,6 @@ class GenerativeConfig:
     image_positions_in_decoder: bool = False
     projector_on_pixels: bool = False
     projector_hidden_size: int = 128
-    vision_layers: int = 0
-    """Bidirectional self-attention blocks over the kept patches before the projector (LLaVA's ViT)."""
 
     @property
     def num_patches(self) -> int:
@@ -208,9 +208,6 @@ class GenerativeModel(nn.Module):
         self.projector = nn.Sequential(
             nn.Linear(inputs, config.projector_hidden_size), nn.GELU(), nn.Linear(config.projector_hidden_size, hidden)
         )
-        self.vision_layers = nn.ModuleList(
-            SelfAttentionBlock(hidden, config.num_heads, config.intermediate_size) for _ in range(config.vision_layers)
-        )
         self.layers = nn.ModuleList(
             SelfAttentionBlock(hidden, config.num_heads, config.intermediate_size) for _ in range(config.num_layers)
         )
@@ -260,10 +257,7 @@ class GenerativeModel(nn.Module):
         if self.config.projector_on_pixels:
             tokens = self.projector(gather_tokens(self.patch_embedding.patchify(pixels), image_positions))
         else:
-            patches = self.patch_embedding(pixels, image_positions)
-            for block in self.vision_layers:
-                patches, _ = block(patches)
-            tokens = self.projector(patches)
+            tokens = self.projector(self.patch_embedding(pixels, image_positions))
         if self.config.image_positions_in_decoder:
             tokens = tokens + self.image_positions(image_positions)
         return tokens
