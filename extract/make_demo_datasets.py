@@ -57,8 +57,9 @@ EXAMPLE_KINDS = {
     "caption": "captions",
     "describe+question": "descriptions and questions",
 }
-GENERATION = GenerationOptions(methods=list(ANSWER_METHODS))
-"""The generative store: answers up to 32 tokens, every layer and head, all four methods."""
+GENERATION = GenerationOptions(methods=list(ANSWER_METHODS), rows="all")
+"""The generative store: answers up to 32 tokens, every layer and head, all four methods, and the full
+maps (``--rows all``: at this model's size they are small) so every view of the dashboard works on it."""
 
 
 def demo_sources(spec: DemoSpec) -> list[ExampleSource]:
@@ -191,8 +192,10 @@ store is deleted first, so a rerun replaces it) and this file. It runs each buil
 `vlinterpret extract NAME STORE --scenes N --seed {FIRST_SEED} --relevancy {",".join(RELEVANCY)}`
 (`--scene-text caption` for the dual encoder), batch size 16, 50 examples per shard, float16 storage.
 The generative store is the function behind `vlinterpret extract generative STORE --scenes N
---scene-text describe --generate --relevancy all` (and `--scene-text question` for every other
-scene), 60 examples per shard: answers of up to 32 generated tokens, every layer and head.
+--scene-text describe --generate --relevancy all --rows all` (and `--scene-text question` for
+every other scene), 60 examples per shard: answers of up to 32 generated tokens, every layer and
+head, and the full maps of the whole sequence, so the attention views work on it as well as the
+answer view.
 Shard names change on every run: commit a rerun with
 `git add datasets/README.md datasets/single_stream datasets/dual_stream datasets/dual_encoder datasets/generative`,
 which records the removed shards too.
