@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from vlinterpret_panel import maps
+from vlinterpret_panel import answers, maps
 from vlinterpret_panel.cache import DatasetIdentity, LRUCache, dataset_identity
 from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.schema import PAD
@@ -150,6 +150,40 @@ class VLIAccessor:
             )
 
         return _TABLES.get(self.key("relevancy", tokens.index, method), read)
+
+    # Generated answers
+
+    @property
+    def has_answers(self) -> bool:
+        """Whether the store holds generated answers (``--generate``)."""
+        return answers.has_answers(self._ds)
+
+    @property
+    def answer_methods(self) -> list[str]:
+        """The relevancy methods stored for generated tokens."""
+        return answers.answer_methods(self._ds)
+
+    def answer(self, example: int | str) -> pd.DataFrame:
+        """The generated tokens of ``example``: step, token, probability, sequence position (cached)."""
+        position = self.position(example)
+        return _TABLES.get(self.key("answer", position), lambda: answers.answer_table(self._ds, position))
+
+    def alternatives(self, example: int | str, step: int) -> pd.DataFrame:
+        """The top-k tokens at generated ``step`` of ``example``, most probable first (cached)."""
+        position = self.position(example)
+        return _TABLES.get(
+            self.key("alternatives", position, step), lambda: answers.alternatives(self._ds, position, step)
+        )
+
+    def answer_map(
+        self, example: int | str, step: int, method: str = answers.ATTENTION, layer: int = -1, head: int | None = None
+    ) -> np.ndarray:
+        """Generated token ``step``'s map over the example's real tokens (``answers.answer_map``; cached)."""
+        tokens = self.tokens(example)
+        return _TABLES.get(
+            self.key("answer-map", tokens.index, step, method, layer, head),
+            lambda: answers.answer_map(self._ds, tokens.index, tokens.n_tokens, step, method, layer, head),
+        )
 
     def relevancy_ranking(self) -> dict[str, float]:
         """Pointing-game accuracy of each stored method against the stored target masks (cached; may be empty)."""

@@ -13,8 +13,9 @@ import xarray as xr
 from vlinterpret_panel.schema import require_full_attention
 from vlinterpret_panel.store import open_dataset, shard_signature
 from vlinterpret_panel.ui.common import SIDEBAR_WIDTH
-from vlinterpret_panel.ui.dashboard import Dashboard
+from vlinterpret_panel.ui.dashboard import AnswerDashboard, Dashboard
 from vlinterpret_panel.ui.selection import URL_PARAMETERS, Selection
+from vlinterpret_panel.ui.view import View
 
 __all__ = ["Dashboard", "build_app", "shared_store"]
 
@@ -55,6 +56,7 @@ def build_app(store: str | os.PathLike, model: str | None = None) -> pn.template
     def current_store() -> xr.Dataset:
         return shared_store(path, shard_signature(path) if path.is_dir() else "")
 
+    dashboard: View
     if model:
         from vlinterpret_panel.ui.add_example import live_model
         from vlinterpret_panel.ui.session import LiveSession
@@ -65,9 +67,13 @@ def build_app(store: str | os.PathLike, model: str | None = None) -> pn.template
         main = [session.main]
     else:
         opened = current_store()
-        require_full_attention(opened, "the dashboard")
-        dashboard = Dashboard(opened)
-        sidebar, main = dashboard.sidebar(), [dashboard.main()]
+        if "attention" not in opened and opened.vli.has_answers:
+            answers = AnswerDashboard(opened)
+            dashboard, sidebar, main = answers, answers.sidebar(), [answers.main()]
+        else:
+            require_full_attention(opened, "the dashboard")
+            full = Dashboard(opened)
+            dashboard, sidebar, main = full, full.sidebar(), [full.main()]
     _link_url(dashboard.selection)
     # No header spinner (busy_indicator=None; templates add one by default): pn.state.busy spans
     # every session of the server process, so one session's clicks spun all the others' headers, and

@@ -6,6 +6,7 @@ import panel as pn
 import xarray as xr
 from panel.io.document import hold
 
+from vlinterpret_panel.ui.answer import AnswerView
 from vlinterpret_panel.ui.attention import AttentionHeatmap
 from vlinterpret_panel.ui.common import SIDEBAR_WIDTH, ensure_extension, message_banner
 from vlinterpret_panel.ui.compare import HeadComparison
@@ -45,6 +46,7 @@ class Dashboard(View):
         self.relevancy = RelevancyView(ds, selection)
         self.comparison = HeadComparison(ds, selection)
         self.export = ExportPanel(ds, selection)
+        self.answer = AnswerView(ds, selection)
         self._summary = pn.pane.Markdown(self.summary(), sizing_mode="stretch_width")
 
     @property
@@ -61,6 +63,7 @@ class Dashboard(View):
             self.relevancy,
             self.comparison,
             self.export,
+            self.answer,
         ]
 
     def dataset_changed(self) -> None:
@@ -107,7 +110,9 @@ class Dashboard(View):
             sizing_mode="stretch_width",
         )
         attention = pn.Column(message_banner(self.selection), views, sizing_mode="stretch_width")
+        answer = [("Answer", self.answer)] if self.ds.vli.has_answers else []
         return pn.Tabs(
+            *answer,
             ("Attention", attention),
             ("Embeddings", self.embedding),
             ("Relevancy", self.relevancy),
@@ -115,6 +120,46 @@ class Dashboard(View):
             dynamic=True,
             sizing_mode="stretch_width",
         )
+
+    def __panel__(self) -> pn.viewable.Viewable:
+        return pn.Row(pn.Column(*self.sidebar(), width=SIDEBAR_WIDTH - 10), self.main())
+
+
+class AnswerDashboard(View):
+    """The page for a store of generated answers without full maps: the example browser and the answer view."""
+
+    def __init__(self, ds: xr.Dataset, selection: Selection | None = None, **params) -> None:
+        super().__init__(ds, selection, **params)
+        self.examples = ExampleBrowser(ds, self.selection)
+        self.answer = AnswerView(ds, self.selection)
+        self._summary = pn.pane.Markdown(self.summary(), sizing_mode="stretch_width")
+
+    def dataset_changed(self) -> None:
+        """Give both views the new dataset."""
+        if not hasattr(self, "answer"):
+            return
+        with hold():
+            self.selection.adopt(self.ds)
+            self.examples.ds = self.ds
+            self.answer.ds = self.ds
+            self._summary.object = self.summary()
+
+    def summary(self) -> str:
+        """One line naming the model, the store's sizes and that only answer rows are stored."""
+        ds = self.ds
+        return (
+            f"**{ds.attrs.get('model_name', '?')}** · {ds.sizes['example']} examples · generated answers "
+            f"(attention rows of {ds.sizes.get('layer', 0)} layers × {ds.sizes.get('head', 0)} heads; the "
+            "attention views need a store extracted with `--rows all`)"
+        )
+
+    def sidebar(self) -> list[pn.viewable.Viewable | pn.viewable.Viewer]:
+        """The store summary and the example browser."""
+        return [self._summary, self.examples]
+
+    def main(self) -> pn.viewable.Viewable:
+        """The answer view."""
+        return pn.Column(message_banner(self.selection), self.answer, sizing_mode="stretch_width")
 
     def __panel__(self) -> pn.viewable.Viewable:
         return pn.Row(pn.Column(*self.sidebar(), width=SIDEBAR_WIDTH - 10), self.main())

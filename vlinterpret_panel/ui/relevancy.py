@@ -113,10 +113,12 @@ class RelevancyView(View):
 
     def __panel__(self) -> pn.viewable.Viewable:
         if not self.methods:
-            return pn.pane.Markdown(
-                "This store has no `relevancy` variable: extract with a relevancy method to see it here.",
-                width=IMAGE_SIZE * 2,
+            text = (
+                "This store's relevancy is per generated token (`answer_relevancy`): see the **Answer** tab."
+                if self.ds.vli.answer_methods
+                else "This store has no `relevancy` variable: extract with a relevancy method to see it here."
             )
+            return pn.pane.Markdown(text, width=IMAGE_SIZE * 2)
         ranking = self.ds.vli.relevancy_ranking()
         options = {
             (f"{m} (top patch on the target in {ranking[m]:.0%})" if m in ranking else m): m for m in self.methods

@@ -165,7 +165,7 @@ def default_focus(ds: xr.Dataset, example: str) -> tuple[int, list[int]]:
     info = ds.vli.tokens(example)
     image = info.tokens_of(IMAGE)
     fallback = (ds.sizes["layer"] - 1, default_tokens(ds, example))
-    if not len(image):
+    if not len(image) or "attention" not in ds:  # only generated answers' rows: nothing to search
         return fallback
     candidates = [int(t) for t in info.tokens_of(TEXT)[:1]]
     if "readout_token" in ds:

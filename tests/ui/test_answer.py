@@ -1,0 +1,101 @@
+"""The answer view in chromium: a store of generated answers, token by token.
+
+A store with only the answers' attention rows (the default of ``--generate``) opens on the
+answer view alone; the shipped generative store (full maps) adds it as the first tab and a
+chosen token makes its predicting query the selected token of the other views.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from tests.ui.browser import REPO, AppPage, app_page, panel_serve_command, served
+from tests.ui.conftest import changed_fraction
+from vlinterpret_panel import open_dataset
+from vlinterpret_panel.adapters.generative import GenerationOptions
+from vlinterpret_panel.adapters.registry import load_adapter
+from vlinterpret_panel.extract import extract, scene_sources
+from vlinterpret_panel.ui.answer import strip_layout
+
+pytestmark = pytest.mark.browser
+
+STRIP = "generated answer"
+
+
+@pytest.fixture(scope="module")
+def answer_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four held-out descriptions by the built-in generative model, answer rows only, all four methods."""
+    path = tmp_path_factory.mktemp("answers") / "store"
+    options = GenerationOptions(methods=["raw_attention", "rollout", "attention_gradcam", "generic"])
+    extract(load_adapter("generative"), scene_sources(4, text="describe"), path, generation=options, progress=False)
+    return path
+
+
+@contextmanager
+def _served_page(browser: object, store: Path, tmp_path: Path) -> Iterator[AppPage]:
+    """A browser page of ``panel serve`` on ``store`` (its own server)."""
+    with (
+        served(lambda port: panel_serve_command(store, port), tmp_path / "serve.log") as (url, _server),
+        app_page(browser, url) as page,
+    ):
+        yield page
+
+
+@pytest.fixture
+def answer_app(browser: object, answer_store: Path, tmp_path: Path) -> Iterator[AppPage]:
+    with _served_page(browser, answer_store, tmp_path) as page:
+        yield page
+
+
+def test_a_click_on_a_generated_token_changes_its_map_and_alternatives(answer_app: AppPage, answer_store: Path) -> None:
+    ds = open_dataset(answer_store)
+    example = str(ds.example.values[0])
+    answer = ds.vli.answer(example)
+    answer_app.page.goto(answer_app.url)
+    answer_app.wait_for_figure(STRIP)
+    first = f"{answer['token'].iloc[0]!r}"
+    answer_app.wait_for_figure(first)
+    image_before = answer_app.pixels(first)
+    alternatives_before = answer_app.page.inner_text("table")
+    boxes = strip_layout(answer)
+    step = 2  # the colour word of "a <colour> <shape> ...": a token about one object
+    target = boxes[boxes.step == step].iloc[0]
+    answer_app.click_data(STRIP, (target.x0 + target.x1) / 2, (target.y0 + target.y1) / 2)
+    title = f"{answer['token'].iloc[step]!r}"
+    answer_app.wait_for_figure(title)
+    answer_app.wait_until(
+        lambda: changed_fraction(image_before, answer_app.pixels(title)) > 0.01, what="the image map to change"
+    )
+    answer_app.wait_until(lambda: answer_app.page.inner_text("table") != alternatives_before, what="new alternatives")
+    expected = ds.vli.alternatives(example, step)["token"].iloc[0]
+    assert expected in answer_app.page.inner_text("table")
+    assert answer_app.figure(STRIP)["title"].startswith(f"{STRIP}: token {step} selected")
+    assert not answer_app.errors, answer_app.errors
+
+
+def test_the_shipped_generative_store_opens_on_the_answer_tab_and_links_the_attention_views(
+    browser: object, tmp_path: Path
+) -> None:
+    store = REPO / "datasets" / "generative"
+    if not store.exists():
+        pytest.skip("datasets/generative is made by extract/make_demo_datasets.py")
+    ds = open_dataset(store)
+    example = str(ds.example.values[0])
+    answer = ds.vli.answer(example)
+    with _served_page(browser, store, tmp_path) as page:
+        page.page.goto(page.url)
+        page.wait_for_figure(STRIP)
+        boxes = strip_layout(answer)
+        step = len(answer) - 2  # the last word before [EOS]
+        target = boxes[boxes.step == step].iloc[0]
+        page.click_data(STRIP, (target.x0 + target.x1) / 2, (target.y0 + target.y1) / 2)
+        page.wait_for_figure(f"{STRIP}: token {step} selected")
+        page.page.get_by_text("Attention", exact=True).click()
+        query = int(answer["position"].iloc[step]) - 1
+        text_title = f"attention from {query}:{ds.vli.tokens(example).token_text[query]}"
+        page.wait_for_figure(text_title)  # the text view follows the generated token's predicting query
+        assert not page.errors, page.errors

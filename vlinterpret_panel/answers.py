@@ -1,0 +1,112 @@
+"""Reads of a stored generated answer: its tokens, their alternatives, and generated token k's map.
+
+Pure functions of a schema Dataset (``ds.vli`` caches and delegates to them). A map of
+generated token k is one value per token of the example's sequence: the relevancy of a
+stored method (``answer_relevancy``) or the attention row of the query that predicted it
+(``answer_attention``, one head or the mean of the heads), as docs/schema.md reads it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from vlinterpret_panel.errors import VLIError
+
+ATTENTION = "attention"
+"""The map name of the predicting query's attention row (a layer and a head, or the head mean)."""
+
+ANSWER_COLUMNS = ("step", "token", "probability", "position")
+ALTERNATIVE_COLUMNS = ("rank", "token", "probability")
+
+
+def has_answers(ds: xr.Dataset) -> bool:
+    """Whether the store holds generated answers (``--generate``)."""
+    return "answer_token" in ds and "answer_position" in ds
+
+
+def answer_methods(ds: xr.Dataset) -> list[str]:
+    """The relevancy methods stored for generated tokens (empty when none are)."""
+    if "answer_relevancy" not in ds:
+        return []
+    return [str(method) for method in ds.indexes["relevancy_method"]]
+
+
+def _require_answers(ds: xr.Dataset) -> None:
+    if not has_answers(ds):
+        raise VLIError("this store has no generated answers: extract with --generate to store them")
+
+
+def answer_table(ds: xr.Dataset, position: int) -> pd.DataFrame:
+    """The generated tokens of the example at ``position``: step, token, probability, sequence position.
+
+    Only the generated steps (padding past the answer, ``answer_position == -1``, is dropped).
+    """
+    _require_answers(ds)
+    one = ds[[name for name in ("answer_token", "answer_position", "answer_probability") if name in ds]]
+    one = one.isel(example=position).compute()
+    positions = np.asarray(one["answer_position"].values, dtype=np.int64)
+    steps = np.flatnonzero(positions >= 0)
+    probabilities = (
+        np.asarray(one["answer_probability"].values, dtype=np.float64)[steps]
+        if "answer_probability" in one
+        else np.full(len(steps), np.nan)
+    )
+    return pd.DataFrame(
+        {
+            "step": steps,
+            "token": [str(token) for token in np.asarray(one["answer_token"].values)[steps]],
+            "probability": probabilities,
+            "position": positions[steps],
+        },
+        columns=list(ANSWER_COLUMNS),
+    )
+
+
+def alternatives(ds: xr.Dataset, position: int, step: int) -> pd.DataFrame:
+    """The top-k tokens the model could have generated at ``step``, most probable first (empty if not stored)."""
+    _require_answers(ds)
+    if "answer_alternative" not in ds:
+        return pd.DataFrame(columns=list(ALTERNATIVE_COLUMNS))
+    where = {"example": position, "step": step}
+    tokens = np.asarray(ds["answer_alternative"].isel(where).values)
+    probabilities = np.asarray(ds["answer_alternative_probability"].isel(where).values, dtype=np.float64)
+    named = np.array([str(token) != "" for token in tokens], dtype=bool)
+    kept = np.flatnonzero(named & np.isfinite(probabilities))
+    return pd.DataFrame(
+        {"rank": kept + 1, "token": [str(tokens[i]) for i in kept], "probability": probabilities[kept]},
+        columns=list(ALTERNATIVE_COLUMNS),
+    )
+
+
+def answer_map(
+    ds: xr.Dataset,
+    position: int,
+    n_tokens: int,
+    step: int,
+    method: str = ATTENTION,
+    layer: int = -1,
+    head: int | None = None,
+) -> np.ndarray:
+    """Generated token ``step``'s map over the example's ``n_tokens`` real tokens.
+
+    ``method`` names a stored answer relevancy method, or ``ATTENTION`` for the attention row
+    of the query that predicted the token at ``layer`` (a position on the layer axis; -1 is
+    the last stored) and ``head`` (a position on the head axis; None for the mean of the heads).
+    Keys after the predicting query are 0 (causal).
+    """
+    _require_answers(ds)
+    if method == ATTENTION:
+        if "answer_attention" not in ds:
+            raise VLIError("this store has no answer attention rows (answer_attention)")
+        rows = ds["answer_attention"].isel(example=position, step=step, layer=layer)
+        values = rows.mean("head") if head is None else rows.isel(head=head)
+        return np.nan_to_num(np.asarray(values.values, dtype=np.float64)[:n_tokens])
+    methods = answer_methods(ds)
+    if method not in methods:
+        raise VLIError(
+            f"answer relevancy method {method!r} is not in this store (stored: {', '.join(methods) or 'none'})"
+        )
+    values = ds["answer_relevancy"].isel(example=position, step=step, relevancy_method=methods.index(method))
+    return np.nan_to_num(np.asarray(values.values, dtype=np.float64)[:n_tokens])

@@ -1,0 +1,293 @@
+"""Answer view: a generated answer token by token, each token's map on the image and on the text.
+
+The answer is a strip of its tokens, each shaded by the probability the model gave it; a tap
+(or the player) chooses generated token k. Its map (a stored relevancy method, or the
+attention row of the query that predicted it at the selected layer and head, or the head
+mean) is painted on the image and colours the prompt and the earlier answer tokens, and the
+step's top-k alternatives are listed with their probabilities. When the store also holds the
+full maps (``--rows all``) choosing a token makes its predicting query the selected token, so
+the head summary, the attention matrix and the other views show the generated token's rows.
+"""
+
+from __future__ import annotations
+
+import holoviews as hv
+import numpy as np
+import pandas as pd
+import panel as pn
+import param
+import xarray as xr
+from bokeh.palettes import Purples256
+
+from vlinterpret_panel.answers import ATTENTION
+from vlinterpret_panel.ui.common import NO_SELECTION_FADE, SELECTED_COLOR, dynamic_map, fit_title, guarded
+from vlinterpret_panel.ui.image import image_element, image_plot_size, map_element, overlay_element, scale_controls
+from vlinterpret_panel.ui.scales import map_scale
+from vlinterpret_panel.ui.selection import Selection
+from vlinterpret_panel.ui.text import TEXT_WIDTH, coloured_tokens, token_labels, token_layout
+from vlinterpret_panel.ui.view import View
+
+STRIP_LINE_WIDTH = 60.0
+STRIP_LINE_HEIGHT = 2.0
+STRIP_WIDTH = 620
+PROBABILITY_PALETTE = list(Purples256[110:250])
+"""Mid purple (improbable) to near white (certain): the doubtful tokens stand out, black labels stay readable."""
+MEAN_OF_HEADS = "mean"
+
+
+def strip_layout(answer: pd.DataFrame) -> pd.DataFrame:
+    """Boxes of the generated tokens in wrapped lines (y grows downwards), one per step."""
+    rows, x, line = [], 0.0, 0
+    for step, token, probability in answer[["step", "token", "probability"]].itertuples(index=False):
+        width = max(4.0, len(str(token)) * 1.0 + 1.5)
+        if x + width > STRIP_LINE_WIDTH and x > 0:
+            x, line = 0.0, line + 1
+        y0 = line * STRIP_LINE_HEIGHT
+        rows.append(
+            {
+                "x0": x,
+                "y0": y0,
+                "x1": x + width,
+                "y1": y0 + STRIP_LINE_HEIGHT * 0.9,
+                "step": int(step),
+                "token": str(token),
+                "probability": float(probability),
+            }
+        )
+        x += width + 0.3
+    return pd.DataFrame(rows, columns=["x0", "y0", "x1", "y1", "step", "token", "probability"])
+
+
+class AnswerView(View):
+    """Generated token k of the selected example: its probability, alternatives and maps."""
+
+    step = param.Integer(default=0, bounds=(0, None), doc="the generated token shown (its step in the answer)")
+    method: str = param.Selector(  # type: ignore[assignment]
+        default=ATTENTION, objects=[ATTENTION], doc="what the map shows: a relevancy method or the attention row"
+    )
+
+    def __init__(self, ds: xr.Dataset, selection: Selection | None = None, **params) -> None:
+        super().__init__(ds, selection, **params)
+        self.dataset_changed()
+        own = hv.streams.Params(self, ["step", "method"])
+        self._strip = dynamic_map(self._answer_strip, streams=[own, *self.streams("example")])
+        self._strip_labels = dynamic_map(self._strip_text, streams=self.streams("example"))
+        map_fields = ("example", "layer", "head", "smooth", "scale", "opacity")
+        self._image = dynamic_map(self._on_image, streams=[own, *self.streams(*map_fields)])
+        self._text = dynamic_map(self._on_text, streams=[own, *self.streams("example", "layer", "head", "scale")])
+        self.tap = hv.streams.Tap(source=self._strip, x=None, y=None)
+        self.tap.add_subscriber(self._tapped)
+        self.player = pn.widgets.Player(
+            name="play the answer", start=0, end=max(1, self._answer_length() - 1), value=0, interval=900, width=300
+        )
+        self.param.step.bounds = (0, max(0, self._answer_length() - 1))
+        self.player.param.watch(self._played, "value")
+        self.param.watch(self._step_changed, "step")
+        self.selection.param.watch(self._example_changed, "example")
+        self._head = pn.widgets.Select(name="head", options=self._head_options(), width=90)
+        self._head.param.watch(self._head_chosen, "value")
+        self.selection.param.watch(self._show_head, "head")
+        self._show_head()
+
+    # State
+
+    def dataset_changed(self) -> None:
+        """The methods this store offers (the attention row first when it is stored); generic relevancy first shown."""
+        methods = ([ATTENTION] if "answer_attention" in self.ds else []) + self.ds.vli.answer_methods
+        self.param.method.objects = methods or [ATTENTION]
+        if not hasattr(self, "_head"):  # first call, from the constructor
+            self.method = "generic" if "generic" in methods else (methods or [ATTENTION])[0]
+        elif self.method not in methods and methods:
+            self.method = methods[0]
+        if hasattr(self, "_head"):
+            self._head.options = self._head_options()
+
+    def _head_options(self) -> list[str]:
+        return [MEAN_OF_HEADS, *map(str, range(self.ds.sizes.get("head", 1)))]
+
+    def _head_chosen(self, event: param.parameterized.Event) -> None:
+        head = None if event.new == MEAN_OF_HEADS else int(event.new)
+        if self.selection.head != head:
+            self.selection.head = head
+
+    def _show_head(self, *events: param.parameterized.Event) -> None:
+        self._head.value = MEAN_OF_HEADS if self.selection.head is None else str(self.selection.head)
+
+    def _answer(self, example: str | None = None) -> pd.DataFrame:
+        return self.ds.vli.answer(example if example is not None else self.selection.example)
+
+    def _answer_length(self) -> int:
+        if self.selection.example is None or not self.ds.vli.has_answers:
+            return 0
+        return len(self._answer())
+
+    def _example_changed(self, event: param.parameterized.Event) -> None:
+        self.step = 0
+        self.param.step.bounds = (0, max(0, self._answer_length() - 1))
+        self.player.end = max(1, self._answer_length() - 1)
+        self.player.value = 0
+        self._follow(0)
+
+    def _played(self, event: param.parameterized.Event) -> None:
+        if int(event.new) < self._answer_length():
+            self.step = int(event.new)
+
+    def _step_changed(self, event: param.parameterized.Event) -> None:
+        if self.player.value != event.new:
+            self.player.value = event.new
+        self._follow(int(event.new))
+
+    def _follow(self, step: int) -> None:
+        """With full maps stored, make generated token ``step``'s predicting query the selected token."""
+        if "attention" not in self.ds or not self.ds.vli.has_answers:
+            return
+        answer = self._answer()
+        if step >= len(answer):
+            return
+        query = int(answer["position"].iloc[step]) - 1
+        if self.selection.tokens != [query]:
+            self.selection.tokens = [query]
+
+    def _tapped(self, x: float | None, y: float | None) -> None:
+        if x is None or y is None:
+            return
+        boxes = strip_layout(self._answer())
+        hit = boxes[(boxes.x0 <= x) & (x <= boxes.x1) & (boxes.y0 <= y) & (y <= boxes.y1)]
+        if len(hit):
+            self.step = int(hit["step"].iloc[0])
+
+    # Plots
+
+    def _map_name(self, layer: int, head: int | None) -> str:
+        if self.method != ATTENTION:
+            return self.method
+        return f"attention L{layer} {'mean' if head is None else f'h{head}'}"
+
+    def _values(self, ds: xr.Dataset, example: str, step: int, method: str, layer: int, head: int | None) -> np.ndarray:
+        return ds.vli.answer_map(example, step, method, layer, head)
+
+    def _answer_strip(self, example: str, step: int, method: str, ds: xr.Dataset) -> hv.Rectangles:
+        boxes = strip_layout(ds.vli.answer(example)).assign(selected=lambda table: (table["step"] == step).astype(int))
+        lines = max(1.0, float(boxes["y1"].max()) if len(boxes) else 1.0)
+        return hv.Rectangles(boxes, ["x0", "y0", "x1", "y1"], ["step", "token", "probability", "selected"]).opts(
+            color="probability",
+            cmap=PROBABILITY_PALETTE,
+            clim=(0.0, 1.0),
+            colorbar=True,
+            colorbar_opts={"title": "probability"},
+            line_color=hv.dim("selected").categorize({1: SELECTED_COLOR, 0: "#666"}),
+            line_width=hv.dim("selected") * 3 + 1,
+            invert_yaxis=True,
+            xaxis=None,
+            yaxis=None,
+            frame_width=STRIP_WIDTH,
+            frame_height=int(34 * lines / STRIP_LINE_HEIGHT) + 10,
+            tools=["hover"],
+            hover_tooltips=[("token", "@token"), ("probability", "@probability{0.0000}"), ("step", "@step")],
+            toolbar=None,
+            title=f"generated answer: token {step} selected (tap a token or press play)",
+            **NO_SELECTION_FADE,
+        )
+
+    def _strip_text(self, example: str, ds: xr.Dataset) -> hv.Overlay:
+        boxes = strip_layout(ds.vli.answer(example))
+        centre_x = (boxes["x0"] + boxes["x1"]) / 2
+        words = pd.DataFrame({"x": centre_x, "y": boxes["y0"] + STRIP_LINE_HEIGHT * 0.3, "text": boxes["token"]})
+        shares = pd.DataFrame(
+            {
+                "x": centre_x,
+                "y": boxes["y0"] + STRIP_LINE_HEIGHT * 0.68,
+                "text": [f"{p:.2f}" if np.isfinite(p) else "" for p in boxes["probability"]],
+            }
+        )
+        return hv.Labels(words, ["x", "y"], "text").opts(text_font_size="10pt", text_color="black") * hv.Labels(
+            shares, ["x", "y"], "text"
+        ).opts(text_font_size="8pt", text_color="#222")
+
+    def _empty_image(self, message: str) -> hv.Overlay:
+        blank = np.zeros((1, 1, 3), dtype=np.uint8)
+        return image_element(blank).opts(title=message[:80]) * map_element(np.full((1, 1), np.nan), "map")
+
+    def _on_image(
+        self,
+        example: str,
+        step: int,
+        method: str,
+        layer: int,
+        head: int | None,
+        smooth: bool,
+        scale: str,
+        opacity: float,
+        ds: xr.Dataset,
+    ) -> hv.Overlay:
+        @guarded(self.selection, self._empty_image)
+        def draw() -> hv.Overlay:
+            tokens = ds.vli.tokens(example)
+            answer = ds.vli.answer(example)
+            values = self._values(ds, example, step, method, layer, head)
+            image_tokens = tokens.image_tokens()
+            colour_range = map_scale(values[image_tokens], "per map" if scale == "shared" else scale)
+            painted = ds.vli.values_on_image(example, values, smooth=smooth).values
+            size = image_plot_size(tokens.image)
+            picture = image_element(tokens.image).opts(invert_yaxis=True, xaxis=None, yaxis=None, **size)
+            token = answer["token"].iloc[step] if step < len(answer) else "?"
+            title = f"{token!r}: {self._map_name(layer, head)}"
+            title += ": all 0 on the image" if colour_range.all_zero else ""
+            heat = overlay_element(painted, colour_range, "map", opacity)
+            return (picture * heat).opts(title=fit_title(title, size["frame_width"]))
+
+        return draw()
+
+    def _empty_text(self, message: str) -> hv.Overlay:
+        info = self.ds.vli.tokens(self.selection.example)
+        layout = token_layout(info)
+        return coloured_tokens(layout, np.zeros(info.n_tokens), "", message) * token_labels(layout)
+
+    def _on_text(
+        self, example: str, step: int, method: str, layer: int, head: int | None, scale: str, ds: xr.Dataset
+    ) -> hv.Overlay:
+        @guarded(self.selection, self._empty_text)
+        def draw() -> hv.Overlay:
+            answer = ds.vli.answer(example)
+            values = self._values(ds, example, step, method, layer, head)
+            layout = token_layout(ds.vli.tokens(example))
+            position = int(answer["position"].iloc[step]) if step < len(answer) else -1
+            token = answer["token"].iloc[step] if step < len(answer) else "?"
+            title = fit_title(f"prompt, answer so far: {token!r}", TEXT_WIDTH)
+            return coloured_tokens(layout, values, "map", title, selected=[position], scale=scale) * token_labels(
+                layout
+            )
+
+        return draw()
+
+    def _alternatives(self, example: str, step: int) -> pd.DataFrame:
+        if example is None:
+            return pd.DataFrame()
+        table = self.ds.vli.alternatives(example, step)
+        return table.assign(probability=table["probability"].round(4))
+
+    def __panel__(self) -> pn.viewable.Viewable:
+        if not self.ds.vli.has_answers:
+            return pn.pane.Markdown(
+                "This store has no generated answers: extract with `--generate` to see them here.", width=STRIP_WIDTH
+            )
+        method = pn.widgets.Select.from_param(self.param.method, label="map", width=170)
+        layers = self.ds.sizes.get("layer", 1)
+        layer = pn.widgets.IntSlider.from_param(
+            self.selection.param.layer, start=0, end=max(1, layers - 1), name="layer", width=160
+        )
+        alternatives = pn.pane.DataFrame(
+            pn.bind(self._alternatives, self.selection.param.example, self.param.step),
+            index=False,
+            width=260,
+            sizing_mode="fixed",
+        )
+        return pn.Column(
+            pn.Row(self.player, method, layer, self._head, *scale_controls(self.selection)),
+            pn.pane.HoloViews(self._strip * self._strip_labels, linked_axes=False),
+            pn.Row(
+                pn.pane.HoloViews(self._image, linked_axes=False),
+                pn.pane.HoloViews(self._text, linked_axes=False),
+                pn.Column(pn.pane.Markdown("**top alternatives at this step**"), alternatives),
+            ),
+        )
