@@ -84,3 +84,41 @@ def test_a_store_without_answers_says_so(tmp_path: Path) -> None:
     with pytest.raises(VLIError, match="--generate"):
         ds.vli.answer(0)
     assert ds.vli.answer_methods == []
+
+
+def test_reliance_shares_by_hand() -> None:
+    from vlinterpret_panel.answers import reliance
+
+    modality = np.array(["special", "image", "image", "text", "text", "text"])
+    maps = np.array(
+        [
+            [0.1, 0.3, 0.2, 0.4, 0.0, 0.0],  # the first generated token (position 4) reads up to position 3
+            [0.0, 0.0, 0.0, 0.5, 0.5, -1.0],  # negative relevancy counts as 0
+            [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],  # nothing positive: NaN
+        ]
+    )
+    shares = reliance(maps, modality, answer_start=4)
+    np.testing.assert_allclose(shares.loc[0], [0.5, 0.5, 0.0])
+    np.testing.assert_allclose(shares.loc[1], [0.0, 0.5, 0.5])
+    assert shares.loc[2].isna().all()
+
+
+def test_reliance_of_a_stored_answer_sums_to_one(store: Path) -> None:
+    ds = open_dataset(store)
+    shares = ds.vli.reliance(0, "rollout")
+    assert len(shares) == len(ds.vli.answer(0))
+    np.testing.assert_allclose(shares.sum(axis=1), 1.0, rtol=1e-9)
+    assert (shares["answer"].iloc[0] == 0) and (shares["answer"].iloc[-1] > 0)  # nothing generated before token 0
+
+
+@pytest.mark.parametrize("method", ["rollout", "attention"])
+def test_dataset_reliance_equals_the_per_example_reliance(store: Path, method: str) -> None:
+    ds = open_dataset(store)
+    shares = ds.vli.dataset_reliance(method)
+    assert shares.dims == ("example", "step", "part")
+    for position in range(ds.sizes["example"]):
+        one = ds.vli.reliance(position, method)
+        np.testing.assert_allclose(shares.isel(example=position).values[: len(one)], one.values, rtol=1e-6)
+        assert shares.isel(example=position).isnull().values[len(one) :].all()
+    subset = ds.isel(example=[2, 1])
+    np.testing.assert_allclose(subset.vli.dataset_reliance(method).isel(example=0), shares.isel(example=2))

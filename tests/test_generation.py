@@ -377,14 +377,17 @@ def test_extract_generate_on_the_builtin_model_validates(random_generative_weigh
 
 def test_views_and_statistics_that_need_full_maps_say_so(tmp_path: Path) -> None:
     from vlinterpret_panel.ui.app import build_app
+    from vlinterpret_panel.ui.dashboard import AnswerDashboard
 
     record, info = capture_answer(HandWorkedAdapter(), _item())
     write_shard(records_to_dataset([record], info), tmp_path / "store")
     ds = open_dataset(tmp_path / "store")
     with pytest.raises(VLIError, match=r"head statistics needs the full attention maps.*--rows all"):
         ds.vli.head_summary("text_to_image")
-    with pytest.raises(VLIError, match="the dashboard needs the full attention maps"):
-        build_app(tmp_path / "store")
+    with pytest.raises(VLIError, match=r"an attention map needs the full attention maps.*--rows all"):
+        ds.vli.attention_map(0, 0)
+    page = build_app(tmp_path / "store")  # the answer view alone, which reads the answer rows
+    assert "--rows all" in AnswerDashboard(ds).summary() and page.main
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])

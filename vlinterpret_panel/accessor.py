@@ -185,6 +185,30 @@ class VLIAccessor:
             lambda: answers.answer_map(self._ds, tokens.index, tokens.n_tokens, step, method, layer, head),
         )
 
+    def reliance(
+        self, example: int | str, method: str = answers.ATTENTION, layer: int = -1, head: int | None = None
+    ) -> pd.DataFrame:
+        """Per generated token of ``example``, the share of its map on the image, the prompt and the answer so far."""
+        tokens = self.tokens(example)
+
+        def compute() -> pd.DataFrame:
+            steps = self.answer(example)
+            if not len(steps):
+                return pd.DataFrame(columns=list(answers.RELIANCE_PARTS)).rename_axis("step")
+            maps = np.stack([self.answer_map(example, step, method, layer, head) for step in steps["step"]])
+            return answers.reliance(maps, tokens.modality, int(steps["position"].iloc[0]))
+
+        return _TABLES.get(self.key("reliance", tokens.index, method, layer, head), compute)
+
+    def dataset_reliance(
+        self, method: str = answers.ATTENTION, layer: int = -1, head: int | None = None
+    ) -> xr.DataArray:
+        """Image / prompt / answer-so-far shares of every generated token of every example (cached)."""
+        return _TABLES.get(
+            self.key("dataset-reliance", method, layer, head),
+            lambda: answers.dataset_reliance(self._ds, method, layer, head),
+        )
+
     def relevancy_ranking(self) -> dict[str, float]:
         """Pointing-game accuracy of each stored method against the stored target masks (cached; may be empty)."""
         from vlinterpret_panel.relevancy.localisation import stored_pointing_game

@@ -13,6 +13,7 @@ import pandas as pd
 import xarray as xr
 
 from vlinterpret_panel.errors import VLIError
+from vlinterpret_panel.schema import IMAGE
 
 ATTENTION = "attention"
 """The map name of the predicting query's attention row (a layer and a head, or the head mean)."""
@@ -110,3 +111,65 @@ def answer_map(
         )
     values = ds["answer_relevancy"].isel(example=position, step=step, relevancy_method=methods.index(method))
     return np.nan_to_num(np.asarray(values.values, dtype=np.float64)[:n_tokens])
+
+
+RELIANCE_PARTS = ("image", "prompt", "answer")
+
+
+def reliance(maps: np.ndarray, modality: np.ndarray, answer_start: int) -> pd.DataFrame:
+    """Share of each generated token's map on the image, the prompt and the answer so far.
+
+    ``maps`` ``[steps, tokens]`` (one map per generated token, ``answer_map``), ``modality``
+    per token, ``answer_start`` the sequence position of the first generated token. Negative
+    values count as 0; a map with nothing positive gets NaN shares.
+    """
+    positive = np.clip(np.nan_to_num(np.asarray(maps, dtype=np.float64)), 0, None)
+    tokens = np.arange(positive.shape[1])
+    image = np.asarray(modality)[: positive.shape[1]] == IMAGE
+    parts = {
+        "image": image,
+        "prompt": ~image & (tokens < answer_start),
+        "answer": ~image & (tokens >= answer_start),
+    }
+    sums = np.stack([positive[:, where].sum(axis=1) for where in parts.values()], axis=1)
+    total = sums.sum(axis=1, keepdims=True)
+    shares = np.divide(sums, total, out=np.full_like(sums, np.nan), where=total > 0)
+    return pd.DataFrame(shares, columns=list(RELIANCE_PARTS)).rename_axis("step")
+
+
+def dataset_reliance(ds: xr.Dataset, method: str = ATTENTION, layer: int = -1, head: int | None = None) -> xr.DataArray:
+    """``reliance`` of every generated token of every example: ``(example, step, part)``, NaN past each answer.
+
+    One vectorised read of the method's maps (``answer_relevancy`` of one method, or the
+    ``answer_attention`` rows of one layer, one head or the head mean).
+    """
+    _require_answers(ds)
+    if method == ATTENTION:
+        if "answer_attention" not in ds:
+            raise VLIError("this store has no answer attention rows (answer_attention)")
+        rows = ds["answer_attention"].isel(layer=layer)
+        maps = rows.mean("head") if head is None else rows.isel(head=head)
+        maps = maps.rename(key="token")
+    else:
+        methods = answer_methods(ds)
+        if method not in methods:
+            stored = ", ".join(methods) or "none"
+            raise VLIError(f"answer relevancy method {method!r} is not in this store (stored: {stored})")
+        maps = ds["answer_relevancy"].isel(relevancy_method=methods.index(method), drop=True)
+    positive = maps.fillna(0).clip(min=0).compute()
+    positions = ds["answer_position"].compute()
+    token = xr.DataArray(np.arange(positive.sizes["token"]), dims="token")
+    image = (ds["modality"] == IMAGE).compute()
+    start = positions.isel(step=0)
+    parts = {
+        "image": image,
+        "prompt": ~image & (token < start),
+        "answer": ~image & (token >= start),
+    }
+    sums = xr.concat([positive.where(where, 0).sum("token") for where in parts.values()], dim="part")
+    sums = sums.assign_coords(part=list(parts))
+    total = sums.sum("part")
+    shares = (sums / total.where(total > 0)).where(positions >= 0)
+    return shares.transpose("example", "step", "part").drop_vars(
+        [name for name in shares.coords if name not in ("example", "step", "part")]
+    )

@@ -74,6 +74,8 @@ def test_a_click_on_a_generated_token_changes_its_map_and_alternatives(answer_ap
     expected = ds.vli.alternatives(example, step)["token"].iloc[0]
     assert expected in answer_app.page.inner_text("table")
     assert answer_app.figure(STRIP)["title"].startswith(f"{STRIP}: token {step} selected")
+    reliance = answer_app.wait_for_figure("where each token's")  # image / prompt / answer shares per token
+    assert f"(token {step}: {step}:{answer['token'].iloc[step]})" in reliance["title"]
     assert not answer_app.errors, answer_app.errors
 
 
@@ -98,4 +100,29 @@ def test_the_shipped_generative_store_opens_on_the_answer_tab_and_links_the_atte
         query = int(answer["position"].iloc[step]) - 1
         text_title = f"attention from {query}:{ds.vli.tokens(example).token_text[query]}"
         page.wait_for_figure(text_title)  # the text view follows the generated token's predicting query
+        assert not page.errors, page.errors
+
+
+def test_the_reliance_chart_lists_the_least_image_reliant_examples_and_opens_one(
+    browser: object, tmp_path: Path
+) -> None:
+    store = REPO / "datasets" / "generative"
+    if not store.exists():
+        pytest.skip("datasets/generative is made by extract/make_demo_datasets.py")
+    ds = open_dataset(store)
+    position = 3
+    at = ds.vli.dataset_reliance("generic").isel(step=position).sel(part="image").to_pandas().dropna()
+    least = str(at.idxmin())  # the example whose token 3 relies least on the image
+    with _served_page(browser, store, tmp_path) as page:
+        page.page.goto(page.url)
+        page.wait_for_figure(STRIP)
+        page.page.get_by_text("Reliance", exact=True).click()
+        chart = "mean share of each generated token's map"
+        page.wait_for_figure(chart)
+        page.click_data(chart, position, 0.5)
+        listed = page.page.get_by_label("examples at the tapped")
+        listed.locator("option", has_text=least).first.wait_for(state="attached", timeout=20_000)
+        assert least in listed.locator("option").nth(1).inner_text()  # first after the placeholder
+        listed.select_option(index=1)
+        page.page.get_by_text(least, exact=True).first.wait_for(timeout=20_000)  # the sidebar's details heading
         assert not page.errors, page.errors

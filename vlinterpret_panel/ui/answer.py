@@ -19,7 +19,7 @@ import param
 import xarray as xr
 from bokeh.palettes import Purples256
 
-from vlinterpret_panel.answers import ATTENTION
+from vlinterpret_panel.answers import ATTENTION, RELIANCE_PARTS
 from vlinterpret_panel.ui.common import NO_SELECTION_FADE, SELECTED_COLOR, dynamic_map, fit_title, guarded
 from vlinterpret_panel.ui.image import image_element, image_plot_size, map_element, overlay_element, scale_controls
 from vlinterpret_panel.ui.scales import map_scale
@@ -33,6 +33,7 @@ STRIP_WIDTH = 620
 PROBABILITY_PALETTE = list(Purples256[110:250])
 """Mid purple (improbable) to near white (certain): the doubtful tokens stand out, black labels stay readable."""
 MEAN_OF_HEADS = "mean"
+RELIANCE_COLOURS = {"image": "#1f77b4", "prompt": "#ff7f0e", "answer": "#2ca02c"}
 
 
 def strip_layout(answer: pd.DataFrame) -> pd.DataFrame:
@@ -75,19 +76,25 @@ class AnswerView(View):
         map_fields = ("example", "layer", "head", "smooth", "scale", "opacity")
         self._image = dynamic_map(self._on_image, streams=[own, *self.streams(*map_fields)])
         self._text = dynamic_map(self._on_text, streams=[own, *self.streams("example", "layer", "head", "scale")])
+        self._reliance = dynamic_map(self._reliance_chart, streams=[own, *self.streams("example", "layer", "head")])
         self.tap = hv.streams.Tap(source=self._strip, x=None, y=None)
         self.tap.add_subscriber(self._tapped)
         self.player = pn.widgets.Player(
-            name="play the answer", start=0, end=max(1, self._answer_length() - 1), value=0, interval=900, width=300
+            label="play the answer", start=0, end=max(1, self._answer_length() - 1), value=0, interval=900, width=300
         )
         self.param.step.bounds = (0, max(0, self._answer_length() - 1))
         self.player.param.watch(self._played, "value")
         self.param.watch(self._step_changed, "step")
         self.selection.param.watch(self._example_changed, "example")
-        self._head = pn.widgets.Select(name="head", options=self._head_options(), width=90)
+        self._head = pn.widgets.Select(label="head", options=self._head_options(), width=90)
         self._head.param.watch(self._head_chosen, "value")
         self.selection.param.watch(self._show_head, "head")
         self._show_head()
+        self._alternatives_table = pn.pane.DataFrame(
+            self._alternatives(self.selection.example, self.step), index=False, width=260, sizing_mode="fixed"
+        )
+        self.param.watch(self._show_alternatives, "step")
+        self.selection.param.watch(self._show_alternatives, "example")
 
     # State
 
@@ -173,8 +180,6 @@ class AnswerView(View):
             color="probability",
             cmap=PROBABILITY_PALETTE,
             clim=(0.0, 1.0),
-            colorbar=True,
-            colorbar_opts={"title": "probability"},
             line_color=hv.dim("selected").categorize({1: SELECTED_COLOR, 0: "#666"}),
             line_width=hv.dim("selected") * 3 + 1,
             invert_yaxis=True,
@@ -185,7 +190,7 @@ class AnswerView(View):
             tools=["hover"],
             hover_tooltips=[("token", "@token"), ("probability", "@probability{0.0000}"), ("step", "@step")],
             toolbar=None,
-            title=f"generated answer: token {step} selected (tap a token or press play)",
+            title=f"generated answer: token {step} selected (tap a token or press play; shade = 1 - probability)",
             **NO_SELECTION_FADE,
         )
 
@@ -260,11 +265,46 @@ class AnswerView(View):
 
         return draw()
 
-    def _alternatives(self, example: str, step: int) -> pd.DataFrame:
-        if example is None:
+    def _reliance_chart(
+        self, example: str, step: int, method: str, layer: int, head: int | None, ds: xr.Dataset
+    ) -> hv.Bars:
+        @guarded(self.selection, lambda message: hv.Bars([]).opts(title=message[:80]))
+        def draw() -> hv.Bars:
+            answer = ds.vli.answer(example)
+            shares = ds.vli.reliance(example, method, layer, head)
+            labels = [f"{k}:{token}" for k, token in zip(answer["step"], answer["token"], strict=True)]
+            table = (
+                shares.assign(token=labels)
+                .melt(id_vars="token", value_vars=list(RELIANCE_PARTS), var_name="part", value_name="share")
+                .fillna(0.0)
+            )
+            name = self._map_name(layer, head)
+            return hv.Bars(table, ["token", "part"], "share").opts(
+                stacked=True,
+                cmap=RELIANCE_COLOURS,
+                ylim=(0, 1),
+                xrotation=60,
+                frame_width=STRIP_WIDTH,
+                frame_height=150,
+                legend_position="right",
+                tools=["hover"],
+                toolbar=None,
+                xlabel="",
+                ylabel="share of the map",
+                title=fit_title(f"where each token's {name} lies (token {step}: {labels[step]})", STRIP_WIDTH),
+            )
+
+        return draw()
+
+    def _alternatives(self, example: str | None, step: int) -> pd.DataFrame:
+        if example is None or not self.ds.vli.has_answers:
             return pd.DataFrame()
         table = self.ds.vli.alternatives(example, step)
         return table.assign(probability=table["probability"].round(4))
+
+    def _show_alternatives(self, *events: param.parameterized.Event) -> None:
+        """Refill the one alternatives table in place (a pane re-created per click would flash a loading state)."""
+        self._alternatives_table.object = self._alternatives(self.selection.example, self.step)
 
     def __panel__(self) -> pn.viewable.Viewable:
         if not self.ds.vli.has_answers:
@@ -274,13 +314,7 @@ class AnswerView(View):
         method = pn.widgets.Select.from_param(self.param.method, label="map", width=170)
         layers = self.ds.sizes.get("layer", 1)
         layer = pn.widgets.IntSlider.from_param(
-            self.selection.param.layer, start=0, end=max(1, layers - 1), name="layer", width=160
-        )
-        alternatives = pn.pane.DataFrame(
-            pn.bind(self._alternatives, self.selection.param.example, self.param.step),
-            index=False,
-            width=260,
-            sizing_mode="fixed",
+            self.selection.param.layer, start=0, end=max(1, layers - 1), label="layer", width=160
         )
         return pn.Column(
             pn.Row(self.player, method, layer, self._head, *scale_controls(self.selection)),
@@ -288,6 +322,7 @@ class AnswerView(View):
             pn.Row(
                 pn.pane.HoloViews(self._image, linked_axes=False),
                 pn.pane.HoloViews(self._text, linked_axes=False),
-                pn.Column(pn.pane.Markdown("**top alternatives at this step**"), alternatives),
+                pn.Column(pn.pane.Markdown("**top alternatives at this step**"), self._alternatives_table),
             ),
+            pn.pane.HoloViews(self._reliance, linked_axes=False),
         )

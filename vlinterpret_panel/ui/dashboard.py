@@ -16,6 +16,7 @@ from vlinterpret_panel.ui.export import ExportPanel
 from vlinterpret_panel.ui.head_summary import HeadSummary
 from vlinterpret_panel.ui.image import ImageView
 from vlinterpret_panel.ui.relevancy import RelevancyView
+from vlinterpret_panel.ui.reliance import RelianceView
 from vlinterpret_panel.ui.selection import Selection, default_tokens, valid_tokens
 from vlinterpret_panel.ui.text import TextView
 from vlinterpret_panel.ui.tokens import TokenControls
@@ -47,6 +48,7 @@ class Dashboard(View):
         self.comparison = HeadComparison(ds, selection)
         self.export = ExportPanel(ds, selection)
         self.answer = AnswerView(ds, selection)
+        self.reliance = RelianceView(ds, selection)
         self._summary = pn.pane.Markdown(self.summary(), sizing_mode="stretch_width")
 
     @property
@@ -64,6 +66,7 @@ class Dashboard(View):
             self.comparison,
             self.export,
             self.answer,
+            self.reliance,
         ]
 
     def dataset_changed(self) -> None:
@@ -110,7 +113,7 @@ class Dashboard(View):
             sizing_mode="stretch_width",
         )
         attention = pn.Column(message_banner(self.selection), views, sizing_mode="stretch_width")
-        answer = [("Answer", self.answer)] if self.ds.vli.has_answers else []
+        answer = [("Answer", self.answer), ("Reliance", self.reliance)] if self.ds.vli.has_answers else []
         return pn.Tabs(
             *answer,
             ("Attention", attention),
@@ -132,6 +135,7 @@ class AnswerDashboard(View):
         super().__init__(ds, selection, **params)
         self.examples = ExampleBrowser(ds, self.selection)
         self.answer = AnswerView(ds, self.selection)
+        self.reliance = RelianceView(ds, self.selection)
         self._summary = pn.pane.Markdown(self.summary(), sizing_mode="stretch_width")
 
     def dataset_changed(self) -> None:
@@ -142,6 +146,7 @@ class AnswerDashboard(View):
             self.selection.adopt(self.ds)
             self.examples.ds = self.ds
             self.answer.ds = self.ds
+            self.reliance.ds = self.ds
             self._summary.object = self.summary()
 
     def summary(self) -> str:
@@ -158,8 +163,9 @@ class AnswerDashboard(View):
         return [self._summary, self.examples]
 
     def main(self) -> pn.viewable.Viewable:
-        """The answer view."""
-        return pn.Column(message_banner(self.selection), self.answer, sizing_mode="stretch_width")
+        """The answer view and the dataset's modality reliance, in tabs."""
+        tabs = pn.Tabs(("Answer", self.answer), ("Reliance", self.reliance), dynamic=True, sizing_mode="stretch_width")
+        return pn.Column(message_banner(self.selection), tabs, sizing_mode="stretch_width")
 
     def __panel__(self) -> pn.viewable.Viewable:
         return pn.Row(pn.Column(*self.sidebar(), width=SIDEBAR_WIDTH - 10), self.main())
