@@ -1,13 +1,15 @@
 """Retake the screenshots in docs/screenshots/ from the real app on the shipped demo store.
 
-    python docs/make_screenshots.py [--store datasets/single_stream] [--out docs/screenshots]
+    python docs/make_screenshots.py [--store datasets/single_stream] [--out docs/screenshots] [--only answers]
 
 Starts ``panel serve dashboards/app.py`` on a free localhost port over the store, drives
 Debian's chromium with Playwright, and stops the server at the end. The example is the first
 correctly answered "what color is the ...?" question; the query token is its shape word; the
 layer and head are where that word's attention lands most on the patches of the object the
 question is about (the store's ``target_mask``). Plots are found as the browser tests find
-them (``tests/ui/browser.py``): through Bokeh's own views, by title.
+them (``tests/ui/browser.py``): through Bokeh's own views, by title. The answer and reliance
+views are shot on ``datasets/generative``: its first example (a scene description) with its
+third generated token (a shape word) chosen, and the reliance chart tapped at answer position 3.
 """
 
 from __future__ import annotations
@@ -164,12 +166,51 @@ def run(store: Path, out: Path) -> None:
     print(json.dumps(chosen))
 
 
+def run_answers(store: Path, out: Path) -> None:
+    """The answer view (token 2 of the first example chosen) and the reliance view (position 3 tapped)."""
+    from vlinterpret_panel.ui.answer import strip_layout
+
+    ds = open_dataset(store)
+    answer = ds.vli.answer(str(ds.example.values[0]))
+    boxes = strip_layout(answer)
+    chosen = boxes[boxes.step == 2].iloc[0]
+    strip = "generated answer"
+    out.mkdir(parents=True, exist_ok=True)
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        served(lambda port: panel_serve_command(store, port), Path(tmp) / "panel-serve.log") as (url, _server),
+        chromium() as browser,
+    ):
+        shots = Shooter(browser.new_context(viewport=PAGE_SIZE).new_page(), url, out)
+        shots.page.goto(url)
+        shots.wait_for_figure(strip)
+        shots.click_data(strip, (chosen.x0 + chosen.x1) / 2, (chosen.y0 + chosen.y1) / 2)
+        shots.wait_for_figure(f"{strip}: token 2 selected")
+        shots.page.mouse.move(2, 2)  # no hover tooltip in the picture
+        shots.settle(2.0)
+        shots.shoot("answer-view.png")
+        shots.tab("Reliance")
+        chart = "mean share of each generated token's map"
+        shots.wait_for_figure(chart)
+        shots.click_data(chart, 3, 0.5)
+        shots.page.mouse.move(2, 2)
+        shots.settle(2.0)
+        shots.shoot("reliance-view.png")
+    if shots.errors:
+        print("console errors:\n" + "\n".join(shots.errors))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", type=Path, default=REPO / "datasets" / "single_stream")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "screenshots")
+    parser.add_argument("--answers-store", type=Path, default=REPO / "datasets" / "generative")
+    parser.add_argument("--only", choices=["attention", "answers"], help="retake one set of screenshots only")
     args = parser.parse_args()
-    run(args.store.resolve(), args.out.resolve())
+    if args.only != "answers":
+        run(args.store.resolve(), args.out.resolve())
+    if args.only != "attention":
+        run_answers(args.answers_store.resolve(), args.out.resolve())
 
 
 if __name__ == "__main__":

@@ -185,12 +185,12 @@ class AnswerView(View):
             invert_yaxis=True,
             xaxis=None,
             yaxis=None,
-            frame_width=STRIP_WIDTH,
-            frame_height=int(34 * lines / STRIP_LINE_HEIGHT) + 10,
+            width=STRIP_WIDTH + 60,  # the whole figure: a frame width left its right end clipped
+            height=int(34 * lines / STRIP_LINE_HEIGHT) + 50,
             tools=["hover"],
             hover_tooltips=[("token", "@token"), ("probability", "@probability{0.0000}"), ("step", "@step")],
             toolbar=None,
-            title=f"generated answer: token {step} selected (tap a token or press play; shade = 1 - probability)",
+            title=f"generated answer: token {step} selected (tap a token or press play)",
             **NO_SELECTION_FADE,
         )
 
@@ -205,9 +205,10 @@ class AnswerView(View):
                 "text": [f"{p:.2f}" if np.isfinite(p) else "" for p in boxes["probability"]],
             }
         )
-        return hv.Labels(words, ["x", "y"], "text").opts(text_font_size="10pt", text_color="black") * hv.Labels(
-            shares, ["x", "y"], "text"
-        ).opts(text_font_size="8pt", text_color="#222")
+        axes = {"xaxis": None, "yaxis": None}  # the strip has none: an axis here would widen the figure's border
+        words_element = hv.Labels(words, ["x", "y"], "text").opts(text_font_size="10pt", text_color="black", **axes)
+        shares_element = hv.Labels(shares, ["x", "y"], "text").opts(text_font_size="8pt", text_color="#222", **axes)
+        return words_element * shares_element
 
     def _empty_image(self, message: str) -> hv.Overlay:
         blank = np.zeros((1, 1, 3), dtype=np.uint8)
