@@ -19,6 +19,8 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +116,18 @@ class Shooter(AppPage):
         return {"x": 4, "y": top["y"] - 4, "width": 330, "height": bottom["y"] - top["y"] - 4}
 
 
+@contextmanager
+def shooter(store: Path, out: Path) -> Iterator[Shooter]:
+    """A ``Shooter`` page of ``panel serve`` on ``store``, writing to ``out``; the server stops after."""
+    out.mkdir(parents=True, exist_ok=True)
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        served(lambda port: panel_serve_command(store, port), Path(tmp) / "panel-serve.log") as (url, _server),
+        chromium() as browser,
+    ):
+        yield Shooter(browser.new_context(viewport=PAGE_SIZE).new_page(), url, out)
+
+
 def run(store: Path, out: Path) -> None:
     chosen = choose(store)
     print(f"showing {chosen}")
@@ -121,13 +135,7 @@ def run(store: Path, out: Path) -> None:
     head_query = "mean" if head is None else head
     query = f"?example={chosen['example']}&layer={layer}&head={head_query}&tokens=[{token}]"
     heatmap = f"layer {layer}, " + ("mean of heads" if head is None else f"head {head}")
-    out.mkdir(parents=True, exist_ok=True)
-    with (
-        tempfile.TemporaryDirectory() as tmp,
-        served(lambda port: panel_serve_command(store, port), Path(tmp) / "panel-serve.log") as (url, _server),
-        chromium() as browser,
-    ):
-        shots = Shooter(browser.new_context(viewport=PAGE_SIZE).new_page(), url, out)
+    with shooter(store, out) as shots:
         page = shots.page
         shots.open(query)
         for prefix in ("cross_modal", heatmap, chosen["text"][:20], f"attention from {token}:"):
@@ -175,14 +183,8 @@ def run_answers(store: Path, out: Path) -> None:
     boxes = strip_layout(answer)
     chosen = boxes[boxes.step == 2].iloc[0]
     strip = "generated answer"
-    out.mkdir(parents=True, exist_ok=True)
-    with (
-        tempfile.TemporaryDirectory() as tmp,
-        served(lambda port: panel_serve_command(store, port), Path(tmp) / "panel-serve.log") as (url, _server),
-        chromium() as browser,
-    ):
-        shots = Shooter(browser.new_context(viewport=PAGE_SIZE).new_page(), url, out)
-        shots.page.goto(url)
+    with shooter(store, out) as shots:
+        shots.page.goto(shots.url)
         shots.wait_for_figure(strip)
         shots.click_data(strip, (chosen.x0 + chosen.x1) / 2, (chosen.y0 + chosen.y1) / 2)
         shots.wait_for_figure(f"{strip}: token 2 selected")

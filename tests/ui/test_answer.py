@@ -35,6 +35,14 @@ def answer_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def shipped_store() -> Path:
+    """``datasets/generative`` (skips the test when it has not been made)."""
+    store = REPO / "datasets" / "generative"
+    if not store.exists():
+        pytest.skip("datasets/generative is made by extract/make_demo_datasets.py")
+    return store
+
+
 @contextmanager
 def _served_page(browser: object, store: Path, tmp_path: Path) -> Iterator[AppPage]:
     """A browser page of ``panel serve`` on ``store`` (its own server)."""
@@ -82,9 +90,7 @@ def test_a_click_on_a_generated_token_changes_its_map_and_alternatives(answer_ap
 def test_the_shipped_generative_store_opens_on_the_answer_tab_and_links_the_attention_views(
     browser: object, tmp_path: Path
 ) -> None:
-    store = REPO / "datasets" / "generative"
-    if not store.exists():
-        pytest.skip("datasets/generative is made by extract/make_demo_datasets.py")
+    store = shipped_store()
     ds = open_dataset(store)
     example = str(ds.example.values[0])
     answer = ds.vli.answer(example)
@@ -106,9 +112,7 @@ def test_the_shipped_generative_store_opens_on_the_answer_tab_and_links_the_atte
 def test_the_reliance_chart_lists_the_least_image_reliant_examples_and_opens_one(
     browser: object, tmp_path: Path
 ) -> None:
-    store = REPO / "datasets" / "generative"
-    if not store.exists():
-        pytest.skip("datasets/generative is made by extract/make_demo_datasets.py")
+    store = shipped_store()
     ds = open_dataset(store)
     position = 3
     at = ds.vli.dataset_reliance("generic").isel(step=position).sel(part="image").to_pandas().dropna()
