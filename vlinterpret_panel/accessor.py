@@ -28,8 +28,9 @@ from vlinterpret_panel.schema import PAD
 # A ViLT-sized (example, layer) block is 12 heads x 185 x 185 float32 = 1.6 MB: 48 of them is < 100 MB.
 _BLOCKS: LRUCache[Hashable, np.ndarray] = LRUCache(48)
 _TOKENS: LRUCache[Hashable, maps.ExampleTokens] = LRUCache(64)
-# Small derived tables: the example browser's rows, a layer's map as a table, one example's rows of it.
-_TABLES: LRUCache[Hashable, Any] = LRUCache(64)
+# Small derived tables: the example browser's rows, a layer's map as a table, one example's rows of it, generated
+# tokens' maps and answers (a few kB each at LLaVA size). 64 entries were evicted within a few answer clicks.
+_TABLES: LRUCache[Hashable, Any] = LRUCache(512)
 # Hidden layers held in memory for the nearest-token search (each at most neighbors.DEFAULT_MEMORY_BUDGET).
 _LAYERS: LRUCache[Hashable, np.ndarray] = LRUCache(4)
 
@@ -195,8 +196,8 @@ class VLIAccessor:
             steps = self.answer(example)
             if not len(steps):
                 return pd.DataFrame(columns=list(answers.RELIANCE_PARTS)).rename_axis("step")
-            maps = np.stack([self.answer_map(example, step, method, layer, head) for step in steps["step"]])
-            return answers.reliance(maps, tokens.modality, int(steps["position"].iloc[0]))
+            maps = answers.answer_maps(self._ds, tokens.index, tokens.n_tokens, method, layer, head)
+            return answers.reliance(maps[steps["step"].to_numpy()], tokens.modality, int(steps["position"].iloc[0]))
 
         return _TABLES.get(self.key("reliance", tokens.index, method, layer, head), compute)
 

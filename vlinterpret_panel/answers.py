@@ -97,20 +97,32 @@ def answer_map(
     the last stored) and ``head`` (a position on the head axis; None for the mean of the heads).
     Keys after the predicting query are 0 (causal).
     """
+    return _maps(ds, position, n_tokens, step, method, layer, head)
+
+
+def answer_maps(
+    ds: xr.Dataset, position: int, n_tokens: int, method: str = ATTENTION, layer: int = -1, head: int | None = None
+) -> np.ndarray:
+    """Every generated step's map of the example at ``position``, ``[steps, n_tokens]``, in one read."""
+    return _maps(ds, position, n_tokens, slice(None), method, layer, head)
+
+
+def _maps(
+    ds: xr.Dataset, position: int, n_tokens: int, step: int | slice, method: str, layer: int, head: int | None
+) -> np.ndarray:
     _require_answers(ds)
     if method == ATTENTION:
         if "answer_attention" not in ds:
             raise VLIError("this store has no answer attention rows (answer_attention)")
         rows = ds["answer_attention"].isel(example=position, step=step, layer=layer)
         values = rows.mean("head") if head is None else rows.isel(head=head)
-        return np.nan_to_num(np.asarray(values.values, dtype=np.float64)[:n_tokens])
+        return np.nan_to_num(np.asarray(values.values, dtype=np.float64)[..., :n_tokens])
     methods = answer_methods(ds)
     if method not in methods:
-        raise VLIError(
-            f"answer relevancy method {method!r} is not in this store (stored: {', '.join(methods) or 'none'})"
-        )
+        stored = ", ".join(methods) or "none"
+        raise VLIError(f"answer relevancy method {method!r} is not in this store (stored: {stored})")
     values = ds["answer_relevancy"].isel(example=position, step=step, relevancy_method=methods.index(method))
-    return np.nan_to_num(np.asarray(values.values, dtype=np.float64)[:n_tokens])
+    return np.nan_to_num(np.asarray(values.values, dtype=np.float64)[..., :n_tokens])
 
 
 RELIANCE_PARTS = ("image", "prompt", "answer")
