@@ -44,20 +44,11 @@ def _build(layers: int) -> tuple[object, object]:
     import torch
     import transformers
 
-    from tests.hf_tiny import word_tokenizer
+    from tests.hf_tiny import llava_processor
 
     torch.manual_seed(0)
-    tokenizer = word_tokenizer(Path(tempfile.mkdtemp()) / "tokenizer")
-    image_processor = transformers.CLIPImageProcessor(
-        size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}
-    )
-    processor = transformers.LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=14,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-    )
+    processor = llava_processor(Path(tempfile.mkdtemp()), image_size=336, patch_size=14)
+    tokenizer = processor.tokenizer
     vision = transformers.CLIPVisionConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, image_size=336, patch_size=14
     )

@@ -189,20 +189,27 @@ def word_tokenizer(directory: Path) -> transformers.PreTrainedTokenizerBase:
     )
 
 
-def tiny_llava(directory: Path, *, seed: int = 0) -> tuple[transformers.PreTrainedModel, transformers.ProcessorMixin]:
-    """LlavaForConditionalGeneration: 2-layer CLIP vision tower (4x4 patches), 2-layer Llama with grouped KV heads."""
-    torch.manual_seed(seed)
-    tokenizer = word_tokenizer(directory / "tokenizer")
+def llava_processor(
+    directory: Path, *, image_size: int, patch_size: int, **image_options: object
+) -> transformers.LlavaProcessor:
+    """A LLaVA-1.5 processor (CLIP image processor, the word tokenizer) for ``image_size`` square images."""
     image_processor = transformers.CLIPImageProcessor(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, resample=0
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}, **image_options
     )
-    processor = transformers.LlavaProcessor(
+    return transformers.LlavaProcessor(
         image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=8,
+        tokenizer=word_tokenizer(directory / "tokenizer"),
+        patch_size=patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
     )
+
+
+def tiny_llava(directory: Path, *, seed: int = 0) -> tuple[transformers.PreTrainedModel, transformers.ProcessorMixin]:
+    """LlavaForConditionalGeneration: 2-layer CLIP vision tower (4x4 patches), 2-layer Llama with grouped KV heads."""
+    torch.manual_seed(seed)
+    processor = llava_processor(directory, image_size=32, patch_size=8, resample=0)
+    tokenizer = processor.tokenizer
     vision_config = transformers.CLIPVisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
     )

@@ -34,6 +34,11 @@ def answer_methods(ds: xr.Dataset) -> list[str]:
     return [str(method) for method in ds.indexes["relevancy_method"]]
 
 
+def map_choices(ds: xr.Dataset) -> list[str]:
+    """What a generated token's map can show: its attention row (when stored), then each stored relevancy method."""
+    return ([ATTENTION] if "answer_attention" in ds else []) + answer_methods(ds)
+
+
 def _require_answers(ds: xr.Dataset) -> None:
     if not has_answers(ds):
         raise VLIError("this store has no generated answers: extract with --generate to store them")
@@ -110,78 +115,69 @@ def answer_maps(
 def _maps(
     ds: xr.Dataset, position: int, n_tokens: int, step: int | slice, method: str, layer: int, head: int | None
 ) -> np.ndarray:
-    _require_answers(ds)
-    if method == ATTENTION:
-        if "answer_attention" not in ds:
-            raise VLIError("this store has no answer attention rows (answer_attention)")
-        rows = ds["answer_attention"].isel(example=position, step=step, layer=layer)
-        values = rows.mean("head") if head is None else rows.isel(head=head)
-        return np.nan_to_num(np.asarray(values.values, dtype=np.float64)[..., :n_tokens])
-    methods = answer_methods(ds)
-    if method not in methods:
-        stored = ", ".join(methods) or "none"
-        raise VLIError(f"answer relevancy method {method!r} is not in this store (stored: {stored})")
-    values = ds["answer_relevancy"].isel(example=position, step=step, relevancy_method=methods.index(method))
+    values = method_maps(ds, method, layer, head).isel(example=position, step=step)
     return np.nan_to_num(np.asarray(values.values, dtype=np.float64)[..., :n_tokens])
 
 
-RELIANCE_PARTS = ("image", "prompt", "answer")
+def method_maps(ds: xr.Dataset, method: str = ATTENTION, layer: int = -1, head: int | None = None) -> xr.DataArray:
+    """The lazy ``(example, step, token)`` maps of generated tokens that ``method`` names.
 
-
-def reliance(maps: np.ndarray, modality: np.ndarray, answer_start: int) -> pd.DataFrame:
-    """Share of each generated token's map on the image, the prompt and the answer so far.
-
-    ``maps`` ``[steps, tokens]`` (one map per generated token, ``answer_map``), ``modality``
-    per token, ``answer_start`` the sequence position of the first generated token. Negative
-    values count as 0; a map with nothing positive gets NaN shares.
-    """
-    positive = np.clip(np.nan_to_num(np.asarray(maps, dtype=np.float64)), 0, None)
-    tokens = np.arange(positive.shape[1])
-    image = np.asarray(modality)[: positive.shape[1]] == IMAGE
-    parts = {
-        "image": image,
-        "prompt": ~image & (tokens < answer_start),
-        "answer": ~image & (tokens >= answer_start),
-    }
-    sums = np.stack([positive[:, where].sum(axis=1) for where in parts.values()], axis=1)
-    total = sums.sum(axis=1, keepdims=True)
-    shares = np.divide(sums, total, out=np.full_like(sums, np.nan), where=total > 0)
-    return pd.DataFrame(shares, columns=list(RELIANCE_PARTS)).rename_axis("step")
-
-
-def dataset_reliance(ds: xr.Dataset, method: str = ATTENTION, layer: int = -1, head: int | None = None) -> xr.DataArray:
-    """``reliance`` of every generated token of every example: ``(example, step, part)``, NaN past each answer.
-
-    One vectorised read of the method's maps (``answer_relevancy`` of one method, or the
-    ``answer_attention`` rows of one layer, one head or the head mean).
+    A stored answer relevancy method, or ``ATTENTION``: the answer rows of ``layer`` (a
+    position on the layer axis) and ``head`` (a position on the head axis; None for the mean).
     """
     _require_answers(ds)
     if method == ATTENTION:
         if "answer_attention" not in ds:
             raise VLIError("this store has no answer attention rows (answer_attention)")
         rows = ds["answer_attention"].isel(layer=layer)
-        maps = rows.mean("head") if head is None else rows.isel(head=head)
-        maps = maps.rename(key="token")
-    else:
-        methods = answer_methods(ds)
-        if method not in methods:
-            stored = ", ".join(methods) or "none"
-            raise VLIError(f"answer relevancy method {method!r} is not in this store (stored: {stored})")
-        maps = ds["answer_relevancy"].isel(relevancy_method=methods.index(method), drop=True)
-    positive = maps.fillna(0).clip(min=0).compute()
-    positions = ds["answer_position"].compute()
-    token = xr.DataArray(np.arange(positive.sizes["token"]), dims="token")
-    image = (ds["modality"] == IMAGE).compute()
-    start = positions.isel(step=0)
-    parts = {
-        "image": image,
-        "prompt": ~image & (token < start),
-        "answer": ~image & (token >= start),
-    }
-    sums = xr.concat([positive.where(where, 0).sum("token") for where in parts.values()], dim="part")
-    sums = sums.assign_coords(part=list(parts))
-    total = sums.sum("part")
-    shares = (sums / total.where(total > 0)).where(positions >= 0)
-    return shares.transpose("example", "step", "part").drop_vars(
-        [name for name in shares.coords if name not in ("example", "step", "part")]
+        return (rows.mean("head") if head is None else rows.isel(head=head)).rename(key="token")
+    methods = answer_methods(ds)
+    if method not in methods:
+        stored = ", ".join(methods) or "none"
+        raise VLIError(f"answer relevancy method {method!r} is not in this store (stored: {stored})")
+    return ds["answer_relevancy"].isel(relevancy_method=methods.index(method))
+
+
+RELIANCE_PARTS = ("image", "prompt", "answer")
+
+
+def reliance_shares(maps: np.ndarray, is_image: np.ndarray, answer_start: np.ndarray | int) -> np.ndarray:
+    """Shares ``[..., steps, 3]`` (``RELIANCE_PARTS``) of maps ``[..., steps, tokens]`` on the image, prompt and answer.
+
+    ``is_image`` ``[..., tokens]`` marks the image tokens, ``answer_start`` ``[...]`` the
+    sequence position of the first generated token (tokens before it, not image, are the
+    prompt). Negative values count as 0; a map with nothing positive gets NaN shares.
+    """
+    positive = np.clip(np.nan_to_num(np.asarray(maps, dtype=np.float64)), 0, None)
+    image = np.asarray(is_image, dtype=bool)[..., None, : positive.shape[-1]]
+    before = np.arange(positive.shape[-1]) < np.asarray(answer_start)[..., None, None]
+    parts = (image, ~image & before, ~image & ~before)
+    sums = np.stack([np.where(part, positive, 0.0).sum(axis=-1) for part in parts], axis=-1)
+    total = sums.sum(axis=-1, keepdims=True)
+    return np.divide(sums, total, out=np.full_like(sums, np.nan), where=total > 0)
+
+
+def reliance(maps: np.ndarray, modality: np.ndarray, answer_start: int) -> pd.DataFrame:
+    """Share of each generated token's map (``maps`` ``[steps, tokens]``) on the image, the prompt and the answer.
+
+    ``modality`` per token; the rule is ``reliance_shares``.
+    """
+    shares = reliance_shares(maps, np.asarray(modality) == IMAGE, answer_start)
+    return pd.DataFrame(shares, columns=list(RELIANCE_PARTS)).rename_axis("step")
+
+
+def dataset_reliance(ds: xr.Dataset, method: str = ATTENTION, layer: int = -1, head: int | None = None) -> xr.DataArray:
+    """``reliance`` of every generated token of every example: ``(example, step, part)``, NaN past each answer.
+
+    One vectorised read of the method's maps (``method_maps``).
+    """
+    maps = method_maps(ds, method, layer, head).transpose("example", "step", "token").values
+    positions = ds["answer_position"].values
+    shares = reliance_shares(maps, ds["modality"].values == IMAGE, positions[:, 0])
+    shares[positions < 0] = np.nan
+    return xr.DataArray(
+        shares,
+        dims=("example", "step", "part"),
+        coords={"example": ds["example"].values, "step": ds["step"].values, "part": list(RELIANCE_PARTS)},
+        name="reliance",
     )

@@ -19,7 +19,7 @@ import param
 import xarray as xr
 from bokeh.palettes import Purples256
 
-from vlinterpret_panel.answers import ATTENTION, RELIANCE_PARTS
+from vlinterpret_panel.answers import ATTENTION, RELIANCE_PARTS, map_choices
 from vlinterpret_panel.ui.common import NO_SELECTION_FADE, SELECTED_COLOR, dynamic_map, fit_title, guarded
 from vlinterpret_panel.ui.image import image_element, image_plot_size, map_element, overlay_element, scale_controls
 from vlinterpret_panel.ui.scales import map_scale
@@ -59,13 +59,25 @@ def strip_layout(answer: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["x0", "y0", "x1", "y1", "step", "token", "probability"])
 
 
-class AnswerView(View):
-    """Generated token k of the selected example: its probability, alternatives and maps."""
+class AnswerMapView(View):
+    """A view of generated tokens' maps: ``method`` chooses which (the attention row or a relevancy method)."""
 
-    step = param.Integer(default=0, bounds=(0, None), doc="the generated token shown (its step in the answer)")
     method: str = param.Selector(  # type: ignore[assignment]
         default=ATTENTION, objects=[ATTENTION], doc="what the map shows: a relevancy method or the attention row"
     )
+
+    def offer_maps(self, first: bool) -> None:
+        """Offer ``ds``'s maps: generic relevancy when the view opens, else the current choice while still stored."""
+        choices = map_choices(self.ds) or [ATTENTION]
+        self.param.method.objects = choices
+        if first or self.method not in choices:
+            self.method = "generic" if "generic" in choices else choices[0]
+
+
+class AnswerView(AnswerMapView):
+    """Generated token k of the selected example: its probability, alternatives and maps."""
+
+    step = param.Integer(default=0, bounds=(0, None), doc="the generated token shown (its step in the answer)")
 
     def __init__(self, ds: xr.Dataset, selection: Selection | None = None, **params) -> None:
         super().__init__(ds, selection, **params)
@@ -100,12 +112,7 @@ class AnswerView(View):
 
     def dataset_changed(self) -> None:
         """The methods this store offers (the attention row first when it is stored); generic relevancy first shown."""
-        methods = ([ATTENTION] if "answer_attention" in self.ds else []) + self.ds.vli.answer_methods
-        self.param.method.objects = methods or [ATTENTION]
-        if not hasattr(self, "_head"):  # first call, from the constructor
-            self.method = "generic" if "generic" in methods else (methods or [ATTENTION])[0]
-        elif self.method not in methods and methods:
-            self.method = methods[0]
+        self.offer_maps(first=not hasattr(self, "_head"))  # first: called from the constructor
         if hasattr(self, "_head"):
             self._head.options = self._head_options()
 
@@ -165,13 +172,11 @@ class AnswerView(View):
 
     # Plots
 
-    def _map_name(self, layer: int, head: int | None) -> str:
-        if self.method != ATTENTION:
-            return self.method
+    @staticmethod
+    def _map_name(method: str, layer: int, head: int | None) -> str:
+        if method != ATTENTION:
+            return method
         return f"attention L{layer} {'mean' if head is None else f'h{head}'}"
-
-    def _values(self, ds: xr.Dataset, example: str, step: int, method: str, layer: int, head: int | None) -> np.ndarray:
-        return ds.vli.answer_map(example, step, method, layer, head)
 
     def _answer_strip(self, example: str, step: int, method: str, ds: xr.Dataset) -> hv.Rectangles:
         boxes = strip_layout(ds.vli.answer(example)).assign(selected=lambda table: (table["step"] == step).astype(int))
@@ -230,14 +235,14 @@ class AnswerView(View):
         def draw() -> hv.Overlay:
             tokens = ds.vli.tokens(example)
             answer = ds.vli.answer(example)
-            values = self._values(ds, example, step, method, layer, head)
+            values = ds.vli.answer_map(example, step, method, layer, head)
             image_tokens = tokens.image_tokens()
             colour_range = map_scale(values[image_tokens], "per map" if scale == "shared" else scale)
             painted = ds.vli.values_on_image(example, values, smooth=smooth).values
             size = image_plot_size(tokens.image)
             picture = image_element(tokens.image).opts(invert_yaxis=True, xaxis=None, yaxis=None, **size)
             token = answer["token"].iloc[step] if step < len(answer) else "?"
-            title = f"{token!r}: {self._map_name(layer, head)}"
+            title = f"{token!r}: {self._map_name(method, layer, head)}"
             title += ": all 0 on the image" if colour_range.all_zero else ""
             heat = overlay_element(painted, colour_range, "map", opacity)
             return (picture * heat).opts(title=fit_title(title, size["frame_width"]))
@@ -255,7 +260,7 @@ class AnswerView(View):
         @guarded(self.selection, self._empty_text)
         def draw() -> hv.Overlay:
             answer = ds.vli.answer(example)
-            values = self._values(ds, example, step, method, layer, head)
+            values = ds.vli.answer_map(example, step, method, layer, head)
             layout = token_layout(ds.vli.tokens(example))
             position = int(answer["position"].iloc[step]) if step < len(answer) else -1
             token = answer["token"].iloc[step] if step < len(answer) else "?"
@@ -279,7 +284,7 @@ class AnswerView(View):
                 .melt(id_vars="token", value_vars=list(RELIANCE_PARTS), var_name="part", value_name="share")
                 .fillna(0.0)
             )
-            name = self._map_name(layer, head)
+            name = self._map_name(method, layer, head)
             return hv.Bars(table, ["token", "part"], "share").opts(
                 stacked=True,
                 cmap=RELIANCE_COLOURS,

@@ -16,10 +16,10 @@ import panel as pn
 import param
 import xarray as xr
 
-from vlinterpret_panel.answers import ATTENTION, RELIANCE_PARTS
+from vlinterpret_panel.answers import RELIANCE_PARTS
+from vlinterpret_panel.ui.answer import AnswerMapView
 from vlinterpret_panel.ui.common import NO_SELECTION_FADE, checkbox, dynamic_map, guarded
 from vlinterpret_panel.ui.selection import Selection
-from vlinterpret_panel.ui.view import View
 
 PART_COLOURS = {"image": "#1f77b4", "prompt": "#ff7f0e", "answer": "#2ca02c"}
 LISTED_EXAMPLES = 10
@@ -28,10 +28,9 @@ CURVE_WIDTH = 560
 CHART_TITLE = "mean share of each generated token's map, by answer position (tap a position)"
 
 
-class RelianceView(View):
+class RelianceView(AnswerMapView):
     """Mean image / prompt / answer shares of generated tokens by answer position, over the filtered examples."""
 
-    method: str = param.Selector(default=ATTENTION, objects=[ATTENTION], doc="the map whose shares are shown")  # type: ignore[assignment]
     split = param.Boolean(default=False, doc="show the image share of correct and wrong answers apart")
     position = param.Integer(default=None, allow_None=True, doc="the answer position tapped last")
 
@@ -57,10 +56,7 @@ class RelianceView(View):
 
     def dataset_changed(self) -> None:
         """The maps this store offers; generic relevancy first shown."""
-        methods = ([ATTENTION] if "answer_attention" in self.ds else []) + self.ds.vli.answer_methods
-        self.param.method.objects = methods or [ATTENTION]
-        if self.method not in methods or (not hasattr(self, "_listed") and "generic" in methods):
-            self.method = "generic" if "generic" in methods else (methods or [ATTENTION])[0]
+        self.offer_maps(first=not hasattr(self, "_listed"))  # first: called from the constructor
 
     def _shares(self, subset: list[str]) -> xr.DataArray:
         shares = self.ds.vli.dataset_reliance(self.method)
