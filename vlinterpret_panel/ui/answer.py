@@ -59,6 +59,24 @@ def strip_layout(answer: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["x0", "y0", "x1", "y1", "step", "token", "probability"])
 
 
+def strip_lines(ds: xr.Dataset) -> int:
+    """Lines of the longest answer's strip in the store: the strip keeps one height for every example.
+
+    HoloViews sizes a plot by its first frame, so a strip sized per answer would clip a longer
+    answer shown later.
+    """
+    if "answer_token" not in ds:
+        return 1
+    tokens = ds["answer_token"].values
+    longest = 1
+    for row in tokens:
+        words = [str(token) for token in row if str(token)]
+        table = pd.DataFrame({"step": range(len(words)), "token": words, "probability": np.nan})
+        boxes = strip_layout(table)
+        longest = max(longest, int(boxes["y0"].max() / STRIP_LINE_HEIGHT) + 1 if len(boxes) else 1)
+    return longest
+
+
 class AnswerMapView(View):
     """A view of generated tokens' maps: ``method`` chooses which (the attention row or a relevancy method)."""
 
@@ -113,6 +131,7 @@ class AnswerView(AnswerMapView):
     def dataset_changed(self) -> None:
         """The methods this store offers (the attention row first when it is stored); generic relevancy first shown."""
         self.offer_maps(first=not hasattr(self, "_head"))  # first: called from the constructor
+        self._strip_lines = strip_lines(self.ds)
         if hasattr(self, "_head"):
             self._head.options = self._head_options()
 
@@ -180,7 +199,7 @@ class AnswerView(AnswerMapView):
 
     def _answer_strip(self, example: str, step: int, method: str, ds: xr.Dataset) -> hv.Rectangles:
         boxes = strip_layout(ds.vli.answer(example)).assign(selected=lambda table: (table["step"] == step).astype(int))
-        lines = max(1.0, float(boxes["y1"].max()) if len(boxes) else 1.0)
+        lines = self._strip_lines
         return hv.Rectangles(boxes, ["x0", "y0", "x1", "y1"], ["step", "token", "probability", "selected"]).opts(
             color="probability",
             cmap=PROBABILITY_PALETTE,
@@ -191,7 +210,9 @@ class AnswerView(AnswerMapView):
             xaxis=None,
             yaxis=None,
             width=STRIP_WIDTH + 60,  # the whole figure: a frame width left its right end clipped
-            height=int(34 * lines / STRIP_LINE_HEIGHT) + 50,
+            height=34 * lines + 50,
+            xlim=(0, STRIP_LINE_WIDTH),
+            ylim=(0, lines * STRIP_LINE_HEIGHT),
             tools=["hover"],
             hover_tooltips=[("token", "@token"), ("probability", "@probability{0.0000}"), ("step", "@step")],
             toolbar=None,
