@@ -359,13 +359,14 @@ class VLIAccessor:
     # Tables the views list
 
     def example_table(self) -> pd.DataFrame:
-        """One row per example (id, text, label, prediction, correct), read once per dataset."""
+        """One row per example (id, text, label, prediction, correct, counterfactual_of), read once per dataset."""
 
         def read() -> pd.DataFrame:
-            columns = [name for name in ("text", "label", "prediction", "correct") if name in self._ds]
+            names = ("text", "label", "prediction", "correct", "counterfactual_of")
+            columns = [name for name in names if name in self._ds]
             table = self._ds[columns].compute().to_dataframe()[columns]
             table.index = table.index.astype(str)
-            for name in ("text", "label", "prediction"):
+            for name in ("text", "label", "prediction", "counterfactual_of"):
                 if name in table:
                     table[name] = table[name].astype(str)
             if "correct" in table:
@@ -373,6 +374,34 @@ class VLIAccessor:
             return table
 
         return _TABLES.get(self.key("examples"), read)
+
+    # Counterfactuals and causal explanations
+
+    def origin(self, example: int | str) -> str | None:
+        """The id of the example ``example`` was edited from, or None for an original."""
+        table = self.example_table()
+        origin = table["counterfactual_of"].get(self.example_id(example), "") if "counterfactual_of" in table else ""
+        return origin or None
+
+    def counterfactuals(self, example: int | str) -> list[str]:
+        """The ids of the examples edited from ``example``, in store order."""
+        table = self.example_table()
+        if "counterfactual_of" not in table:
+            return []
+        return table.index[table["counterfactual_of"] == self.example_id(example)].tolist()
+
+    def edit(self, example: int | str) -> Any:
+        """The ``counterfactual.Edit`` that made ``example``, or None for an original."""
+        from vlinterpret_panel.counterfactual import edit_of
+
+        return edit_of(self._ds, self.example_id(example))
+
+    def causal_explanations(self, example: int | str) -> list[Any]:
+        """``example``'s stored causal explanations (``causal.CausalExplanation``), read from the store directory."""
+        from vlinterpret_panel.causal import load
+
+        store = self._ds.attrs.get("store_path")
+        return load(store, self.example_id(example)) if store else []
 
     def categories(self, name: str) -> list[str]:
         """The sorted distinct values of a per-token (``modality``) or per-example variable, as strings (cached)."""

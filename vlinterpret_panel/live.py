@@ -21,13 +21,16 @@ import threading
 import time
 import uuid
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import xarray as xr
 
 from vlinterpret_panel.adapters.base import ModelAdapter, ModelInput
+from vlinterpret_panel.counterfactual import Edit
 from vlinterpret_panel.errors import VLIError, error_line
 from vlinterpret_panel.extract import provenance, run_batch
 from vlinterpret_panel.schema import CORRECT_UNKNOWN, records_to_dataset
@@ -41,6 +44,10 @@ MAX_STORED_SIDE = 512
 ACCEPTED_FORMATS = ("PNG", "JPEG")
 _MAGIC = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG"}
 LIVE_ID_PREFIX = "live-"
+
+if TYPE_CHECKING:
+    from vlinterpret_panel.adapters.generative import GenerationOptions
+    from vlinterpret_panel.causal import CausalExplanation
 
 
 def decode_image(data: bytes, *, max_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
@@ -142,6 +149,19 @@ def _store_precision(ds: xr.Dataset) -> Precision:
     return "float32" if precision == "float32" else "float16"
 
 
+def _store_generation(ds: xr.Dataset) -> GenerationOptions | None:
+    """The generation options a store of generated answers was extracted with (None: not generated)."""
+    from vlinterpret_panel.adapters.generative import GenerationOptions
+
+    try:
+        options = json.loads(ds.attrs.get("extraction", "{}")).get("generation")
+    except (json.JSONDecodeError, AttributeError):
+        options = None
+    if not options:
+        return GenerationOptions() if ds.vli.has_answers else None
+    return GenerationOptions(**{k: v for k, v in options.items() if k in GenerationOptions.__dataclass_fields__})
+
+
 def _check_fits(new: xr.Dataset, ds: xr.Dataset) -> None:
     """Refuse a shard that would make the store unopenable (``store`` rejects mixed models and layouts)."""
     if new.attrs["model_name"] != ds.attrs["model_name"]:
@@ -180,11 +200,15 @@ class LiveModel:
         *,
         label: str | None = None,
         target_mask: np.ndarray | None = None,
+        counterfactual_of: str | None = None,
+        edit: Edit | None = None,
     ) -> AddedExample:
         """Run the model on ``image`` and ``text`` and append the example to ``store`` as a new shard.
 
         Extracts what the store holds: attention, hidden states and relevancy for the store's
-        methods. Any failure raises ``VLIError`` and leaves the store unchanged.
+        methods, or the generated answer with the options the store was extracted with. A
+        counterfactual names its original and its ``edit``. Any failure raises ``VLIError``
+        and leaves the store unchanged.
         """
         text = check_text(text)
         image = np.asarray(image)
@@ -203,18 +227,78 @@ class LiveModel:
         while example_id in existing:
             example_id = f"{LIVE_ID_PREFIX}{uuid.uuid4().hex[:12]}"
         item = ModelInput(example_id, image, text, label=label, target_mask=target_mask)
+        generation = _store_generation(ds)
         with self._lock:
-            (result,) = run_batch(self.adapter, [item], methods)
+            (result,) = run_batch(self.adapter, [item], [] if generation else methods, generation)
         if isinstance(result, BaseException):
             raise VLIError(f"the model failed on this example: {error_line(result)}")
         record, info = result
-        attrs = provenance(self.spec, {}, 1, precision, methods) | {"source": "add example", "failures": []}
+        if counterfactual_of is not None:
+            record.counterfactual_of = counterfactual_of
+            record.counterfactual_edit = edit.to_json() if edit is not None else ""
+        attrs = provenance(self.spec, {}, 1, precision, [] if generation else methods, generation) | {
+            "source": "counterfactual" if counterfactual_of is not None else "add example",
+            "failures": [],
+        }
         new = records_to_dataset([record], info, attrs)
         if record.label is None and "label" in ds and "label" not in new:
             # As records_to_dataset writes an unlabelled example among labelled ones: "" and unknown.
             new["label"] = ("example", np.array([""], dtype=object), ds["label"].attrs)
             if "prediction" in new and "correct" in ds:
                 new["correct"] = ("example", np.array([CORRECT_UNKNOWN], dtype=np.int8), ds["correct"].attrs)
+        if counterfactual_of is None and "counterfactual_of" in ds:
+            new["counterfactual_of"] = ("example", np.array([""], dtype=object), ds["counterfactual_of"].attrs)
+            new["counterfactual_edit"] = ("example", np.array([""], dtype=object), ds["counterfactual_edit"].attrs)
         _check_fits(new, ds)
         shard = write_shard(new, store, precision=precision)
         return AddedExample(example_id, shard, record.prediction)
+
+    def add_counterfactual(self, store: str | os.PathLike, original: str, edit: Edit) -> AddedExample:
+        """Apply ``edit`` to example ``original`` of ``store``, run the model and store the result linked to it.
+
+        The edited image keeps the original's size; the label and ground-truth mask are not
+        carried over (a masked region may remove what they name).
+        """
+        edit.check()
+        ds = open_dataset(store)
+        self.check_store(ds)
+        if original not in ds.indexes["example"]:
+            raise VLIError(f"no example {original!r} in the store")
+        tokens = ds.vli.tokens(original)
+        image = edit.apply(tokens.image)
+        return self.add_example(store, image, edit.text(tokens.text), counterfactual_of=original, edit=edit)
+
+    def explain_causally(
+        self,
+        store: str | os.PathLike,
+        example: str,
+        *,
+        step: int = 0,
+        threshold: float = 0.9,
+        method: str | None = None,
+        progress: Callable[[float, str], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> CausalExplanation:
+        """The causal explanation of ``example``'s output (``causal.explain``), saved beside the store's shards.
+
+        The model is held only during each rerun, so other sessions' runs interleave.
+        """
+        from vlinterpret_panel import causal
+
+        ds = open_dataset(store)
+        self.check_store(ds)
+        if example not in ds.indexes["example"]:
+            raise VLIError(f"no example {example!r} in the store")
+        explanation = causal.explain(
+            self.adapter,
+            ds,
+            example,
+            step=step,
+            threshold=threshold,
+            method=method,
+            progress=progress,
+            cancel=cancel,
+            lock=self._lock,
+        )
+        causal.save(store, explanation)
+        return explanation

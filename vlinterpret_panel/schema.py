@@ -35,7 +35,7 @@ import xarray as xr
 from vlinterpret_panel.errors import VLIError
 
 SCHEMA_NAME = "vlinterpret-panel"
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.2"
 """1.1 added generated answers (``answer_*``, ``step``, ``rank``); readers accept any 1.x store."""
 
 TEXT, IMAGE, SPECIAL, PAD = "text", "image", "special", "pad"
@@ -322,6 +322,23 @@ VARIABLES: dict[str, Variable] = {
         0,
         _answer("target_masks"),
     ),
+    "counterfactual_of": Variable(
+        ("example",),
+        False,
+        {"long_name": "id of the example this one was edited from ('' for an original)"},
+        object,
+        "",
+        lambda r: r.counterfactual_of,
+    ),
+    "counterfactual_edit": Variable(
+        ("example",),
+        False,
+        {"long_name": "the edit that made this example from its original (JSON; '' for an original)"},
+        object,
+        "",
+        lambda r: r.counterfactual_edit,
+        requires=("counterfactual_of",),
+    ),
     "custom_metric": Variable(
         ("example", "metric", "layer", "head"),
         False,
@@ -465,6 +482,8 @@ class ExampleRecord:
     custom_metrics: Mapping[str, np.ndarray] | None = None
     attention_gradient: np.ndarray | None = None
     answer: GeneratedAnswer | None = None
+    counterfactual_of: str | None = None
+    counterfactual_edit: str | None = None
 
     def full_attention(self) -> np.ndarray:
         """``attention``, or a ``VLIError`` for a generated answer's record that keeps only its rows."""

@@ -197,6 +197,53 @@ class BuiltinGenerativeAdapter(GenerativeAdapter):
         )
 
     @torch.no_grad()
+    def kept_outputs(
+        self,
+        image: np.ndarray,
+        tokens: Sequence[str],
+        position: int,
+        units: np.ndarray,
+        kept_sets: Sequence[np.ndarray],
+        target: str,
+    ) -> tuple[np.ndarray, list[str]]:
+        """The token at sequence ``position`` with only ``kept_sets`` of the deletable ``units`` kept.
+
+        ``tokens`` is the stored sequence; the model reads ``tokens[:position]`` with the units
+        not kept deleted (the others keep their positions). Returns, per kept set, the
+        probability of ``target`` and the most probable token. Sets keeping equally many
+        patches and text tokens share a pass.
+        """
+        n_patches = self.grid_size**2
+        deletable = set(np.asarray(units).tolist())
+        always = [p for p in range(position) if p not in deletable]
+        text_ids = [generative.TOKEN_TO_ID[t] for t in [tokens[0], *tokens[1 + n_patches : position]]]
+        pixels, _ = model_pixels([image], self.model.config.image_size, self.name)
+        layouts = []
+        for kept in kept_sets:
+            positions = np.union1d(always, np.asarray(kept, dtype=np.int64))
+            patches = positions[(positions >= 1) & (positions <= n_patches)] - 1
+            text = np.concatenate([[0], positions[positions > n_patches] - n_patches])
+            layouts.append((patches, text))
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, (patches, text) in enumerate(layouts):
+            groups.setdefault((len(patches), len(text)), []).append(index)
+        distributions = torch.zeros(len(layouts), len(generative.VOCAB))
+        ids = torch.tensor([text_ids])
+        for (n_image, n_text), members in groups.items():
+            image_keep = torch.as_tensor(np.stack([layouts[i][0] for i in members]).reshape(len(members), n_image))
+            text_keep = torch.as_tensor(np.stack([layouts[i][1] for i in members]).reshape(len(members), n_text))
+            output = self.model(
+                pixels.expand(len(members), -1, -1, -1),
+                ids.expand(len(members), -1),
+                torch.ones(len(members), len(text_ids), dtype=torch.bool),
+                image_keep,
+                text_keep,
+            )
+            distributions[members] = output.next_token_logits().softmax(dim=-1)
+        winners = generative.token_strings(distributions.argmax(dim=-1).tolist())
+        return distributions[:, generative.TOKEN_TO_ID[target]].numpy(), list(winners)
+
+    @torch.no_grad()
     def deletion_probabilities(self, record: ExampleRecord, requests: Sequence[tuple[int, np.ndarray]]) -> np.ndarray:
         """Per request ``(step, kept patches)``: the probability of generated token ``step`` with only those patches.
 

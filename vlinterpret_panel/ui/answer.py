@@ -77,6 +77,28 @@ def strip_lines(ds: xr.Dataset) -> int:
     return longest
 
 
+def step_choices(ds: xr.Dataset, example: str) -> dict[str, int]:
+    """The generated tokens of ``example`` as "step: token" options (one "answer" option without generated answers)."""
+    if not ds.vli.has_answers:
+        return {"answer": 0}
+    answer = ds.vli.answer(example)
+    return {f"{step}: {token}": int(step) for step, token in zip(answer["step"], answer["token"], strict=True)} or {
+        "no answer": 0
+    }
+
+
+def step_chooser(view: param.Parameterized) -> pn.widgets.Select:
+    """A Select of ``view.step`` listing the selected example's generated tokens; hidden without generated answers."""
+    ds, example = view.ds, view.selection.example  # type: ignore[attr-defined]
+    return pn.widgets.Select.from_param(
+        view.param.step,
+        options=step_choices(ds, example),
+        label="generated token",
+        width=150,
+        visible=bool(ds.vli.has_answers),
+    )
+
+
 class AnswerMapView(View):
     """A view of generated tokens' maps: ``method`` chooses which (the attention row or a relevancy method)."""
 

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import panel as pn
 import xarray as xr
 from panel.io.document import hold
 
+from vlinterpret_panel.causal import has_causal
+from vlinterpret_panel.live import AddedExample, LiveModel
 from vlinterpret_panel.ui.answer import AnswerView
 from vlinterpret_panel.ui.attention import AttentionHeatmap
+from vlinterpret_panel.ui.causal import CausalView
 from vlinterpret_panel.ui.common import SIDEBAR_WIDTH, ensure_extension, message_banner
 from vlinterpret_panel.ui.compare import HeadComparison
+from vlinterpret_panel.ui.counterfactual import CounterfactualView
 from vlinterpret_panel.ui.embedding import EmbeddingView
 from vlinterpret_panel.ui.examples import ExampleBrowser
 from vlinterpret_panel.ui.export import ExportPanel
@@ -34,9 +41,19 @@ class Dashboard(View):
     rebuilding anything.
     """
 
-    def __init__(self, ds: xr.Dataset, selection: Selection | None = None, **params) -> None:
+    def __init__(
+        self,
+        ds: xr.Dataset,
+        selection: Selection | None = None,
+        *,
+        live: LiveModel | None = None,
+        store: Path | None = None,
+        on_added: Callable[[AddedExample], None] | None = None,
+        **params,
+    ) -> None:
         super().__init__(ds, selection, **params)
         selection = self.selection
+        self.live = live
         self.examples = ExampleBrowser(ds, selection)
         self.tokens = TokenControls(ds, selection)
         self.head_summary = HeadSummary(ds, selection)
@@ -49,6 +66,8 @@ class Dashboard(View):
         self.export = ExportPanel(ds, selection)
         self.answer = AnswerView(ds, selection)
         self.reliance = RelianceView(ds, selection)
+        self.counterfactual = CounterfactualView(ds, selection, live=live, store=store, on_added=on_added)
+        self.causal = CausalView(ds, selection, live=live, store=store)
         self._summary = pn.pane.Markdown(self.summary(), sizing_mode="stretch_width")
 
     @property
@@ -67,6 +86,8 @@ class Dashboard(View):
             self.export,
             self.answer,
             self.reliance,
+            self.counterfactual,
+            self.causal,
         ]
 
     def dataset_changed(self) -> None:
@@ -114,12 +135,15 @@ class Dashboard(View):
         )
         attention = pn.Column(message_banner(self.selection), views, sizing_mode="stretch_width")
         answer = [("Answer", self.answer), ("Reliance", self.reliance)] if self.ds.vli.has_answers else []
+        edits = self.live is not None or "counterfactual_of" in self.ds
         return pn.Tabs(
             *answer,
             ("Attention", attention),
             ("Embeddings", self.embedding),
             ("Relevancy", self.relevancy),
             ("Compare heads", self.comparison),
+            *([("Counterfactual", self.counterfactual)] if edits else []),
+            *([("Causal", self.causal)] if self.live is not None or has_causal(self.ds) else []),
             dynamic=True,
             sizing_mode="stretch_width",
         )

@@ -42,6 +42,8 @@ class ExampleBrowser(View):
         self._next.on_click(lambda event: self.step(+1))
         self._count = pn.pane.Markdown("")
         self._details = pn.pane.Markdown("", sizing_mode="stretch_width")
+        self._edits = pn.widgets.Select(label="counterfactuals of this example", options={}, visible=False)
+        self._edits.param.watch(self._chosen, "value")
         self.param.watch(self._filter, ["search", "label", "prediction", "correct"])
         selection.param.watch(self._show_example, "example")
         self.dataset_changed()
@@ -100,8 +102,19 @@ class ExampleBrowser(View):
             return
         row = self._table.loc[example]
         facts = [f"**{example}**", f"*{row.text}*"]
-        facts += [f"{name}: **{row[name]}**" for name in ("label", "prediction", "correct") if name in row]
+        facts += [f"{name}: **{row[name]}**" for name in ("label", "prediction", "correct") if row.get(name, "")]
+        origin = self.ds.vli.origin(example)
+        if origin is not None:
+            edit = self.ds.vli.edit(example)
+            facts.append(f"counterfactual of **{origin}**" + (f": {edit.describe()}" if edit is not None else ""))
         self._details.object = "  \n".join(facts)
+        edits = self.ds.vli.counterfactuals(example)
+        self._edits.param.update(
+            options={"": "", **{f"{e}: {self._table.loc[e, 'text'][:40]}": e for e in edits}},
+            value="",
+            label=f"counterfactuals of this example ({len(edits)})",
+            visible=bool(edits),
+        )
 
     def __panel__(self) -> pn.viewable.Viewable:
         filters: list[pn.widgets.Widget] = [
@@ -119,5 +132,6 @@ class ExampleBrowser(View):
             self._choice,
             pn.Row(self._previous, self._next),
             self._details,
+            self._edits,
             sizing_mode="stretch_width",
         )

@@ -32,7 +32,7 @@ class LiveSession:
         self.store, self._open_store = Path(store), open_store
         ds = open_store()
         model.check_store(ds)
-        self.dashboard = Dashboard(ds)
+        self.dashboard = Dashboard(ds, live=model, store=self.store, on_added=self._added)
         self._signature = ds.attrs.get("store_signature", "")
         self.add_example = AddExample(model, self.store, self._added)
         self.sidebar = pn.Column(*self.dashboard.sidebar(), self.add_example, sizing_mode="stretch_width")
