@@ -75,10 +75,15 @@ class CounterfactualView(View):
         # Editor: a plain RGB element is the source of the box (a stream on an overlay gets no events).
         self._picture = dynamic_map(self._editor_image, streams=self.streams("example"))
         self.bounds = hv.streams.BoundsXY(source=self._picture, bounds=None)
-        self._strokes = hv.Path([]).opts(color=SELECTED_COLOR, line_width=6, alpha=0.6)
+        # The strokes' source is redrawn empty by "Clear" (a stream's new data alone leaves the drawn lines).
+        self._cleared = hv.streams.Counter()
+        self._strokes = hv.DynamicMap(
+            lambda counter: hv.Path([]).opts(color=SELECTED_COLOR, line_width=2, alpha=0.8), streams=[self._cleared]
+        )
         self.brush = hv.streams.FreehandDraw(source=self._strokes, num_objects=8)
         edit_streams = [self.bounds, self.brush, hv.streams.Params(self, ["fill", "brush_width"])]
         self._preview = dynamic_map(self._preview_image, streams=[*self.streams("example"), *edit_streams])
+        self._region = dynamic_map(self._masked_region, streams=[*self.streams("example"), *edit_streams])
         self.question = pn.widgets.TextInput(label="question (edit to ask another)", width=EDITOR_SIZE - 30)
         self.run_button = pn.widgets.Button(label="Run edit", color="primary", width=120)
         self.clear_button = pn.widgets.Button(label="Clear", width=80)
@@ -154,6 +159,7 @@ class CounterfactualView(View):
         """Forget the drawn box and strokes."""
         self.bounds.event(bounds=None)
         self.brush.event(data={"xs": [], "ys": []})
+        self._cleared.event()
 
     def current_edit(self) -> Edit:
         """The edit drawn and typed so far (box from the box select, strokes from the brush)."""
@@ -199,6 +205,19 @@ class CounterfactualView(View):
             self.selection.message = str(error)
             edited = tokens.image
         return image_element(edited).opts(invert_yaxis=True, title="edited image", xaxis=None, yaxis=None, **size)
+
+    def _masked_region(
+        self, example: str, ds: xr.Dataset, bounds: object, data: object, fill: str, brush_width: float
+    ) -> hv.Image:
+        """The pixels the edit masks, veiled in white on the editor (the brush's true width, not the line's)."""
+        height, width = ds.vli.tokens(example).image.shape[:2]
+        try:
+            region = self.current_edit().region(height, width)
+        except VLIError:
+            region = np.zeros((height, width), dtype=bool)
+        return map_element(np.where(region, 1.0, np.nan), "masked").opts(
+            cmap=["#ffffff"], alpha=0.55, clim=(0, 1), colorbar=False, invert_yaxis=True, tools=[]
+        )
 
     def run_edit(self) -> AddedExample:
         """Store the current edit of the selected example as a counterfactual (blocking)."""
@@ -334,7 +353,7 @@ class CounterfactualView(View):
         if self.live is None:
             return pn.Column(table, maps)
         editor = pn.Row(
-            pn.pane.HoloViews(self._picture * self._strokes, linked_axes=False),
+            pn.pane.HoloViews(self._picture * self._region * self._strokes, linked_axes=False),
             pn.Column(
                 pn.pane.HoloViews(self._preview, linked_axes=False),
                 pn.widgets.RadioButtonGroup.from_param(self.param.fill, width=220),
