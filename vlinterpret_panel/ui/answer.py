@@ -36,26 +36,39 @@ MEAN_OF_HEADS = "mean"
 RELIANCE_COLOURS = {"image": "#1f77b4", "prompt": "#ff7f0e", "answer": "#2ca02c"}
 
 
-def strip_layout(answer: pd.DataFrame) -> pd.DataFrame:
-    """Boxes of the generated tokens in wrapped lines (y grows downwards), one per step."""
-    rows, x, line = [], 0.0, 0
-    for step, token, probability in answer[["step", "token", "probability"]].itertuples(index=False):
-        width = max(4.0, len(str(token)) * 1.0 + 1.5)
+def _token_width(token: str) -> float:
+    return max(4.0, len(token) * 1.0 + 1.5)
+
+
+def _wrapped(tokens: list[str]) -> list[tuple[float, int]]:
+    """Each token's (x, line) when the strip wraps at ``STRIP_LINE_WIDTH``."""
+    places, x, line = [], 0.0, 0
+    for token in tokens:
+        width = _token_width(token)
         if x + width > STRIP_LINE_WIDTH and x > 0:
             x, line = 0.0, line + 1
-        y0 = line * STRIP_LINE_HEIGHT
-        rows.append(
-            {
-                "x0": x,
-                "y0": y0,
-                "x1": x + width,
-                "y1": y0 + STRIP_LINE_HEIGHT * 0.9,
-                "step": int(step),
-                "token": str(token),
-                "probability": float(probability),
-            }
-        )
+        places.append((x, line))
         x += width + 0.3
+    return places
+
+
+def strip_layout(answer: pd.DataFrame) -> pd.DataFrame:
+    """Boxes of the generated tokens in wrapped lines (y grows downwards), one per step."""
+    tokens = [str(token) for token in answer["token"]]
+    rows = [
+        {
+            "x0": x,
+            "y0": line * STRIP_LINE_HEIGHT,
+            "x1": x + _token_width(token),
+            "y1": line * STRIP_LINE_HEIGHT + STRIP_LINE_HEIGHT * 0.9,
+            "step": int(step),
+            "token": token,
+            "probability": float(probability),
+        }
+        for (x, line), token, step, probability in zip(
+            _wrapped(tokens), tokens, answer["step"], answer["probability"], strict=True
+        )
+    ]
     return pd.DataFrame(rows, columns=["x0", "y0", "x1", "y1", "step", "token", "probability"])
 
 
@@ -67,13 +80,10 @@ def strip_lines(ds: xr.Dataset) -> int:
     """
     if "answer_token" not in ds:
         return 1
-    tokens = ds["answer_token"].values
     longest = 1
-    for row in tokens:
-        words = [str(token) for token in row if str(token)]
-        table = pd.DataFrame({"step": range(len(words)), "token": words, "probability": np.nan})
-        boxes = strip_layout(table)
-        longest = max(longest, int(boxes["y0"].max() / STRIP_LINE_HEIGHT) + 1 if len(boxes) else 1)
+    for row in ds["answer_token"].values:
+        places = _wrapped([str(token) for token in row if str(token)])
+        longest = max(longest, places[-1][1] + 1 if places else 1)
     return longest
 
 

@@ -69,11 +69,14 @@ class CounterfactualView(View):
     ) -> None:
         super().__init__(ds, selection, **params)
         self.live, self.store, self._on_added = live, store, on_added
+        self._last_maps: tuple[object, tuple[np.ndarray, ...]] = (None, ())
         self.dataset_changed()
         self.selection.param.watch(self._example_changed, "example")
         self._example_changed()
         # Editor: a plain RGB element is the source of the box (a stream on an overlay gets no events).
-        self._picture = dynamic_map(self._editor_image, streams=self.streams("example"))
+        # The plots read ``self.ds`` but do not redraw when the store grows: the shown examples do not change.
+        example = hv.streams.Params(self.selection, ["example"])
+        self._picture = dynamic_map(self._editor_image, streams=[example])
         self.bounds = hv.streams.BoundsXY(source=self._picture, bounds=None)
         # The strokes' source is redrawn empty by "Clear" (a stream's new data alone leaves the drawn lines).
         self._cleared = hv.streams.Counter()
@@ -82,8 +85,8 @@ class CounterfactualView(View):
         )
         self.brush = hv.streams.FreehandDraw(source=self._strokes, num_objects=8)
         edit_streams = [self.bounds, self.brush, hv.streams.Params(self, ["fill", "brush_width"])]
-        self._preview = dynamic_map(self._preview_image, streams=[*self.streams("example"), *edit_streams])
-        self._region = dynamic_map(self._masked_region, streams=[*self.streams("example"), *edit_streams])
+        self._preview = dynamic_map(self._preview_image, streams=[example, *edit_streams])
+        self._region = dynamic_map(self._masked_region, streams=[example, *edit_streams])
         self.question = pn.widgets.TextInput(label="question (edit to ask another)", width=EDITOR_SIZE - 30)
         self.run_button = pn.widgets.Button(label="Run edit", color="primary", width=120)
         self.clear_button = pn.widgets.Button(label="Clear", width=80)
@@ -93,7 +96,7 @@ class CounterfactualView(View):
         self.status = pn.pane.Alert("", alert_type="info", visible=False, width=EDITOR_SIZE - 40)
         # Comparison
         own = hv.streams.Params(self, ["edited", "method", "step"])
-        pair_streams = [own, *self.streams("example", "opacity")]
+        pair_streams = [own, hv.streams.Params(self.selection, ["example", "opacity"])]
         self._original = dynamic_map(self._side("original"), streams=pair_streams)
         self._edited = dynamic_map(self._side("edited"), streams=pair_streams)
         self._difference = dynamic_map(self._difference_map, streams=pair_streams)
@@ -109,13 +112,18 @@ class CounterfactualView(View):
     # State
 
     def dataset_changed(self) -> None:
-        """The maps this store offers; the counterfactuals of the selected example."""
+        """The maps this store offers; the counterfactuals of the selected example (the one compared kept)."""
         methods = counterfactual.map_methods(self.ds)
         self.param.method.objects = methods
         if self.method not in methods:
             self.method = "generic" if "generic" in methods else methods[0]
-        if hasattr(self, "_table"):
-            self._example_changed()
+        self.param.edited.objects = ["", *self.ds.vli.counterfactuals(self.original())]
+
+    def show_edit(self, ds: xr.Dataset, edited: str) -> None:
+        """Show the grown store ``ds`` comparing the selected example with its new counterfactual ``edited``."""
+        self.ds = ds
+        self.clear()
+        self.edited = edited
 
     def original(self) -> str:
         """The original of the selected example (itself when it is not a counterfactual)."""
@@ -157,9 +165,12 @@ class CounterfactualView(View):
 
     def clear(self, event: object = None) -> None:
         """Forget the drawn box and strokes."""
-        self.bounds.event(bounds=None)
-        self.brush.event(data={"xs": [], "ys": []})
-        self._cleared.event()
+        if self.bounds.bounds is None and not (self.brush.data or {}).get("xs"):
+            return
+        self.bounds.update(bounds=None)
+        self.brush.update(data={"xs": [], "ys": []})
+        self._cleared.update(counter=self._cleared.counter + 1)
+        hv.streams.Stream.trigger([self.bounds, self.brush, self._cleared])  # one redraw, not three
 
     def current_edit(self) -> Edit:
         """The edit drawn and typed so far (box from the box select, strokes from the brush)."""
@@ -181,8 +192,8 @@ class CounterfactualView(View):
 
     # Editor
 
-    def _editor_image(self, example: str, ds: xr.Dataset) -> hv.RGB:
-        tokens = ds.vli.tokens(example)
+    def _editor_image(self, example: str) -> hv.RGB:
+        tokens = self.ds.vli.tokens(example)
         size = image_plot_size(tokens.image, EDITOR_SIZE)
         return image_element(tokens.image).opts(
             invert_yaxis=True,
@@ -194,10 +205,8 @@ class CounterfactualView(View):
             **size,
         )
 
-    def _preview_image(
-        self, example: str, ds: xr.Dataset, bounds: object, data: object, fill: str, brush_width: float
-    ) -> hv.RGB:
-        tokens = ds.vli.tokens(example)
+    def _preview_image(self, example: str, bounds: object, data: object, fill: str, brush_width: float) -> hv.RGB:
+        tokens = self.ds.vli.tokens(example)
         size = image_plot_size(tokens.image, EDITOR_SIZE // 2)
         try:
             edited = self.current_edit().apply(tokens.image)
@@ -206,11 +215,9 @@ class CounterfactualView(View):
             edited = tokens.image
         return image_element(edited).opts(invert_yaxis=True, title="edited image", xaxis=None, yaxis=None, **size)
 
-    def _masked_region(
-        self, example: str, ds: xr.Dataset, bounds: object, data: object, fill: str, brush_width: float
-    ) -> hv.Image:
+    def _masked_region(self, example: str, bounds: object, data: object, fill: str, brush_width: float) -> hv.Image:
         """The pixels the edit masks, veiled in white on the editor (the brush's true width, not the line's)."""
-        height, width = ds.vli.tokens(example).image.shape[:2]
+        height, width = self.ds.vli.tokens(example).image.shape[:2]
         try:
             region = self.current_edit().region(height, width)
         except VLIError:
@@ -262,7 +269,11 @@ class CounterfactualView(View):
         return (picture * blank).opts(title=fit_title(message, size["frame_width"] + 60))
 
     def _maps(self, ds: xr.Dataset, pair: tuple[str, str], method: str, step: int) -> tuple[np.ndarray, np.ndarray]:
-        return tuple(counterfactual.image_map(ds, e, method, step) for e in pair)  # type: ignore[return-value]
+        """The pair's maps, computed once for the three plots that draw them."""
+        key = (id(ds), pair, method, step)
+        if self._last_maps[0] != key:
+            self._last_maps = (key, tuple(counterfactual.image_map(ds, e, method, step) for e in pair))
+        return self._last_maps[1]  # type: ignore[return-value]
 
     def _outcome(self, ds: xr.Dataset, example: str, step: int) -> str:
         table = counterfactual.outcome(ds, example)
@@ -273,7 +284,9 @@ class CounterfactualView(View):
         return f"{answer[:40]} · p({row['token']!s}) = {row['probability']:.3f}"
 
     def _side(self, which: str) -> Callable[..., hv.Overlay]:
-        def draw(example: str, edited: str, method: str, step: int, opacity: float, ds: xr.Dataset) -> hv.Overlay:
+        def draw(example: str, edited: str, method: str, step: int, opacity: float) -> hv.Overlay:
+            ds = self.ds
+
             @guarded(self.selection, self._empty)
             def paint() -> hv.Overlay:
                 pair = self.pair()
@@ -295,9 +308,9 @@ class CounterfactualView(View):
 
         return draw
 
-    def _difference_map(
-        self, example: str, edited: str, method: str, step: int, opacity: float, ds: xr.Dataset
-    ) -> hv.Overlay:
+    def _difference_map(self, example: str, edited: str, method: str, step: int, opacity: float) -> hv.Overlay:
+        ds = self.ds
+
         @guarded(self.selection, self._empty)
         def paint() -> hv.Overlay:
             pair = self.pair()

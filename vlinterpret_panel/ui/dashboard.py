@@ -98,12 +98,17 @@ class Dashboard(View):
             self.selection.adopt(self.ds)
             self.selection.tokens = valid_tokens(self.ds, self.selection.example, self.selection.tokens)
             for view in self.views:
-                view.ds = self.ds
+                if view.ds is not self.ds:  # a view shown the grown store first (the counterfactual's) is not redrawn
+                    view.ds = self.ds
             self._summary.object = self.summary()
 
     def show_store(self, ds: xr.Dataset, example: str | None = None) -> None:
-        """Show ``ds`` (a grown store), then select ``example`` if given."""
-        self.ds = ds
+        """Show ``ds`` (a grown store), then select ``example`` if given.
+
+        The same store shown again (the store poll may have shown it first) redraws nothing.
+        """
+        if ds is not self.ds:
+            self.ds = ds
         if example is not None:
             self.selection.select(example=example, tokens=default_tokens(ds, example))
 

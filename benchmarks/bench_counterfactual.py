@@ -1,0 +1,161 @@
+"""Counterfactual reruns and causal searches on the built-in generative model, in process and in chromium.
+
+    python benchmarks/bench_counterfactual.py [--edits 10] [--searches 40] [--browser-runs 5]
+
+On a copy of ``datasets/generative``:
+
+1. ``LiveModel.add_counterfactual``: mask a quarter of an example's image and regenerate its
+   answer with the store's options (32 tokens at most, top-5 alternatives, full maps, four
+   relevancy methods: two of them one backward pass per generated token), then write the shard.
+2. ``LiveModel.explain_causally`` on generated tokens of ``--searches`` examples (the first
+   token, and a later one), threshold 90%, guided by generic relevancy: seconds and reruns.
+3. In chromium (the README's ``vlinterpret serve STORE --model generative``): drag a box on
+   the editor, press "Run edit", time until the page shows the comparison of the new pair
+   (the "edited:" plot titled with its answer), and press "Explain" on the causal tab, time
+   until its result shows.
+
+Targets (issue 13): a counterfactual rerun < 1 s end to end; a causal search < 10 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from vlinterpret_panel import open_dataset  # noqa: E402
+from vlinterpret_panel.counterfactual import Edit  # noqa: E402
+from vlinterpret_panel.live import LiveModel  # noqa: E402
+
+
+def _load() -> str:
+    return Path("/proc/loadavg").read_text().split()[0]
+
+
+def _summary(name: str, seconds: list[float]) -> str:
+    values = np.array(seconds) * 1000
+    return (
+        f"{name}: n={len(values)} p50 {np.percentile(values, 50):.0f} ms, p95 {np.percentile(values, 95):.0f} ms, "
+        f"max {values.max():.0f} ms"
+    )
+
+
+def copy_store(directory: Path) -> Path:
+    store = directory / "store"
+    shutil.copytree(REPO / "datasets" / "generative", store, ignore=shutil.ignore_patterns(".index", "causal"))
+    return store
+
+
+def bench_edits(store: Path, edits: int) -> None:
+    live = LiveModel("generative")
+    ids = [str(i) for i in open_dataset(store).indexes["example"]][:edits]
+    live.add_counterfactual(store, ids[0], Edit(box=(0, 0, 32, 32)))  # warm-up: first torch calls, imports
+    seconds = []
+    for index, example in enumerate(ids):
+        corner = index % 4
+        box = (32 * (corner % 2), 32 * (corner // 2), 32 * (corner % 2) + 32, 32 * (corner // 2) + 32)
+        started = time.perf_counter()
+        live.add_counterfactual(store, example, Edit(box=box, fill="background"))
+        seconds.append(time.perf_counter() - started)
+    print(_summary("add_counterfactual (generate + capture + shard), in process", seconds), f"load {_load()}")
+
+
+def bench_searches(store: Path, searches: int) -> None:
+    live = LiveModel("generative")
+    ds = open_dataset(store)
+    ids = [i for i in map(str, ds.indexes["example"]) if not ds.vli.origin(i)][:searches]
+    rng = np.random.default_rng(0)
+    seconds, reruns, sizes = [], [], []
+    for example in ids:
+        steps = len(ds.vli.answer(example))
+        for step in sorted({0, int(rng.integers(0, steps))}):
+            found = live.explain_causally(store, example, step=step)
+            seconds.append(found.seconds)
+            reruns.append(found.reruns)
+            sizes.append(len(found.kept) / len(found.units))
+    print(
+        _summary("causal search, in process", seconds),
+        f"reruns median {np.median(reruns):.0f} (max {max(reruns)}), kept share median {np.median(sizes):.2f},",
+        f"load {_load()}",
+    )
+
+
+def bench_browser(store: Path, runs: int) -> None:
+    """One browser session (as a user editing one example after another): ``runs`` edits, then ``runs`` searches."""
+    from tests.ui.browser import app_page, chromium, served
+
+    def command(port: int) -> list[str]:
+        return [sys.executable, "-m", "vlinterpret_panel.cli", "serve", str(store), "--model", "generative",
+                "--port", str(port)]  # fmt: skip
+
+    original = str(open_dataset(store).indexes["example"][0])
+    edit_seconds, explain_seconds = [], []
+    log = Path(tempfile.gettempdir()) / "bench_counterfactual.log"
+    with served(command, log) as (url, _), chromium() as browser, app_page(browser, url) as app:
+        app.page.goto(f"{url}?example={original}")
+        app.wait_for_figure("generated answer")
+        app.page.get_by_text("Counterfactual", exact=True).click()
+        app.wait_for_figure("edited image")
+        for run in range(runs):
+            frame = app.figure("draw on")
+            before = set(open_dataset(store).vli.counterfactuals(original))
+            corner = (run % 2, (run // 2) % 2)
+            x = frame["left"] + 2 + corner[0] * frame["width"] / 2
+            y = frame["top"] + 2 + corner[1] * frame["height"] / 2
+            app.page.mouse.move(x, y)
+            app.page.mouse.down()
+            app.page.mouse.move(x + frame["width"] / 2 - 4, y + frame["height"] / 2 - 4, steps=5)
+            app.page.mouse.up()
+            time.sleep(0.5)
+            started = time.perf_counter()
+            app.page.get_by_role("button", name="Run edit").click()
+            shards = len(list(store.glob("*.nc")))
+            while len(list(store.glob("*.nc"))) == shards:  # cheap: opening the store would load the machine
+                time.sleep(0.02)
+            (added,) = set(open_dataset(store).vli.counterfactuals(original)) - before
+            app.page.get_by_text(f"→ {added}").first.wait_for(timeout=60_000)
+            app.wait_for_figure("edited: ", timeout=60)
+            edit_seconds.append(time.perf_counter() - started)
+            time.sleep(1.0)
+        app.page.get_by_text("Causal", exact=True).click()
+        app.wait_for_figure("no causal explanation yet")
+        button = app.page.get_by_role("button", name="Explain")
+        for _ in range(runs):
+            started = time.perf_counter()
+            button.click()
+            while button.is_enabled():  # disabled while the search runs (at least one 200 ms poll)
+                time.sleep(0.01)
+            while not button.is_enabled():
+                time.sleep(0.01)
+            explain_seconds.append(time.perf_counter() - started)
+            assert app.page.get_by_text("reruns in").first.is_visible()
+            time.sleep(1.0)
+    print(_summary("chromium: Run edit -> comparison of the new pair shown", edit_seconds), f"load {_load()}")
+    print(_summary("chromium: Explain -> result shown", explain_seconds), f"load {_load()}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--edits", type=int, default=10)
+    parser.add_argument("--searches", type=int, default=40)
+    parser.add_argument("--browser-runs", type=int, default=5, help="0 skips the chromium part")
+    args = parser.parse_args()
+    print(f"load {_load()}")
+    with tempfile.TemporaryDirectory() as directory:
+        store = copy_store(Path(directory))
+        bench_edits(store, args.edits)
+        bench_searches(store, args.searches)
+        if args.browser_runs:
+            bench_browser(copy_store(Path(directory) / "browser"), args.browser_runs)
+
+
+if __name__ == "__main__":
+    main()
