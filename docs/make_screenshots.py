@@ -1,6 +1,6 @@
 """Retake the screenshots in docs/screenshots/ from the real app on the shipped demo store.
 
-    python docs/make_screenshots.py [--store datasets/single_stream] [--out docs/screenshots] [--only answers]
+    python docs/make_screenshots.py [--store datasets/single_stream] [--out docs/screenshots] [--only answers|live]
 
 Starts ``panel serve dashboards/app.py`` on a free localhost port over the store, drives
 Debian's chromium with Playwright, and stops the server at the end. The example is the first
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -202,17 +203,70 @@ def run_answers(store: Path, out: Path) -> None:
         print("console errors:\n" + "\n".join(shots.errors))
 
 
+def run_live(store: Path, out: Path) -> None:
+    """A counterfactual pair and a causal explanation, on a copy of ``store`` served with its live model.
+
+    The yellow triangle of the first example ("describe the scene") is masked with the
+    background colour; the causal view then explains the generated answer of a colour
+    question ("what color is the triangle?", scene-1000000003).
+    """
+    model = open_dataset(store).attrs["model_name"]
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "store"
+        shutil.copytree(store, copy, ignore=shutil.ignore_patterns(".index", "causal"))
+
+        def command(port: int) -> list[str]:
+            return [sys.executable, "-m", "vlinterpret_panel.cli", "serve", str(copy), "--model", model,
+                    "--port", str(port)]  # fmt: skip
+
+        with (
+            served(command, Path(tmp) / "serve.log") as (url, _server),
+            chromium() as browser,
+        ):
+            shots = Shooter(browser.new_context(viewport=PAGE_SIZE).new_page(), url, out)
+            shots.page.goto(url)
+            shots.wait_for_figure("generated answer")
+            shots.tab("Counterfactual")
+            frame = shots.wait_for_figure("draw on")
+            shots.wait_for_figure("edited image")
+            x, y = frame["left"] + 2, frame["top"] + 2
+            shots.page.mouse.move(x, y)
+            shots.page.mouse.down()
+            shots.page.mouse.move(x + frame["width"] * 0.3, y + frame["height"] * 0.3, steps=5)
+            shots.page.mouse.move(x + frame["width"] * 0.5, y + frame["height"] * 0.5, steps=5)
+            shots.page.mouse.up()
+            shots.settle(1.0)
+            shots.page.get_by_role("button", name="Run edit").click()
+            shots.wait_for_figure("edited: ")
+            shots.page.mouse.move(2, 2)
+            shots.settle(2.0)
+            shots.shoot("counterfactual-view.png")
+            shots.page.goto(f"{url}?example=scene-1000000003")
+            shots.wait_for_figure("generated answer")
+            shots.tab("Causal")
+            shots.wait_for_figure("no causal explanation yet")
+            shots.page.get_by_role("button", name="Explain").click()
+            shots.page.get_by_text("reruns in").first.wait_for(timeout=60_000)
+            shots.page.mouse.move(2, 2)
+            shots.settle(2.0)
+            shots.shoot("causal-view.png")
+            if shots.errors:
+                print("console errors:\n" + "\n".join(shots.errors))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", type=Path, default=REPO / "datasets" / "single_stream")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "screenshots")
     parser.add_argument("--answers-store", type=Path, default=REPO / "datasets" / "generative")
-    parser.add_argument("--only", choices=["attention", "answers"], help="retake one set of screenshots only")
+    parser.add_argument("--only", choices=["attention", "answers", "live"], help="retake one set of screenshots only")
     args = parser.parse_args()
-    if args.only != "answers":
+    if args.only in (None, "attention"):
         run(args.store.resolve(), args.out.resolve())
-    if args.only != "attention":
+    if args.only in (None, "answers"):
         run_answers(args.answers_store.resolve(), args.out.resolve())
+    if args.only in (None, "live"):
+        run_live(args.answers_store.resolve(), args.out.resolve())
 
 
 if __name__ == "__main__":
