@@ -84,6 +84,12 @@ def test_a_click_on_a_generated_token_changes_its_map_and_alternatives(answer_ap
     assert answer_app.figure(STRIP)["title"].startswith(f"{STRIP}: token {step} selected")
     reliance = answer_app.wait_for_figure("where each token's")  # image / prompt / answer shares per token
     assert f"(token {step}: {step}:{answer['token'].iloc[step]})" in reliance["title"]
+    # The generated token is URL state: the page's link opens on it.
+    answer_app.wait_until(lambda: f"step={step}" in answer_app.page.url, what="the step in the URL")
+    other = ds.example.values[1]
+    answer_app.page.goto(f"{answer_app.url}?example={other}&step=1")
+    answer_app.wait_for_figure(f"{STRIP}: token 1 selected")
+    answer_app.wait_for_figure(repr(ds.vli.answer(str(other))["token"].iloc[1]))
     assert not answer_app.errors, answer_app.errors
 
 

@@ -83,6 +83,7 @@ def test_a_masked_region_rerun_adds_a_linked_example_with_another_answer(app: Ap
     app.wait_for_figure("edited: a ")
     difference = app.wait_for_figure("edited − original")
     assert difference["width"] > 100
+    app.wait_until(lambda: f"edited={edited}" in app.page.url, what="the compared edit in the URL")
     # The example browser lists the original's counterfactuals; choosing one shows its link to the original.
     app.page.get_by_text("counterfactuals of this example (1)").first.wait_for(timeout=10_000)
     app.page.get_by_label("counterfactuals of this example (1)").select_option(index=1)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import dask
 import panel as pn
+import param
 import xarray as xr
 
 from vlinterpret_panel.schema import require_full_attention
@@ -15,7 +17,6 @@ from vlinterpret_panel.store import open_dataset, shard_signature
 from vlinterpret_panel.ui.common import SIDEBAR_WIDTH
 from vlinterpret_panel.ui.dashboard import AnswerDashboard, Dashboard
 from vlinterpret_panel.ui.selection import URL_PARAMETERS, Selection
-from vlinterpret_panel.ui.view import View
 
 __all__ = ["Dashboard", "build_app", "shared_store"]
 
@@ -32,8 +33,9 @@ def shared_store(path: Path, signature: str) -> xr.Dataset:
     return open_dataset(path)
 
 
-def _link_url(selection: Selection) -> None:
-    """Sync ``selection`` with the page URL (a link naming what this store lacks shows a message)."""
+def _link_url(selection: Selection, views: Sequence[tuple[param.Parameterized, dict[str, str]]] = ()) -> None:
+    """Sync ``selection``, then the ``views``' own state, with the page URL (a link naming what this store lacks
+    shows a message). The views come after the selection: choosing an example resets what a view shows of it."""
     if pn.state.location is None:
         return
 
@@ -41,6 +43,8 @@ def _link_url(selection: Selection) -> None:
         selection.message = f"the link's state {values} does not fit this store; showing the defaults"
 
     pn.state.location.sync(selection, URL_PARAMETERS, on_error=refuse)
+    for view, parameters in views:
+        pn.state.location.sync(view, parameters, on_error=refuse)
 
 
 def build_app(store: str | os.PathLike, model: str | None = None) -> pn.template.BaseTemplate:
@@ -56,7 +60,7 @@ def build_app(store: str | os.PathLike, model: str | None = None) -> pn.template
     def current_store() -> xr.Dataset:
         return shared_store(path, shard_signature(path) if path.is_dir() else "")
 
-    dashboard: View
+    dashboard: Dashboard | AnswerDashboard
     if model:
         from vlinterpret_panel.ui.add_example import live_model
         from vlinterpret_panel.ui.session import LiveSession
@@ -74,7 +78,7 @@ def build_app(store: str | os.PathLike, model: str | None = None) -> pn.template
             require_full_attention(opened, "the dashboard")
             full = Dashboard(opened)
             dashboard, sidebar, main = full, full.sidebar(), [full.main()]
-    _link_url(dashboard.selection)
+    _link_url(dashboard.selection, dashboard.url_state())
     # No header spinner (busy_indicator=None; templates add one by default): pn.state.busy spans
     # every session of the server process, so one session's clicks spun all the others' headers, and
     # it kept spinning ~0.45 s after the views had redrawn. Per-view loading indicators stay per session.

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import panel as pn
+import param
 import xarray as xr
 from panel.io.document import hold
 
@@ -112,6 +113,15 @@ class Dashboard(View):
         if example is not None:
             self.selection.select(example=example, tokens=default_tokens(ds, example))
 
+    def url_state(self) -> list[tuple[param.Parameterized, dict[str, str]]]:
+        """The views' own state kept in the page URL beside the selection: the generated token, the edit compared."""
+        state: list[tuple[param.Parameterized, dict[str, str]]] = []
+        if self.ds.vli.has_answers:
+            state.append((self.answer, {"step": "step"}))
+        if self.live is not None or "counterfactual_of" in self.ds:
+            state.append((self.counterfactual, {"edited": "edited"}))
+        return state
+
     def summary(self) -> str:
         """One line naming the model and the store's sizes."""
         ds = self.ds
@@ -177,6 +187,10 @@ class AnswerDashboard(View):
             self.answer.ds = self.ds
             self.reliance.ds = self.ds
             self._summary.object = self.summary()
+
+    def url_state(self) -> list[tuple[param.Parameterized, dict[str, str]]]:
+        """The generated token shown, kept in the page URL beside the selection."""
+        return [(self.answer, {"step": "step"})]
 
     def summary(self) -> str:
         """One line naming the model, the store's sizes and that only answer rows are stored."""
