@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PORT ?= 5006
+LAB_PORT ?= 8888
 # PyTorch's own CPU wheel index: plain PyPI resolves `torch` to the CUDA build (several GB of
 # nvidia-* packages). Override with TORCH_INDEX=... (a mirror, or a CUDA index on a GPU machine).
 # --index-url replaces PyPI for this one install; pip's configured find-links and extra indexes
@@ -13,9 +14,9 @@ PORT ?= 5006
 TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 TORCH_CPU_ONLY ?= 1
-LINTED := vlinterpret_panel tests extract benchmarks dashboards docs/make_screenshots.py
+LINTED := vlinterpret_panel tests extract benchmarks dashboards docs/make_screenshots.py docs/notebooks
 
-.PHONY: setup serve test lint browser benchmarks
+.PHONY: setup serve test lint browser benchmarks lab
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +36,10 @@ setup: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/panel serve dashboards/app.py --address 127.0.0.1 --port $(PORT) \
 		--allow-websocket-origin=localhost:$(PORT) --allow-websocket-origin=127.0.0.1:$(PORT)
+
+# The example notebooks in JupyterLab, bound to localhost (it prints the URL with its token).
+lab: $(STAMP)
+	$(BIN)/jupyter lab --ip 127.0.0.1 --port $(LAB_PORT) --no-browser docs/notebooks
 
 # Browser tests drive Debian's chromium; install it when we may (root), else say how.
 browser:

@@ -79,6 +79,14 @@ DATA_TO_PAGE_JS = f"""([prefix, x, y]) => {{
   return [box.left + frame.x_scale.compute(sx), box.top + frame.y_scale.compute(sy)];
 }}"""
 
+# Scroll the plot titled ``prefix...`` into the middle of the view; whether it was found.
+SCROLL_JS = f"""(prefix) => {{
+  {_FIND_PLOT_JS}
+  const view = findPlot(prefix);
+  if (view) view.el.scrollIntoView({{block: 'center'}});
+  return !!view;
+}}"""
+
 # The bounding box of the plot titled ``prefix...`` (levels=0) or of its ``levels``-th enclosing layout.
 BOX_JS = f"""([prefix, levels]) => {{
   {_FIND_PLOT_JS}
@@ -205,6 +213,18 @@ class AppPage:
         position = self.page.evaluate(DATA_TO_PAGE_JS, [prefix, x, y])
         assert position is not None, f"no plot titled {prefix!r}"
         return position[0], position[1]
+
+    def scroll_to(self, prefix: str) -> None:
+        """Scroll the plot titled ``prefix...`` to the middle of its scrolling container (e.g. a notebook)."""
+        found = self.page.evaluate(SCROLL_JS, prefix)
+        assert found, f"no plot titled {prefix!r}"
+        box, deadline = None, time.monotonic() + 5
+        while time.monotonic() < deadline:  # until the scroll has come to rest
+            self.page.wait_for_timeout(200)
+            now = self.box(prefix)
+            if now == box:
+                return
+            box = now
 
     def click_data(self, prefix: str, x: float | str, y: float | str) -> None:
         """Click the plot titled ``prefix...`` at data coordinates ``(x, y)``."""

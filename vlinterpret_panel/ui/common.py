@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import html
+import sys
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -40,6 +41,21 @@ _HEADING_CSS = """
 """
 
 
+def in_jupyter() -> bool:
+    """Whether this process is a Jupyter kernel: its notebooks get BokehJS and Panel's scripts inline.
+
+    By default a notebook loads them from cdn.bokeh.org and cdn.holoviz.org, so offline the
+    dashboard drew nothing; a served app gets them from the server itself either way.
+    """
+    return "ipykernel" in sys.modules
+
+
+def extension() -> None:
+    """Panel's extension as the dashboard needs it (no notifications; resources inline in a notebook)."""
+    ensure_extension()
+    pn.extension(notifications=False, inline=in_jupyter())
+
+
 def ensure_extension() -> None:
     """Load HoloViews' Bokeh backend once and set the plot defaults every view uses.
 
@@ -49,7 +65,7 @@ def ensure_extension() -> None:
     """
     silence(FIXED_SIZING_MODE, True)
     if hv.Store.current_backend != "bokeh" or "bokeh" not in hv.Store.renderers:
-        hv.extension("bokeh", logo=False)
+        hv.extension("bokeh", logo=False, inline=in_jupyter())
     # Toolbars sit right of the plots: above them, they covered the titles.
     hv.opts.defaults(
         hv.opts.Image(cmap=ATTENTION_CMAP, tools=["hover"], toolbar="right", colorbar=True),

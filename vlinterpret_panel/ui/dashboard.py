@@ -15,7 +15,7 @@ from vlinterpret_panel.live import AddedExample, LiveModel
 from vlinterpret_panel.ui.answer import AnswerView
 from vlinterpret_panel.ui.attention import AttentionHeatmap
 from vlinterpret_panel.ui.causal import CausalView
-from vlinterpret_panel.ui.common import SIDEBAR_WIDTH, ensure_extension, message_banner
+from vlinterpret_panel.ui.common import SIDEBAR_WIDTH, extension, message_banner
 from vlinterpret_panel.ui.compare import HeadComparison
 from vlinterpret_panel.ui.counterfactual import CounterfactualView
 from vlinterpret_panel.ui.embedding import EmbeddingView
@@ -30,8 +30,7 @@ from vlinterpret_panel.ui.text import TextView
 from vlinterpret_panel.ui.tokens import TokenControls
 from vlinterpret_panel.ui.view import View
 
-ensure_extension()
-pn.extension(notifications=False)
+extension()
 pn.config.loading_indicator = True
 
 
@@ -164,7 +163,7 @@ class Dashboard(View):
         )
 
     def __panel__(self) -> pn.viewable.Viewable:
-        return pn.Row(pn.Column(*self.sidebar(), width=SIDEBAR_WIDTH - 10), self.main())
+        return pn.Row(sidebar_column(self.sidebar()), self.main())
 
 
 class AnswerDashboard(View):
@@ -211,4 +210,13 @@ class AnswerDashboard(View):
         return pn.Column(message_banner(self.selection), tabs, sizing_mode="stretch_width")
 
     def __panel__(self) -> pn.viewable.Viewable:
-        return pn.Row(pn.Column(*self.sidebar(), width=SIDEBAR_WIDTH - 10), self.main())
+        return pn.Row(sidebar_column(self.sidebar()), self.main())
+
+
+def sidebar_column(items: list[pn.viewable.Viewable | pn.viewable.Viewer]) -> pn.Column:
+    """The controls beside the views when a dashboard is shown alone (a notebook), at the template's sidebar width.
+
+    It does not shrink: in a notebook's narrower output the row shrank it under its widgets, which then ran
+    under the views beside it.
+    """
+    return pn.Column(*items, width=SIDEBAR_WIDTH - 10, styles={"flex-shrink": "0"}, margin=(5, 15, 5, 5))

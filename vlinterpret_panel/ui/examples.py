@@ -33,7 +33,10 @@ class ExampleBrowser(View):
         super().__init__(ds, selection, **params)
         selection = self.selection
         self._table = ds.vli.example_table()
-        self._choice = pn.widgets.Select(label="example", options=self._options(self._table), size=8)
+        # Stretched to its column: Panel's default 300 px ran under the views beside a 270 px column in a notebook.
+        self._choice = pn.widgets.Select(
+            label="example", options=self._options(self._table), size=8, sizing_mode="stretch_width"
+        )
         self._choice.value = selection.example
         self._choice.param.watch(self._chosen, "value")
         self._previous = pn.widgets.Button(label="◀ previous", width=90)
@@ -42,7 +45,9 @@ class ExampleBrowser(View):
         self._next.on_click(lambda event: self.step(+1))
         self._count = pn.pane.Markdown("")
         self._details = pn.pane.Markdown("", sizing_mode="stretch_width")
-        self._edits = pn.widgets.Select(label="counterfactuals of this example", options={}, visible=False)
+        self._edits = pn.widgets.Select(
+            label="counterfactuals of this example", options={}, visible=False, sizing_mode="stretch_width"
+        )
         self._edits.param.watch(self._chosen, "value")
         self.param.watch(self._filter, ["search", "label", "prediction", "correct"])
         selection.param.watch(self._show_example, "example")

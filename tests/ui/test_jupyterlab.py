@@ -1,0 +1,164 @@
+"""The dashboard inline in a real JupyterLab: run the explore notebook in chromium, click, see the views follow."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from tests.ui.browser import REPO, AppPage, app_page, free_port
+from tests.ui.conftest import changed_fraction
+from vlinterpret_panel import open_dataset
+from vlinterpret_panel.maps import example_tokens
+from vlinterpret_panel.schema import TEXT
+from vlinterpret_panel.ui.text import token_layout
+
+pytest.importorskip("jupyterlab", reason="the JupyterLab test needs the 'lab' extra (jupyterlab, ipykernel)")
+pytestmark = pytest.mark.browser
+
+# The README's screenshot is this test's: VLI_UPDATE_SCREENSHOTS=1 writes it there (else into the test's directory).
+SCREENSHOT = REPO / "docs" / "screenshots" / "jupyterlab.png"
+SUMMARY = "cross_modal"
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """JupyterLab on 127.0.0.1 with a token, over a copy of the notebooks (runs never write into the repository).
+
+    Its settings, workspaces and runtime files live in the temporary directory, and it checks for
+    no news or updates: the machine may be offline.
+    """
+    root = tmp_path_factory.mktemp("lab")
+    shutil.copytree(REPO / "docs" / "notebooks", root / "docs" / "notebooks")
+    (root / "datasets").symlink_to(REPO / "datasets")
+    # Every cell stays in the page: with JupyterLab's default windowing, scrolling detached the outputs' plots.
+    tracker = root / ".settings" / "@jupyterlab" / "notebook-extension" / "tracker.jupyterlab-settings"
+    tracker.parent.mkdir(parents=True)
+    tracker.write_text('{"windowingMode": "none"}')
+    notification = root / ".settings" / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
+    notification.parent.mkdir(parents=True)
+    notification.write_text('{"fetchNews": "false"}')  # no "get notified about news?" prompt over the page
+    token, port = secrets.token_hex(16), free_port()
+    environment = os.environ | {
+        "JUPYTER_CONFIG_DIR": str(root / ".jupyter"),
+        "JUPYTER_RUNTIME_DIR": str(root / ".runtime"),
+        "JUPYTERLAB_SETTINGS_DIR": str(root / ".settings"),
+        "JUPYTERLAB_WORKSPACES_DIR": str(root / ".workspaces"),
+    }
+    command = [
+        sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+        f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
+        "--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+        "--LabApp.extension_manager=readonly",
+    ]  # fmt: skip
+    if os.geteuid() == 0:  # CI machines run as root; JupyterLab refuses that unless told
+        command.append("--allow-root")
+    log_path = root / "lab.log"
+    with log_path.open("w") as log:
+        server = subprocess.Popen(command, cwd=root, env=environment, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 90
+            while True:
+                try:
+                    with urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=10) as response:
+                        if response.status == 200:
+                            break
+                except OSError:
+                    if server.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"JupyterLab did not start: {log_path.read_text()[-3000:]}") from None
+                    time.sleep(0.5)
+            yield url, token
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+
+def _run_all(app: AppPage) -> None:
+    """Run > Run All Cells once the kernel is idle; again if the first cell did not start (kernel still connecting)."""
+    app.page.locator(".jp-Notebook").first.wait_for(timeout=120_000)
+    app.wait_until(lambda: app.page.get_by_text("Kernel status: Idle").count() > 0, timeout=120, what="the kernel")
+    for _ in range(4):
+        app.page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+        app.page.get_by_text("Run All Cells", exact=True).first.click()
+        try:
+            app.wait_until(lambda: app.page.get_by_text("[1]:").count() > 0, timeout=30, what="the first cell to run")
+            return
+        except AssertionError:
+            continue
+    raise AssertionError("the notebook's cells did not run")
+
+
+def _head_and_word_to_click(ds: xr.Dataset, example: str, selected: str) -> tuple[int, int, int]:
+    """(layer, head, word): the head, other than the one shown, where a word's map on the image differs most from
+    the first word's (the one selected when the page opens), so both clicks must change what is drawn."""
+    info = example_tokens(ds, example)
+    words = [int(t) for t in info.tokens_of(TEXT)]
+    best, choice = -1.0, (0, 0, words[-1])
+    for layer in range(ds.sizes["layer"]):
+        for head in range(ds.sizes["head"]):
+            if selected.startswith(f"layer {layer}, head {head}"):
+                continue
+            first = np.nan_to_num(ds.vli.token_attention_on_image(example, layer, head, words[0]).values)
+            for word in words[1:]:
+                other = np.nan_to_num(ds.vli.token_attention_on_image(example, layer, head, word).values)
+                difference = float(np.abs(other / other.max() - first / first.max()).mean())
+                if difference > best:
+                    best, choice = difference, (layer, head, word)
+    return choice
+
+
+def test_the_inline_dashboard_responds_to_clicks_in_jupyterlab(
+    browser: object, lab: tuple[str, str], tmp_path: pathlib.Path
+) -> None:
+    url, token = lab
+    with app_page(browser, url) as app:
+        app.page.goto(f"{url}/lab/tree/docs/notebooks/explore.ipynb?token={token}")
+        _run_all(app)
+        app.wait_for_figure(SUMMARY, timeout=180)
+        # The last cell prints the notebook's figures: every cell has run and every view is drawn.
+        app.page.get_by_text('"share_on_object"').first.wait_for(timeout=180_000)
+        app.page.wait_for_timeout(2000)
+        heatmap = app.wait_for_figure("layer ", timeout=120)
+        ds = open_dataset(REPO / "datasets" / "single_stream")
+        example = str(ds.example.values[0])
+        info = example_tokens(ds, example)
+        layer, head, token = _head_and_word_to_click(ds, example, selected=heatmap["title"])
+        image = info.text[:20]  # the image view's title starts with the example's text
+        app.wait_for_figure(image, timeout=60)
+        # The first click into an output only makes its cell JupyterLab's active cell: click a heading first.
+        app.scroll_to(SUMMARY)
+        app.page.get_by_text("Examples", exact=True).first.click()
+        # A head-summary cell: the attention heatmap of that head is drawn.
+        app.scroll_to(heatmap["title"])
+        before = app.pixels(heatmap["title"])
+        app.scroll_to(SUMMARY)
+        app.click_data(SUMMARY, str(head), str(layer))
+        shown = f"layer {layer}, head {head}"
+        app.wait_for_figure(shown, timeout=30)
+        app.scroll_to(shown)
+        app.wait_until(lambda: changed_fraction(before, app.pixels(shown)) > 0.05, what="the heatmap to change")
+        # A word of the text: the image view shows that word's attention.
+        app.scroll_to(image)
+        image_before = app.pixels(image)
+        layout = token_layout(info)
+        target = layout[layout.token == token].iloc[0]
+        app.scroll_to("attention from")
+        app.click_data("attention from", float((target.x0 + target.x1) / 2), float((target.y0 + target.y1) / 2))
+        app.wait_for_figure(f"attention from {token}:", timeout=30)
+        app.scroll_to(image)
+        app.wait_until(lambda: changed_fraction(image_before, app.pixels(image)) > 0.01, what="the image overlay")
+        app.scroll_to(SUMMARY)
+        update = os.environ.get("VLI_UPDATE_SCREENSHOTS") == "1"
+        app.page.screenshot(path=SCREENSHOT if update else tmp_path / SCREENSHOT.name)
+        assert not app.errors, app.errors
