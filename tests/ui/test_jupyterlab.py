@@ -91,8 +91,12 @@ def _run_all(app: AppPage) -> None:
     for _ in range(4):
         app.page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
         app.page.get_by_text("Run All Cells", exact=True).first.click()
-        try:
-            app.wait_until(lambda: app.page.get_by_text("[1]:").count() > 0, timeout=30, what="the first cell to run")
+        try:  # a cell queued or running ("[*]:") or run ("[1]:"): the run started; another click would rerun it
+            app.wait_until(
+                lambda: app.page.get_by_text("[*]:").count() + app.page.get_by_text("[1]:").count() > 0,
+                timeout=30,
+                what="the cells to start",
+            )
             return
         except AssertionError:
             continue
@@ -112,6 +116,8 @@ def _head_and_word_to_click(ds: xr.Dataset, example: str, selected: str) -> tupl
             first = np.nan_to_num(ds.vli.token_attention_on_image(example, layer, head, words[0]).values)
             for word in words[1:]:
                 other = np.nan_to_num(ds.vli.token_attention_on_image(example, layer, head, word).values)
+                if other.max() <= 0 or first.max() <= 0:
+                    continue
                 difference = float(np.abs(other / other.max() - first / first.max()).mean())
                 if difference > best:
                     best, choice = difference, (layer, head, word)
