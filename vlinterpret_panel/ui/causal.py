@@ -231,10 +231,11 @@ class CausalView(View):
             return
         tokens = self.ds.vli.tokens(found.example)
         units, kept = set(found.units), set(found.kept)
+        prompt_end = max(found.units, default=0) + 2  # the prompt and the special token after it, not the answer
         words = [
             f"**{t}**" if p in kept else (f"~~{t}~~" if p in units else t)
-            for p, t in enumerate(tokens.token_text)
-            if tokens.modality[p] != "image" and p < max(found.units, default=0) + 2
+            for p, t in enumerate(tokens.token_text[:prompt_end])
+            if tokens.modality[p] != "image"
         ]
         changed = (
             f"deleting the {len(found.necessary)} outlined patch(es) makes it {found.changed_to!r}"
