@@ -90,11 +90,9 @@ def bench_searches(store: Path, searches: int) -> None:
 
 def bench_browser(store: Path, runs: int) -> None:
     """One browser session (as a user editing one example after another): ``runs`` edits, then ``runs`` searches."""
-    from tests.ui.browser import app_page, chromium, served
+    from tests.ui.browser import app_page, chromium, live_serve_command, served
 
-    def command(port: int) -> list[str]:
-        return [sys.executable, "-m", "vlinterpret_panel.cli", "serve", str(store), "--model", "generative",
-                "--port", str(port)]  # fmt: skip
+    command = live_serve_command(store, "generative")
 
     original = str(open_dataset(store).indexes["example"][0])
     edit_seconds, explain_seconds = [], []

@@ -30,7 +30,7 @@ from playwright.sync_api import Page
 # The repository root, for tests.ui.browser when run as ``python docs/make_screenshots.py``.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.ui.browser import REPO, AppPage, chromium, panel_serve_command, served
+from tests.ui.browser import REPO, AppPage, chromium, live_serve_command, panel_serve_command, served
 from vlinterpret_panel import open_dataset
 from vlinterpret_panel.maps import example_tokens
 from vlinterpret_panel.schema import TEXT
@@ -215,9 +215,7 @@ def run_live(store: Path, out: Path) -> None:
         copy = Path(tmp) / "store"
         shutil.copytree(store, copy, ignore=shutil.ignore_patterns(".index", "causal"))
 
-        def command(port: int) -> list[str]:
-            return [sys.executable, "-m", "vlinterpret_panel.cli", "serve", str(copy), "--model", model,
-                    "--port", str(port)]  # fmt: skip
+        command = live_serve_command(copy, model)
 
         with (
             served(command, Path(tmp) / "serve.log") as (url, _server),

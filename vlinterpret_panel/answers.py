@@ -39,6 +39,29 @@ def map_choices(ds: xr.Dataset) -> list[str]:
     return ([ATTENTION] if "answer_attention" in ds else []) + answer_methods(ds)
 
 
+def output_map_choices(ds: xr.Dataset) -> list[str]:
+    """The maps of a model's output: a generated token's (``map_choices``), else the stored relevancy methods and
+    the attention of the token the output reads (``ATTENTION``)."""
+    if has_answers(ds):
+        return map_choices(ds)
+    return [*ds.vli.relevancy_methods, ATTENTION]
+
+
+def output_map(ds: xr.Dataset, example: str, method: str, step: int = 0) -> np.ndarray:
+    """One value per real token of ``example``: generated token ``step``'s map (the last one past the answer), or
+    the output's (a stored relevancy method, or ``ATTENTION``: the last layer's head mean of the token it reads)."""
+    tokens = ds.vli.tokens(example)
+    if has_answers(ds):
+        steps = len(ds.vli.answer(example))
+        values = ds.vli.answer_map(example, min(step, steps - 1), method) if steps else np.zeros(tokens.n_tokens)
+    elif method != ATTENTION:
+        values = ds.vli.relevancy(example, method).values
+    else:
+        readout = ds["readout_token"].sel(example=example).values.ravel() if "readout_token" in ds else [0]
+        values = ds.vli.token_attention(example, -1, None, max(int(readout[0]), 0)).values
+    return np.asarray(values, dtype=np.float64)
+
+
 def _require_answers(ds: xr.Dataset) -> None:
     if not has_answers(ds):
         raise VLIError("this store has no generated answers: extract with --generate to store them")

@@ -25,13 +25,15 @@ import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
+import pandas as pd
 import xarray as xr
 
 from vlinterpret_panel import answers
 from vlinterpret_panel.errors import VLIError
+from vlinterpret_panel.maps import ExampleTokens
 from vlinterpret_panel.schema import IMAGE, TEXT
 
 DEFAULT_THRESHOLD = 0.9
@@ -182,13 +184,10 @@ def search(
 class _GenerativeProbe:
     """The built-in generative model's token at one step, with only some patches and prompt tokens kept."""
 
-    def __init__(self, adapter: object, tokens: object, step: int, answer: object) -> None:
-        import pandas as pd
-
-        assert isinstance(answer, pd.DataFrame)
-        self.adapter, self.image = adapter, tokens.image  # type: ignore[attr-defined]
-        self.token_text = list(tokens.token_text)  # type: ignore[attr-defined]
-        modality = np.asarray(tokens.modality)  # type: ignore[attr-defined]
+    def __init__(self, adapter: Any, tokens: ExampleTokens, step: int, answer: pd.DataFrame) -> None:
+        self.adapter, self.image = adapter, tokens.image
+        self.token_text = list(tokens.token_text)
+        modality = np.asarray(tokens.modality)
         self.position = int(answer["position"].iloc[step])
         start = int(answer["position"].iloc[0])
         before = np.arange(len(modality)) < min(self.position, start)
@@ -197,23 +196,21 @@ class _GenerativeProbe:
         self.target = str(answer["token"].iloc[step])
 
     def __call__(self, kept_sets: Sequence[np.ndarray]) -> tuple[np.ndarray, list[str]]:
-        return self.adapter.kept_outputs(  # type: ignore[attr-defined]
-            self.image, self.token_text, self.position, self.units, kept_sets, self.target
-        )
+        return self.adapter.kept_outputs(self.image, self.token_text, self.position, self.units, kept_sets, self.target)
 
 
 class _AnswerProbe:
     """A VQA model's answer with only some patches and text tokens kept."""
 
-    def __init__(self, adapter: object, tokens: object) -> None:
+    def __init__(self, adapter: Any, tokens: ExampleTokens) -> None:
         self.adapter = adapter
-        self.image, self.text = tokens.image, tokens.text  # type: ignore[attr-defined]
-        modality = np.asarray(tokens.modality)  # type: ignore[attr-defined]
+        self.image, self.text = tokens.image, tokens.text
+        modality = np.asarray(tokens.modality)
         self.n_tokens = len(modality)
         self.patches = np.flatnonzero(modality == IMAGE)
         self.units = np.flatnonzero((modality == IMAGE) | (modality == TEXT))
         self.always = np.flatnonzero(~np.isin(np.arange(self.n_tokens), self.units))
-        capture = adapter.forward(self.image, self.text)  # type: ignore[attr-defined]
+        capture = adapter.forward(self.image, self.text)
         self.labels = list(capture.output_labels)
         self.target = self.labels[int(capture.output.argmax())]
 
@@ -227,7 +224,7 @@ class _AnswerProbe:
             mask[np.asarray(kept, dtype=np.int64)] = True
             masks.append(mask)
         with torch.no_grad():
-            outputs = self.adapter.outputs([self.image] * len(masks), [self.text] * len(masks), masks)  # type: ignore[attr-defined]
+            outputs = self.adapter.outputs([self.image] * len(masks), [self.text] * len(masks), masks)
         probabilities = torch.stack([o.reshape(-1) for o in outputs]).softmax(dim=-1).numpy()
         target = self.labels.index(self.target)
         return probabilities[:, target], [self.labels[i] for i in probabilities.argmax(axis=1)]
@@ -251,18 +248,6 @@ def probe_for(adapter: object, ds: xr.Dataset, example: str, step: int = 0) -> P
     return _AnswerProbe(adapter, tokens)
 
 
-def guiding_relevance(ds: xr.Dataset, example: str, step: int, method: str, units: np.ndarray) -> np.ndarray:
-    """The stored map ``method`` of the explained output, at ``units`` (the search's order)."""
-    if answers.has_answers(ds):
-        values = ds.vli.answer_map(example, step, method)
-    elif method == answers.ATTENTION:
-        readout = ds["readout_token"].sel(example=example).values.ravel() if "readout_token" in ds else [0]
-        values = ds.vli.token_attention(example, -1, None, max(int(readout[0]), 0)).values
-    else:
-        values = ds.vli.relevancy(example, method).values
-    return np.asarray(values, dtype=np.float64)[units]
-
-
 def explain(
     adapter: object,
     ds: xr.Dataset,
@@ -279,11 +264,11 @@ def explain(
     started = time.perf_counter()
     with lock or contextlib.nullcontext():
         probe = probe_for(adapter, ds, example, step)
-    choices = answers.map_choices(ds) if answers.has_answers(ds) else [*ds.vli.relevancy_methods, answers.ATTENTION]
+    choices = answers.output_map_choices(ds)
     method = method or ("generic" if "generic" in choices else choices[0])
     if method not in choices:
         raise VLIError(f"no stored map {method!r} to guide the search; stored: {', '.join(choices)}")
-    relevance = guiding_relevance(ds, example, step, method, probe.units)
+    relevance = answers.output_map(ds, example, method, step)[probe.units]
     kept, kept_probability, necessary, changed_to, full, reruns = search(
         probe, relevance, threshold=threshold, progress=progress, cancel=cancel, lock=lock
     )

@@ -208,26 +208,7 @@ def compare(ds: xr.Dataset, original: str, edited: str) -> pd.DataFrame:
     return table.reset_index()
 
 
-def map_methods(ds: xr.Dataset) -> list[str]:
-    """The maps ``image_map`` can draw: stored relevancy methods (answer methods for generated answers)."""
-    if answers.has_answers(ds):
-        return answers.map_choices(ds)
-    return [*ds.vli.relevancy_methods, answers.ATTENTION]
-
-
 def image_map(ds: xr.Dataset, example: str, method: str, step: int = 0) -> np.ndarray:
-    """``example``'s map over its image pixels ``[height, width]``: generated token ``step``'s, or the output's.
-
-    ``method`` is a stored relevancy method or ``answers.ATTENTION`` (the last layer's head
-    mean of the token the output reads, or of the query that predicted the generated token).
-    """
-    if answers.has_answers(ds):
-        steps = len(ds.vli.answer(example))
-        tokens = ds.vli.tokens(example)
-        values = ds.vli.answer_map(example, min(step, steps - 1), method) if steps else np.zeros(tokens.n_tokens)
-    elif method != answers.ATTENTION:
-        values = ds.vli.relevancy(example, method).values
-    else:
-        readout = ds["readout_token"].sel(example=example).values.ravel() if "readout_token" in ds else [0]
-        values = ds.vli.token_attention(example, -1, None, max(int(readout[0]), 0)).values
+    """``example``'s map (``answers.output_map``) over its image pixels ``[height, width]``, 0 off the patches."""
+    values = answers.output_map(ds, example, method, step)
     return np.nan_to_num(np.asarray(ds.vli.values_on_image(example, values), dtype=np.float64))

@@ -137,28 +137,56 @@ def panel_serve_command(store: Path, port: int) -> list[str]:
     ]  # fmt: skip
 
 
+def live_serve_command(store: Path, model: str) -> Callable[[int], list[str]]:
+    """``vlinterpret serve STORE --model MODEL`` (the live session) on a given port."""
+
+    def command(port: int) -> list[str]:
+        return [sys.executable, "-m", "vlinterpret_panel.cli", "serve", str(store), "--model", model,
+                "--port", str(port)]  # fmt: skip
+
+    return command
+
+
 @contextmanager
-def served(command_for_port: Callable[[int], list[str]], log_path: Path) -> Iterator[tuple[str, subprocess.Popen]]:
-    """Start a dashboard server on a free localhost port, wait until it answers: its URL and process."""
-    port = free_port()
+def running(
+    command: list[str], log_path: Path, ready_url: str, *, cwd: Path = REPO, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen]:
+    """Run ``command`` (output to ``log_path``) until ``ready_url`` answers 200; stopped on exit."""
     with log_path.open("w") as log:
-        server = subprocess.Popen(command_for_port(port), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
-        url = f"http://127.0.0.1:{port}/app"
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
         try:
             deadline = time.monotonic() + 90
             while True:
                 try:
-                    with urllib.request.urlopen(url, timeout=30) as response:
+                    with urllib.request.urlopen(ready_url, timeout=30) as response:
                         if response.status == 200:
                             break
                 except OSError:
-                    if server.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(f"the server did not start: {log_path.read_text()}") from None
+                    if process.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"{command[2]} did not start: {log_path.read_text()[-3000:]}") from None
                     time.sleep(0.5)
-            yield url, server
+            yield process
         finally:
-            server.terminate()
-            server.wait(timeout=30)
+            process.terminate()
+            process.wait(timeout=30)
+
+
+@contextmanager
+def served(command_for_port: Callable[[int], list[str]], log_path: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Start a dashboard server on a free localhost port, wait until it answers: its URL and process."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/app"
+    with running(command_for_port(port), log_path, url) as server:
+        yield url, server
+
+
+@contextmanager
+def served_alive(command_for_port: Callable[[int], list[str]], log_path: Path) -> Iterator[str]:
+    """``served`` for a module of tests: its URL; afterwards, fail if the server died during them."""
+    with served(command_for_port, log_path) as (url, server):
+        yield url
+        alive = server.poll() is None
+    assert alive, f"the server died during the tests: {log_path.read_text()[-3000:]}"
 
 
 @contextmanager

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import re
 import shutil
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.ui.browser import APP_VIEWPORT, AppPage, app_page, served
+from tests.ui.browser import APP_VIEWPORT, AppPage, app_page, live_serve_command, served_alive
 from vlinterpret_panel import open_dataset
 from vlinterpret_panel.extract import extract, scene_sources
 from vlinterpret_panel.live import random_scene
@@ -42,15 +41,8 @@ def live_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def live_url(live_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``vlinterpret serve STORE --model single_stream`` on a free localhost port; its URL."""
     log_path = tmp_path_factory.mktemp("server") / "serve.log"
-
-    def command(port: int) -> list[str]:
-        serve = [sys.executable, "-m", "vlinterpret_panel.cli", "serve", str(live_store)]
-        return [*serve, "--model", "single_stream", "--port", str(port)]
-
-    with served(command, log_path) as (url, server):
+    with served_alive(live_serve_command(live_store, "single_stream"), log_path) as url:
         yield url
-        alive = server.poll() is None
-    assert alive, f"the server died during the tests: {log_path.read_text()[-3000:]}"
 
 
 @pytest.fixture

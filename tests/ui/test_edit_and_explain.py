@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import shutil
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.ui.browser import AppPage, app_page, served
+from tests.ui.browser import AppPage, app_page, live_serve_command, served_alive
 from vlinterpret_panel import causal, open_dataset
 from vlinterpret_panel.adapters.registry import load_adapter
 
@@ -30,15 +29,8 @@ def generative_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def generative_url(generative_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log_path = tmp_path_factory.mktemp("server") / "serve.log"
-
-    def command(port: int) -> list[str]:
-        serve = [sys.executable, "-m", "vlinterpret_panel.cli", "serve", str(generative_store)]
-        return [*serve, "--model", "generative", "--port", str(port)]
-
-    with served(command, log_path) as (url, server):
+    with served_alive(live_serve_command(generative_store, "generative"), log_path) as url:
         yield url
-        alive = server.poll() is None
-    assert alive, f"the server died during the tests: {log_path.read_text()[-3000:]}"
 
 
 @pytest.fixture

@@ -6,17 +6,14 @@ import os
 import pathlib
 import secrets
 import shutil
-import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import xarray as xr
 
-from tests.ui.browser import REPO, AppPage, app_page, free_port
+from tests.ui.browser import REPO, AppPage, app_page, free_port, running
 from tests.ui.conftest import changed_fraction
 from vlinterpret_panel import open_dataset
 from vlinterpret_panel.maps import example_tokens
@@ -63,25 +60,9 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     ]  # fmt: skip
     if os.geteuid() == 0:  # CI machines run as root; JupyterLab refuses that unless told
         command.append("--allow-root")
-    log_path = root / "lab.log"
-    with log_path.open("w") as log:
-        server = subprocess.Popen(command, cwd=root, env=environment, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 90
-            while True:
-                try:
-                    with urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=10) as response:
-                        if response.status == 200:
-                            break
-                except OSError:
-                    if server.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(f"JupyterLab did not start: {log_path.read_text()[-3000:]}") from None
-                    time.sleep(0.5)
-            yield url, token
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
+    url = f"http://127.0.0.1:{port}"
+    with running(command, root / "lab.log", f"{url}/api/status?token={token}", cwd=root, env=environment):
+        yield url, token
 
 
 def _run_all(app: AppPage) -> None:

@@ -19,7 +19,7 @@ import param
 import xarray as xr
 from bokeh.palettes import Purples256
 
-from vlinterpret_panel.answers import ATTENTION, RELIANCE_PARTS, map_choices
+from vlinterpret_panel.answers import ATTENTION, RELIANCE_PARTS, output_map_choices
 from vlinterpret_panel.ui.common import NO_SELECTION_FADE, SELECTED_COLOR, dynamic_map, fit_title, guarded
 from vlinterpret_panel.ui.image import image_element, image_plot_size, map_element, overlay_element, scale_controls
 from vlinterpret_panel.ui.scales import map_scale
@@ -110,7 +110,7 @@ def step_chooser(view: param.Parameterized) -> pn.widgets.Select:
 
 
 class AnswerMapView(View):
-    """A view of generated tokens' maps: ``method`` chooses which (the attention row or a relevancy method)."""
+    """A view of an output's maps (a generated token's, or a classifier's answer's): ``method`` chooses which."""
 
     method: str = param.Selector(  # type: ignore[assignment]
         default=ATTENTION, objects=[ATTENTION], doc="what the map shows: a relevancy method or the attention row"
@@ -118,7 +118,7 @@ class AnswerMapView(View):
 
     def offer_maps(self, first: bool) -> None:
         """Offer ``ds``'s maps: generic relevancy when the view opens, else the current choice while still stored."""
-        choices = map_choices(self.ds) or [ATTENTION]
+        choices = output_map_choices(self.ds) or [ATTENTION]
         self.param.method.objects = choices
         if first or self.method not in choices:
             self.method = "generic" if "generic" in choices else choices[0]

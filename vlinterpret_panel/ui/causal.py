@@ -25,11 +25,10 @@ from vlinterpret_panel import causal
 from vlinterpret_panel.causal import CancelledError, CausalExplanation
 from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.live import LiveModel
-from vlinterpret_panel.ui.answer import step_choices, step_chooser
+from vlinterpret_panel.ui.answer import AnswerMapView, step_choices, step_chooser
 from vlinterpret_panel.ui.common import dynamic_map, fit_title, guarded
 from vlinterpret_panel.ui.image import image_element, image_plot_size, map_element
 from vlinterpret_panel.ui.selection import Selection
-from vlinterpret_panel.ui.view import View
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +39,11 @@ NECESSARY_COLOR = "#d62728"
 DELETED_COLOR = "#d9d9d9"
 
 
-class CausalView(View):
+class CausalView(AnswerMapView):
     """A causal explanation of the selected example's output, computed in the background or read from the store."""
 
     step = param.Integer(default=0, bounds=(0, None), doc="the generated token explained (0 for a VQA answer)")
     threshold = param.Number(default=causal.DEFAULT_THRESHOLD, bounds=(0.05, 1.0), doc="share of the probability kept")
-    method: str = param.Selector(default=None, objects=[], doc="the stored map that orders the search")  # type: ignore[assignment]
 
     def __init__(
         self,
@@ -82,12 +80,7 @@ class CausalView(View):
 
     def dataset_changed(self) -> None:
         """The maps that can guide the search in this store."""
-        from vlinterpret_panel import counterfactual
-
-        methods = counterfactual.map_methods(self.ds)
-        self.param.method.objects = methods
-        if self.method not in methods:
-            self.method = "generic" if "generic" in methods else methods[0]
+        self.offer_maps(first=not hasattr(self, "_step_choice"))  # generic relevancy when the view opens
 
     def _example_changed(self, *events: param.parameterized.Event) -> None:
         steps = len(self.ds.vli.answer(self.selection.example)) if self.ds.vli.has_answers else 1

@@ -28,12 +28,11 @@ from vlinterpret_panel import counterfactual
 from vlinterpret_panel.counterfactual import FILLS, Edit
 from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.live import AddedExample, LiveModel
-from vlinterpret_panel.ui.answer import step_choices, step_chooser
+from vlinterpret_panel.ui.answer import AnswerMapView, step_choices, step_chooser
 from vlinterpret_panel.ui.common import SELECTED_COLOR, dynamic_map, fit_title, guarded
 from vlinterpret_panel.ui.image import image_element, image_plot_size, map_element, overlay_element
 from vlinterpret_panel.ui.scales import colorbar_options, map_scale, title_colorbar
 from vlinterpret_panel.ui.selection import Selection
-from vlinterpret_panel.ui.view import View
 
 logger = logging.getLogger(__name__)
 
@@ -48,12 +47,11 @@ TABLE_COLUMNS = {
 }
 
 
-class CounterfactualView(View):
+class CounterfactualView(AnswerMapView):
     """The editor (with a live model) and the side-by-side comparison of an original and its edit."""
 
     fill: str = param.Selector(default="background", objects=list(FILLS), doc="what a masked region becomes")  # type: ignore[assignment]
     brush_width = param.Number(default=8.0, bounds=(1, 64), doc="brush width in image pixels")
-    method: str = param.Selector(default=None, objects=[], doc="the map compared")  # type: ignore[assignment]
     step = param.Integer(default=0, bounds=(0, None), doc="the generated token whose maps are compared")
     edited: str = param.Selector(default="", objects=[""], doc="the counterfactual compared with the original")  # type: ignore[assignment]
 
@@ -103,20 +101,15 @@ class CounterfactualView(View):
         self._table = pn.pane.DataFrame(pd.DataFrame(), index=False, width=560, max_height=250, sizing_mode="fixed")
         self._caption = pn.pane.Markdown("", width=560)
         self._step_choice = step_chooser(self)
-        self.param.watch(self._show_table, ["edited"])
-        self.param.watch(self._first_difference, ["edited"])
-        self._first_difference()
-        self._show_table()
+        self.param.watch(self._show_pair, ["edited"])
+        self._show_pair()
         self._set_question()
 
     # State
 
     def dataset_changed(self) -> None:
         """The maps this store offers; the counterfactuals of the selected example (the one compared kept)."""
-        methods = counterfactual.map_methods(self.ds)
-        self.param.method.objects = methods
-        if self.method not in methods:
-            self.method = "generic" if "generic" in methods else methods[0]
+        self.offer_maps(first=not hasattr(self, "_step_choice"))  # generic relevancy when the view opens
         self.param.edited.objects = ["", *self.ds.vli.counterfactuals(self.original())]
 
     def show_edit(self, ds: xr.Dataset, edited: str) -> None:
@@ -138,21 +131,33 @@ class CounterfactualView(View):
         example = self.selection.example
         edits = self.ds.vli.counterfactuals(self.original())
         self.param.edited.objects = ["", *edits]
-        self.edited = example if example in edits else (edits[-1] if edits else "")
+        edited = example if example in edits else (edits[-1] if edits else "")
+        changed = edited != self.edited
+        self.edited = edited  # a change shows the new pair through its watcher
         if hasattr(self, "_step_choice"):
             self.clear()
             self._set_question()
-            self._show_table()
-            self._first_difference()
+            if not changed:
+                self._show_pair()
 
-    def _first_difference(self, *events: param.parameterized.Event) -> None:
-        """Offer the pair's steps ("original → edited" tokens) and show the first where the edit changed the token."""
+    def _show_pair(self, *events: param.parameterized.Event) -> None:
+        """The pair's caption and table, its steps ("original → edited" tokens), the first step the edit changed."""
         pair = self.pair()
-        if pair is None or not self.ds.vli.has_answers:
+        if pair is None:
+            self._table.object = pd.DataFrame()
+            how = "Draw a box or brush on its image (or edit the question) and press **Run edit**."
+            self._caption.object = "No counterfactual of this example yet. " + (how if self.live else "")
             self._step_choice.options = step_choices(self.ds, self.original())
             self.step = 0
             return
         table = counterfactual.compare(self.ds, *pair)
+        self._table.object = table.round(4).rename(columns=TABLE_COLUMNS)
+        edit = self.ds.vli.edit(pair[1])
+        self._caption.object = f"**{pair[0]}** → **{pair[1]}**" + (f": {edit.describe()}" if edit is not None else "")
+        if not self.ds.vli.has_answers:
+            self._step_choice.options = step_choices(self.ds, self.original())
+            self.step = 0
+            return
         self._step_choice.options = {
             f"{step}: {before} → {after}": int(step)
             for step, before, after in zip(table["step"], table["token_original"], table["token_edited"], strict=True)
@@ -338,18 +343,6 @@ class CounterfactualView(View):
             return (picture * heat).opts(title=fit_title(label, size["frame_width"] + 60))
 
         return paint()
-
-    def _show_table(self, *events: param.parameterized.Event) -> None:
-        pair = self.pair()
-        if pair is None:
-            self._table.object = pd.DataFrame()
-            how = "Draw a box or brush on its image (or edit the question) and press **Run edit**."
-            self._caption.object = "No counterfactual of this example yet. " + (how if self.live else "")
-            return
-        table = counterfactual.compare(self.ds, *pair).round(4)
-        self._table.object = table.rename(columns=TABLE_COLUMNS)
-        edit = self.ds.vli.edit(pair[1])
-        self._caption.object = f"**{pair[0]}** → **{pair[1]}**" + (f": {edit.describe()}" if edit is not None else "")
 
     def __panel__(self) -> pn.viewable.Viewable:
         choices = pn.Row(
