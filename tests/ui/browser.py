@@ -271,11 +271,13 @@ class AppPage:
         return np.asarray(Image.open(io.BytesIO(self.page.screenshot(clip=clip))).convert("RGB"), dtype=np.int16)
 
     def wait_until(self, condition, timeout: float = 20, what: str = "condition") -> None:
+        """Poll ``condition`` until it holds. Waits in Playwright, not ``time.sleep``: the sync API takes in the
+        browser's events (e.g. a URL changed by ``history.pushState``, read by ``page.url``) only inside its calls."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if condition():
                 return
-            time.sleep(0.2)
+            self.page.wait_for_timeout(200)
         raise AssertionError(f"timed out waiting for {what}")
 
 

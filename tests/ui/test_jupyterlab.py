@@ -7,6 +7,7 @@ import pathlib
 import secrets
 import shutil
 import sys
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -39,9 +40,10 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     shutil.copytree(REPO / "docs" / "notebooks", root / "docs" / "notebooks")
     (root / "datasets").symlink_to(REPO / "datasets")
     # Every cell stays in the page: with JupyterLab's default windowing, scrolling detached the outputs' plots.
+    # The notebook's kernel starts without asking: under load JupyterLab showed "Select Kernel" over the page.
     tracker = root / ".settings" / "@jupyterlab" / "notebook-extension" / "tracker.jupyterlab-settings"
     tracker.parent.mkdir(parents=True)
-    tracker.write_text('{"windowingMode": "none"}')
+    tracker.write_text('{"windowingMode": "none", "autoStartDefaultKernel": true}')
     notification = root / ".settings" / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
     notification.parent.mkdir(parents=True)
     notification.write_text('{"fetchNews": "false"}')  # no "get notified about news?" prompt over the page
@@ -66,21 +68,22 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
 
 
 def _run_all(app: AppPage) -> None:
-    """Run > Run All Cells once the kernel is idle; again if the first cell did not start (kernel still connecting)."""
+    """Run > Run All Cells once the kernel is idle, until the first cell has run ("[1]:").
+
+    Clicked again only when no cell is queued or running ("[*]:") some seconds after the click (the click was
+    lost): clicking while cells are queued would rerun them."""
     app.page.locator(".jp-Notebook").first.wait_for(timeout=120_000)
     app.wait_until(lambda: app.page.get_by_text("Kernel status: Idle").count() > 0, timeout=120, what="the kernel")
     for _ in range(4):
         app.page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
         app.page.get_by_text("Run All Cells", exact=True).first.click()
-        try:  # a cell queued or running ("[*]:") or run ("[1]:"): the run started; another click would rerun it
-            app.wait_until(
-                lambda: app.page.get_by_text("[*]:").count() + app.page.get_by_text("[1]:").count() > 0,
-                timeout=30,
-                what="the cells to start",
-            )
-            return
-        except AssertionError:
-            continue
+        clicked = time.monotonic()
+        while time.monotonic() - clicked < 180:
+            if app.page.get_by_text("[1]:").count():
+                return
+            if not app.page.get_by_text("[*]:").count() and time.monotonic() - clicked > 10:
+                break
+            app.page.wait_for_timeout(500)
     raise AssertionError("the notebook's cells did not run")
 
 
@@ -105,6 +108,14 @@ def _head_and_word_to_click(ds: xr.Dataset, example: str, selected: str) -> tupl
     return choice
 
 
+def _activate_cell_with(app: AppPage, text: str) -> None:
+    """Make the cell whose output shows ``text`` JupyterLab's active cell (a click on its input prompt), and wait
+    until it is: a click into an inactive cell's output is taken by JupyterLab, not by the plot under it."""
+    cell = app.page.locator(".jp-Notebook .jp-Cell", has=app.page.get_by_text(text, exact=True)).first
+    cell.locator(".jp-InputPrompt").first.click()
+    app.wait_until(lambda: "jp-mod-active" in (cell.get_attribute("class") or ""), what=f"the cell showing {text!r}")
+
+
 def test_the_inline_dashboard_responds_to_clicks_in_jupyterlab(
     browser: object, lab: tuple[str, str], tmp_path: pathlib.Path
 ) -> None:
@@ -123,9 +134,9 @@ def test_the_inline_dashboard_responds_to_clicks_in_jupyterlab(
         layer, head, token = _head_and_word_to_click(ds, example, selected=heatmap["title"])
         image = info.text[:20]  # the image view's title starts with the example's text
         app.wait_for_figure(image, timeout=60)
-        # The first click into an output only makes its cell JupyterLab's active cell: click a heading first.
+        # The first click into an output only makes its cell JupyterLab's active cell: make it active first.
+        _activate_cell_with(app, "Examples")  # the dashboard's sidebar heading
         app.scroll_to(SUMMARY)
-        app.page.get_by_text("Examples", exact=True).first.click()
         # A head-summary cell: the attention heatmap of that head is drawn.
         app.scroll_to(heatmap["title"])
         before = app.pixels(heatmap["title"])
