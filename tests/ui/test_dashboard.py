@@ -160,6 +160,17 @@ def test_a_url_with_state_reopens_that_state(app: AppPage, relevancy_store: Path
     assert app.errors == []
 
 
+def test_a_bare_link_gets_the_state_shown_in_its_url(app: AppPage, relevancy_store: Path) -> None:
+    """The page's URL names what it shows from the start, so a link copied before any click reopens it."""
+    app.open()
+    app.wait_for_figure(HEATMAP)
+    app.wait_until(lambda: {"example", "layer", "head", "tokens"} <= set(_query(app)), what="the state in the URL")
+    query = _query(app)
+    assert query["example"] == str(open_dataset(relevancy_store).example.values[0])
+    head = "mean of heads" if query["head"] == "mean" else f"head {query['head']}"
+    assert app.figure(HEATMAP)["title"].startswith(f"layer {query['layer']}, {head}")
+
+
 def test_relevancy_view_shows_each_method(app: AppPage) -> None:
     app.open()
     app.page.get_by_text("Relevancy", exact=True).click()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import dask
 import panel as pn
@@ -42,9 +44,39 @@ def _link_url(selection: Selection, views: Sequence[tuple[param.Parameterized, d
     def refuse(values: dict) -> None:
         selection.message = f"the link's state {values} does not fit this store; showing the defaults"
 
-    pn.state.location.sync(selection, URL_PARAMETERS, on_error=refuse)
-    for view, parameters in views:
-        pn.state.location.sync(view, parameters, on_error=refuse)
+    synced = [(selection, dict(URL_PARAMETERS)), *views]
+    location = pn.state.location
+    for owner, parameters in synced:
+        location.sync(owner, parameters, on_error=refuse)
+
+    def complete(event: param.parameterized.Event) -> None:
+        """Put the state a page's URL lacks into it. The page sends its own URL once it loads (a bare link has no
+        query), which wiped the query ``sync`` had written: the URL then named only what changed next, and a
+        copied link reopened other state."""
+        query = location.query_params
+        values = {
+            name: url_value(owner, parameter) for owner, parameters in synced for parameter, name in parameters.items()
+        }
+        missing = {name: value for name, value in values.items() if name not in query and value is not None}
+        if not missing:
+            return
+        as_query = cast("dict[str, Any]", missing)  # Panel types each value as a Mapping
+        document = pn.state.curdoc
+        if document is not None and document.session_context is not None:
+            # Written on the next tick: a change made while the page's own value is applied is not sent back.
+            document.add_next_tick_callback(lambda: location.update_query(**as_query))
+        else:
+            location.update_query(**as_query)
+
+    location.param.watch(complete, "search")
+
+
+def url_value(owner: param.Parameterized, parameter: str) -> str | None:
+    """``owner.parameter`` as a URL holds it: the param's serialization, JSON if not text (None: not written).
+
+    Unlike ``Location.sync``, a None value its param serializes (the head mean, ``head=mean``) is written too."""
+    value = owner.param[parameter].serialize(getattr(owner, parameter))
+    return None if value is None else value if isinstance(value, str) else json.dumps(value)
 
 
 def build_app(store: str | os.PathLike, model: str | None = None) -> pn.template.BaseTemplate:
