@@ -202,13 +202,15 @@ class LiveModel:
         target_mask: np.ndarray | None = None,
         counterfactual_of: str | None = None,
         edit: Edit | None = None,
+        opened: xr.Dataset | None = None,
     ) -> AddedExample:
         """Run the model on ``image`` and ``text`` and append the example to ``store`` as a new shard.
 
         Extracts what the store holds: attention, hidden states and relevancy for the store's
         methods, or the generated answer with the options the store was extracted with. A
-        counterfactual names its original and its ``edit``. Any failure raises ``VLIError``
-        and leaves the store unchanged.
+        counterfactual names its original and its ``edit``. ``opened`` is the store as the caller
+        has it open (it saves reading every shard's metadata again). Any failure raises
+        ``VLIError`` and leaves the store unchanged.
         """
         text = check_text(text)
         image = np.asarray(image)
@@ -218,7 +220,7 @@ class LiveModel:
             raise VLIError("the target mask must have the image's size")
         if max(image.shape[:2]) > MAX_STORED_SIDE:
             image, target_mask = fit_image(image), None
-        ds = open_dataset(store)
+        ds = opened if opened is not None else open_dataset(store)
         self.check_store(ds)
         methods = ds.vli.relevancy_methods
         precision = _store_precision(ds)
@@ -253,20 +255,22 @@ class LiveModel:
         shard = write_shard(new, store, precision=precision)
         return AddedExample(example_id, shard, record.prediction)
 
-    def add_counterfactual(self, store: str | os.PathLike, original: str, edit: Edit) -> AddedExample:
+    def add_counterfactual(
+        self, store: str | os.PathLike, original: str, edit: Edit, *, opened: xr.Dataset | None = None
+    ) -> AddedExample:
         """Apply ``edit`` to example ``original`` of ``store``, run the model and store the result linked to it.
 
         The edited image keeps the original's size; the label and ground-truth mask are not
-        carried over (a masked region may remove what they name).
+        carried over (a masked region may remove what they name). ``opened``: as for ``add_example``.
         """
         edit.check()
-        ds = open_dataset(store)
+        ds = opened if opened is not None else open_dataset(store)
         self.check_store(ds)
         if original not in ds.indexes["example"]:
             raise VLIError(f"no example {original!r} in the store")
         tokens = ds.vli.tokens(original)
         image = edit.apply(tokens.image)
-        return self.add_example(store, image, edit.text(tokens.text), counterfactual_of=original, edit=edit)
+        return self.add_example(store, image, edit.text(tokens.text), counterfactual_of=original, edit=edit, opened=ds)
 
     def explain_causally(
         self,

@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 EDITOR_SIZE = 260
 COMPARE_SIZE = 240
 NO_PAIR = "no counterfactual to compare"
+# What the comparison's plots show: the selected example, the counterfactual compared, the map, the step, the opacity.
+PairState = hv.streams.Stream.define("PairState", example="", edited="", method="", step=0, opacity=0.0)
 TABLE_COLUMNS = {
     "token_original": "original",
     "probability_original": "p original",
@@ -92,12 +94,15 @@ class CounterfactualView(AnswerMapView):
         self.clear_button.on_click(self.clear)
         self.progress = pn.indicators.Progress(active=True, visible=False, width=EDITOR_SIZE - 30, height=10)
         self.status = pn.pane.Alert("", alert_type="info", visible=False, width=EDITOR_SIZE - 40)
-        # Comparison
-        own = hv.streams.Params(self, ["edited", "method", "step"])
-        pair_streams = [own, hv.streams.Params(self.selection, ["example", "opacity"])]
-        self._original = dynamic_map(self._side("original"), streams=pair_streams)
-        self._edited = dynamic_map(self._side("edited"), streams=pair_streams)
-        self._difference = dynamic_map(self._difference_map, streams=pair_streams)
+        # Comparison: one stream, triggered once per change of what is compared (a new pair also moves to the
+        # first step it changed: with the params as streams, the three plots were drawn twice).
+        self._pair_state = PairState(**self._pair_values())
+        self._pair_changing = False
+        self._original = dynamic_map(self._side("original"), streams=[self._pair_state])
+        self._edited = dynamic_map(self._side("edited"), streams=[self._pair_state])
+        self._difference = dynamic_map(self._difference_map, streams=[self._pair_state])
+        self.param.watch(self._redraw_pair, ["method", "step"])
+        self.selection.param.watch(self._redraw_pair, ["opacity"])
         self._table = pn.pane.DataFrame(pd.DataFrame(), index=False, width=560, max_height=250, sizing_mode="fixed")
         self._caption = pn.pane.Markdown("", width=560)
         self._step_choice = step_chooser(self)
@@ -113,9 +118,10 @@ class CounterfactualView(AnswerMapView):
         self.param.edited.objects = ["", *self.ds.vli.counterfactuals(self.original())]
 
     def show_edit(self, ds: xr.Dataset, edited: str) -> None:
-        """Show the grown store ``ds`` comparing the selected example with its new counterfactual ``edited``."""
+        """Show the grown store ``ds`` comparing the selected example with its new counterfactual ``edited``.
+
+        The drawn edit stays until ``clear`` (the caller clears it once the comparison is on the page)."""
         self.ds = ds
-        self.clear()
         self.edited = edited
 
     def original(self) -> str:
@@ -140,7 +146,29 @@ class CounterfactualView(AnswerMapView):
             if not changed:
                 self._show_pair()
 
+    def _pair_values(self) -> dict[str, object]:
+        return {
+            "example": self.selection.example,
+            "edited": self.edited,
+            "method": self.method,
+            "step": self.step,
+            "opacity": self.selection.opacity,
+        }
+
+    def _redraw_pair(self, *events: param.parameterized.Event) -> None:
+        if not self._pair_changing and hasattr(self, "_pair_state"):
+            self._pair_state.event(**self._pair_values())
+
     def _show_pair(self, *events: param.parameterized.Event) -> None:
+        """The pair's caption, table and steps, at the first step the edit changed; the plots drawn once."""
+        self._pair_changing = True
+        try:
+            self._describe_pair()
+        finally:
+            self._pair_changing = False
+        self._redraw_pair()
+
+    def _describe_pair(self) -> None:
         """The pair's caption and table, its steps ("original → edited" tokens), the first step the edit changed."""
         pair = self.pair()
         if pair is None:
@@ -235,7 +263,7 @@ class CounterfactualView(AnswerMapView):
         """Store the current edit of the selected example as a counterfactual (blocking)."""
         if self.live is None or self.store is None:
             raise VLIError("serve the store with --model to run edits")
-        return self.live.add_counterfactual(self.store, self.selection.example, self.current_edit())
+        return self.live.add_counterfactual(self.store, self.selection.example, self.current_edit(), opened=self.ds)
 
     async def _run(self, event: object = None) -> None:
         from vlinterpret_panel.ui.add_example import MODEL_THREAD

@@ -57,10 +57,15 @@ class LiveSession:
         ds = self._open_store()
         self._signature = ds.attrs.get("store_signature", "")
         self.dashboard.counterfactual.show_edit(ds, added.example_id)
-        if pn.state.curdoc is not None and pn.state.curdoc.session_context is not None:
-            pn.state.curdoc.add_next_tick_callback(lambda: self._show(ds))  # the comparison reaches the page first
-        else:
+
+        def the_rest() -> None:
+            self.dashboard.counterfactual.clear()
             self._show(ds)
+
+        if pn.state.curdoc is not None and pn.state.curdoc.session_context is not None:
+            pn.state.curdoc.add_next_tick_callback(the_rest)  # the comparison reaches the page first
+        else:
+            the_rest()
 
     def _poll(self) -> None:
         signature = shard_signature(self.store)
