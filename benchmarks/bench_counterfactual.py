@@ -20,6 +20,7 @@ Targets (issue 13): a counterfactual rerun < 1 s end to end; a causal search < 1
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import sys
 import tempfile
@@ -88,6 +89,13 @@ def bench_searches(store: Path, searches: int) -> None:
     )
 
 
+def _added_id(app: object, previous: str | None) -> str | None:
+    """The example id in the page's "added live-..." status line, when it is not ``previous``."""
+    status = app.page.get_by_text(re.compile(r"added live-")).first  # type: ignore[attr-defined]
+    found = re.search(r"live-[\w-]+", status.inner_text()) if status.count() else None
+    return found.group(0) if found and found.group(0) != previous else None
+
+
 def bench_browser(store: Path, runs: int) -> None:
     """One browser session (as a user editing one example after another): ``runs`` edits, then ``runs`` searches."""
     from tests.ui.browser import app_page, chromium, live_serve_command, served
@@ -102,6 +110,7 @@ def bench_browser(store: Path, runs: int) -> None:
         app.wait_for_figure("generated answer")
         app.page.get_by_text("Counterfactual", exact=True).click()
         app.wait_for_figure("edited image")
+        added: str | None = ""
         for run in range(runs):
             frame = app.figure("draw on")
             before = set(open_dataset(store).vli.counterfactuals(original))
@@ -115,13 +124,13 @@ def bench_browser(store: Path, runs: int) -> None:
             time.sleep(0.5)
             started = time.perf_counter()
             app.page.get_by_role("button", name="Run edit").click()
-            shards = len(list(store.glob("*.nc")))
-            while len(list(store.glob("*.nc"))) == shards:  # cheap: opening the store would load the machine
-                time.sleep(0.02)
-            (added,) = set(open_dataset(store).vli.counterfactuals(original)) - before
+            # The new id from the page's status line: opening the store here would load the machine meanwhile.
+            app.wait_until(lambda previous=added: _added_id(app, previous) is not None, timeout=60, what="the status")
+            added = _added_id(app, added)
             app.page.get_by_text(f"→ {added}").first.wait_for(timeout=60_000)
             app.wait_for_figure("edited: ", timeout=60)
             edit_seconds.append(time.perf_counter() - started)
+            assert added in set(open_dataset(store).vli.counterfactuals(original)) - before
             time.sleep(1.0)
         app.page.get_by_text("Causal", exact=True).click()
         app.wait_for_figure("no causal explanation yet")
