@@ -365,9 +365,13 @@ def provenance(
     relevancy: Sequence[str],
     generation: GenerationOptions | None = None,
 ) -> dict[str, Any]:
-    """What a store's ``extraction`` attribute records: the adapter, its options and the library versions."""
+    """What a store's ``extraction`` attribute records: the adapter, its options and the library versions.
+
+    transformers' version from its package metadata: importing it for the number took 0.75 s, on the first
+    example a live server added (a built-in model does not use it)."""
+    from importlib.metadata import version
+
     import torch
-    import transformers
 
     from vlinterpret_panel import __version__
 
@@ -380,7 +384,7 @@ def provenance(
         **({"generation": asdict(generation)} if generation is not None else {}),
         "vlinterpret_panel": __version__,
         "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        "transformers": version("transformers"),
     }
 
 
