@@ -143,7 +143,7 @@ def bench_browser(store: Path, runs: int) -> None:
             while not button.is_enabled():
                 time.sleep(0.01)
             explain_seconds.append(time.perf_counter() - started)
-            assert app.page.get_by_text("reruns in").first.is_visible()
+            app.page.get_by_text("reruns in").first.wait_for(timeout=30_000)  # the view shows it on its next poll
             time.sleep(1.0)
     print(_summary("chromium: Run edit -> comparison of the new pair shown", edit_seconds), f"load {_load()}")
     print(_summary("chromium: Explain -> result shown", explain_seconds), f"load {_load()}")
