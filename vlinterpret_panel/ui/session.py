@@ -38,7 +38,14 @@ class LiveSession:
         self.sidebar = pn.Column(*self.dashboard.sidebar(), self.add_example, sizing_mode="stretch_width")
         self.main = self.dashboard.main()
         if pn.state.curdoc is not None and pn.state.curdoc.session_context is not None:
-            pn.state.add_periodic_callback(self._poll, period=STORE_POLL_MS)
+            # Polled once the page has loaded: a session no browser connected to (a health check's GET) redrew
+            # its views when the store grew, and each HoloViews plot of an unconnected page reschedules its
+            # redraw every tick until Bokeh drops the session: a busy loop that held the server's GIL for
+            # 4-22 s and stalled the connected sessions' edits.
+            pn.state.onload(self._start_polling)
+
+    def _start_polling(self) -> None:
+        pn.state.add_periodic_callback(self._poll, period=STORE_POLL_MS)
 
     def _show(self, ds: xr.Dataset, example: str | None = None) -> None:
         self._signature = ds.attrs.get("store_signature", "")
