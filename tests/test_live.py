@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import os
@@ -12,7 +13,10 @@ import subprocess
 import sys
 import textwrap
 import zlib
+from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -278,6 +282,13 @@ def _form(live: LiveModel, store: Path) -> tuple[object, list]:
     return AddExample(live, store, added.append), added
 
 
+def _run_to_end(coroutine: Coroutine[Any, Any, None]) -> None:
+    """Run ``coroutine`` on an event loop of its own thread: after a browser test in the same process,
+    Playwright's sync API has a loop running in this one, where ``asyncio.run`` refuses."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pool.submit(asyncio.run, coroutine).result()
+
+
 @pytest.mark.parametrize(
     ("upload", "text", "message"),
     [
@@ -293,12 +304,10 @@ def _form(live: LiveModel, store: Path) -> tuple[object, list]:
 def test_the_form_shows_one_message_and_leaves_the_store(
     live: LiveModel, store: Path, upload: bytes | None, text: str, message: str
 ) -> None:
-    import asyncio
-
     form, added = _form(live, store)
     before = _snapshot(store)
     form.upload.value, form.text.value = upload, text
-    asyncio.run(form._run())
+    _run_to_end(form._run())
     assert form.status.alert_type == "danger" and form.status.object.startswith(message)
     assert "Traceback" not in form.status.object and added == []
     assert not form.run_button.disabled and not form.progress.visible
@@ -306,23 +315,19 @@ def test_the_form_shows_one_message_and_leaves_the_store(
 
 
 def test_the_form_reports_a_model_that_raises(store: Path) -> None:
-    import asyncio
-
     form, added = _form(LiveModel("single_stream", adapter=_Exploding()), store)
     before = _snapshot(store)
     form._draw_scene()
-    asyncio.run(form._run())
+    _run_to_end(form._run())
     assert form.status.object == "the model failed on this example: RuntimeError: out of memory in layer 3"
     assert added == [] and _snapshot(store) == before
 
 
 def test_the_form_adds_a_drawn_scene_with_its_answer(live: LiveModel, store: Path) -> None:
-    import asyncio
-
     form, added = _form(live, store)
     form._draw_scene()
     assert form.preview.visible and form.text.value
-    asyncio.run(form._run())
+    _run_to_end(form._run())
     assert form.status.alert_type == "success" and len(added) == 1
     ds = open_dataset(store)
     assert str(ds.text.sel(example=added[0].example_id).values) == form.text.value
