@@ -16,7 +16,7 @@ import xarray as xr
 
 from vlinterpret_panel.schema import require_full_attention
 from vlinterpret_panel.store import open_dataset, shard_signature
-from vlinterpret_panel.ui.common import SIDEBAR_WIDTH
+from vlinterpret_panel.ui.common import SIDEBAR_WIDTH, next_tick
 from vlinterpret_panel.ui.dashboard import AnswerDashboard, Dashboard
 from vlinterpret_panel.ui.selection import URL_PARAMETERS, Selection
 
@@ -61,12 +61,8 @@ def _link_url(selection: Selection, views: Sequence[tuple[param.Parameterized, d
         if not missing:
             return
         as_query = cast("dict[str, Any]", missing)  # Panel types each value as a Mapping
-        document = pn.state.curdoc
-        if document is not None and document.session_context is not None:
-            # Written on the next tick: a change made while the page's own value is applied is not sent back.
-            document.add_next_tick_callback(lambda: location.update_query(**as_query))
-        else:
-            location.update_query(**as_query)
+        # Written on the next tick: a change made while the page's own value is applied is not sent back.
+        next_tick(lambda: location.update_query(**as_query))
 
     location.param.watch(complete, "search")
 

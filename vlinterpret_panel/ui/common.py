@@ -50,6 +50,17 @@ def in_jupyter() -> bool:
     return "ipykernel" in sys.modules
 
 
+def next_tick(callback: Callable[[], None]) -> None:
+    """Run ``callback`` on the served page's next tick (after this change has been sent), else now.
+
+    Outside a server session (a notebook, a test) there is no next tick to wait for."""
+    document = pn.state.curdoc
+    if document is not None and document.session_context is not None:
+        document.add_next_tick_callback(callback)
+    else:
+        callback()
+
+
 def extension() -> None:
     """Panel's extension as the dashboard needs it (no notifications; resources inline in a notebook)."""
     ensure_extension()

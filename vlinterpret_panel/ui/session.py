@@ -17,6 +17,7 @@ from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.live import AddedExample, LiveModel
 from vlinterpret_panel.store import shard_signature
 from vlinterpret_panel.ui.add_example import AddExample
+from vlinterpret_panel.ui.common import next_tick
 from vlinterpret_panel.ui.dashboard import Dashboard
 
 STORE_POLL_MS = 2000
@@ -69,10 +70,7 @@ class LiveSession:
             self.dashboard.counterfactual.clear()
             self._show(ds)
 
-        if pn.state.curdoc is not None and pn.state.curdoc.session_context is not None:
-            pn.state.curdoc.add_next_tick_callback(the_rest)  # the comparison reaches the page first
-        else:
-            the_rest()
+        next_tick(the_rest)  # the comparison reaches the page first
 
     def _poll(self) -> None:
         signature = shard_signature(self.store)
