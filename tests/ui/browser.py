@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, ConsoleMessage, Page, sync_playwright
 from playwright.sync_api import Error as PlaywrightError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -206,9 +206,15 @@ class AppPage:
     def __init__(self, page: Page, url: str) -> None:
         self.page, self.url = page, url
         self.errors: list[str] = []
-        page.on("console", lambda message: message.type == "error" and self.errors.append(message.text))
+        self.console: list[str] = []  # every console message, for a failure's report
+        page.on("console", self._log)
         page.on("pageerror", lambda error: self.errors.append(str(error)))
         page.on("requestfailed", lambda request: self.errors.append(f"request failed: {request.url}"))
+
+    def _log(self, message: ConsoleMessage) -> None:
+        self.console.append(f"{message.type}: {message.text[:300]}")
+        if message.type == "error":
+            self.errors.append(message.text)
 
     def open(self, query: str = "") -> AppPage:
         self.page.goto(self.url + query)
@@ -223,8 +229,10 @@ class AppPage:
         return self.page.evaluate(COLORBARS_JS)
 
     def figure(self, prefix: str) -> dict:
-        matches = [f for f in self.figures() if f["title"].startswith(prefix)]
-        assert matches, f"no plot titled {prefix!r}: {[f['title'] for f in self.figures()]}"
+        figures = self.figures()
+        matches = [f for f in figures if f["title"].startswith(prefix)]
+        titles = [f["title"] for f in figures]
+        assert matches, f"no plot titled {prefix!r}: {titles}; the page's last console messages: {self.console[-15:]}"
         return matches[0]
 
     def wait_for_figure(self, prefix: str, timeout: float = 60) -> dict:
@@ -233,7 +241,7 @@ class AppPage:
             try:
                 return self.figure(prefix)
             except (AssertionError, PlaywrightError):
-                time.sleep(0.25)
+                self.page.wait_for_timeout(250)
         return self.figure(prefix)
 
     def data_position(self, prefix: str, x: float | str, y: float | str) -> tuple[float, float]:
