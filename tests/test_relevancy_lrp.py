@@ -217,3 +217,23 @@ def test_cross_attention_block_rule_by_hand() -> None:
     np.testing.assert_allclose(
         relevance_context[0].numpy(), [[3 * a0 / (4 * (1 + a0)), 0.0], [0.0, 0.5]], rtol=1e-7, atol=1e-12
     )
+
+
+@pytest.mark.parametrize("architecture", ["single_stream", "dual_stream"])
+def test_a_contrast_starts_lrp_at_plus_and_minus_one_and_conserves_their_sum(adapters: dict, architecture: str) -> None:
+    """LRP of "A vs B" starts at +1 on A's logit and -1 on B's: the input's relevance totals 0, and it is
+    neither A's relevance nor B's."""
+    adapter, item = adapters[architecture], _item(architecture)
+    recorder = ActivationRecorder(adapter.model)
+    with torch.no_grad():
+        logits = adapter.forward(item.image, item.text).output.reshape(-1)
+    recorder.close()
+    first, second = (int(i) for i in torch.argsort(logits, descending=True)[:2])
+    contrast = propagate(adapter.model, recorder, first, versus=second)
+    alone = propagate(adapter.model, recorder, first)
+    assert contrast.output == 0.0
+    assert contrast.input_total == pytest.approx(0.0, abs=1e-4)
+    difference = sum(float((c - a).abs().sum()) for c, a in zip(contrast.attention, alone.attention, strict=True))
+    assert difference > 1e-3 * sum(float(a.abs().sum()) for a in alone.attention)
+    frame, total = attention_relevance(adapter, item, "predicted vs runner-up")
+    assert total == pytest.approx(0.0, abs=1e-4) and np.abs(frame).sum() > 0

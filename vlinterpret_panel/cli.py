@@ -107,6 +107,7 @@ def _extract(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         relevancy=methods,
         generation=generation,
+        targets=args.target or (),
     )
     print(
         f"{args.output}: wrote {report.written} example(s) in {len(report.shards)} shard(s), "
@@ -217,12 +218,16 @@ def _evaluate(args: argparse.Namespace) -> int:
     if isinstance(adapter, GenerativeAdapter) and hasattr(adapter, "deletion_probabilities"):
         from vlinterpret_panel.relevancy.evaluate_answers import evaluate_answers_to_directory
 
+        if args.target != "predicted":
+            raise VLIError("--target applies to answer models; a generated answer explains each of its tokens")
         paths, answers = evaluate_answers_to_directory(
             adapter, args.examples, out, seed=args.seed, progress=not args.quiet
         )
         examples, seconds = answers.examples, answers.seconds
     else:
-        paths, result = evaluate_to_directory(adapter, args.examples, out, seed=args.seed, progress=not args.quiet)
+        paths, result = evaluate_to_directory(
+            adapter, args.examples, out, seed=args.seed, progress=not args.quiet, target=args.target
+        )
         examples, seconds = result.examples, result.seconds
     written = ", ".join(map(str, paths))
     print(f"{args.model}: evaluated {examples} examples in {seconds:.0f} s; wrote {written}")
@@ -310,6 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
         "gradient methods (one backward pass per generated token), 'none' stores none",
     )
     extract.add_argument(
+        "--target",
+        action="append",
+        help="what the gradient-based relevancy methods explain, repeatable: predicted (default), label, an "
+        "answer's name or index, or a contrast 'A vs B' (e.g. 'predicted vs runner-up', 'red vs blue'); each "
+        "target other than predicted is stored as 'METHOD [TARGET]'",
+    )
+    extract.add_argument(
         "--generate",
         action="store_true",
         help="generate each answer and store every generated token: its probability, top-k alternatives, "
@@ -362,6 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--examples", type=int, default=200, help="held-out examples of the built-in world")
     evaluate.add_argument("--out", required=True, help="directory for results.md, results.csv and accuracy.png")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
+    evaluate.add_argument(
+        "--target",
+        default="predicted",
+        help="what the gradient-based methods explain: predicted (default), label, an answer, or 'A vs B' "
+        "(e.g. 'predicted vs runner-up')",
+    )
     evaluate.add_argument("--allow-download", action="store_true", help=download_help)
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
     evaluate.set_defaults(handler=_evaluate)

@@ -210,6 +210,7 @@ def run_batch(
     items: Sequence[ModelInput],
     relevancy: Sequence[str] = (),
     generation: GenerationOptions | None = None,
+    targets: Sequence[str] = (),
 ) -> list[tuple[ExampleRecord, ModelInfo] | BaseException]:
     """Run ``items`` through ``adapter``, several per forward pass when it has ``forward_batch``.
 
@@ -219,6 +220,8 @@ def run_batch(
     LRP) run one example at a time through ``relevancy.capture.capture_for``. With
     ``generation``, each item's answer is generated and captured token by token
     (``adapters.generative.capture_answer``; its options name the relevancy methods).
+    ``targets`` (``relevancy.targets``) other than the predicted answer store the target-dependent methods
+    once per target (``relevancy.capture.record_for_targets``).
     """
     import torch
 
@@ -234,11 +237,11 @@ def run_batch(
                 answers.append(error)
         return answers
 
-    from vlinterpret_panel.relevancy.capture import add_relevancy, capture_for
+    from vlinterpret_panel.relevancy.capture import add_relevancy, capture_for, record_for_targets
     from vlinterpret_panel.relevancy.inputs import Captured
     from vlinterpret_panel.relevancy.registry import ATTENTION, needs
 
-    per_example = bool(needs(relevancy) - {ATTENTION})
+    per_example = bool(needs(relevancy) - {ATTENTION}) or bool(targets)
     forward_batch: Callable[..., list[ForwardCapture]] | None = getattr(adapter, "forward_batch", None)
     if forward_batch is not None and len(items) > 1 and not per_example:
         try:
@@ -259,7 +262,9 @@ def run_batch(
     results = []
     for item in items:
         try:
-            if relevancy:
+            if relevancy and targets:
+                record, info = record_for_targets(adapter, item, relevancy, targets)
+            elif relevancy:
                 captured, record, info = capture_for(adapter, item, relevancy)
                 add_relevancy(record, captured, relevancy)
             else:
@@ -305,6 +310,7 @@ def extract_chunk(
     writer: ThreadPoolExecutor | None = None,
     relevancy: Sequence[str] = (),
     generation: GenerationOptions | None = None,
+    targets: Sequence[str] = (),
 ) -> ChunkResult:
     """Extract ``sources`` and write the successful ones as one shard (the unit of a Dask task).
 
@@ -331,7 +337,7 @@ def extract_chunk(
                 failures.append(Failure(source.example_id, error_line(error)))
         began = time.perf_counter()
         with _lock(adapter):  # adapters hook their models: one forward at a time per adapter
-            results = run_batch(adapter, items, relevancy, generation) if items else []
+            results = run_batch(adapter, items, relevancy, generation, targets) if items else []
         forward_seconds += time.perf_counter() - began
         for item, result in zip(items, results, strict=True):
             if isinstance(result, BaseException):
@@ -364,6 +370,7 @@ def provenance(
     precision: str,
     relevancy: Sequence[str],
     generation: GenerationOptions | None = None,
+    targets: Sequence[str] = (),
 ) -> dict[str, Any]:
     """What a store's ``extraction`` attribute records: the adapter, its options and the library versions.
 
@@ -381,11 +388,29 @@ def provenance(
         "batch_size": batch_size,
         "precision": precision,
         "relevancy": list(relevancy),
+        **({"targets": list(targets)} if targets else {}),
         **({"generation": asdict(generation)} if generation is not None else {}),
         "vlinterpret_panel": __version__,
         "torch": torch.__version__,
         "transformers": version("transformers"),
     }
+
+
+def check_targets(targets: Sequence[str], relevancy: Sequence[str], generation: GenerationOptions | None) -> list[str]:
+    """The targets as written in the store (``[]`` for the predicted answer alone), checked before any example runs."""
+    from vlinterpret_panel.relevancy.capture import depends_on_target
+    from vlinterpret_panel.relevancy.targets import Target
+
+    chosen = list(dict.fromkeys(str(Target.parse(target)) for target in targets))
+    if chosen in ([], ["predicted"]):
+        return []
+    if generation is not None:
+        raise VLIError("--target applies to answer models; a generated answer explains each of its tokens")
+    if not any(depends_on_target(method) for method in relevancy):
+        raise VLIError(
+            f"--target {chosen} needs a gradient or LRP relevancy method; {list(relevancy)} read attention only"
+        )
+    return chosen
 
 
 def extract(
@@ -402,6 +427,7 @@ def extract(
     progress: bool = True,
     relevancy: Sequence[str] = (),
     generation: GenerationOptions | None = None,
+    targets: Sequence[str] = (),
 ) -> ExtractionReport:
     """Extract ``sources`` with ``adapter`` (a spec for ``load_adapter``, or an adapter) into ``store``.
 
@@ -414,6 +440,9 @@ def extract(
     with Dask, where the model is not loaded in this process, and ``GENERATED_EXAMPLES_PER_SHARD``
     for generated answers). ``generation`` generates each answer and stores it token by token
     (``adapters.generative``); its ``methods`` are the relevancy methods then, not ``relevancy``.
+    ``targets`` (``relevancy.targets``: ``predicted``, ``label``, an answer, ``A vs B``) are what the
+    gradient-based methods explain, each stored as its own ``relevancy_method`` entry (default: the
+    predicted answer only, under the bare method names).
     """
     from tqdm.auto import tqdm
 
@@ -435,7 +464,8 @@ def extract(
     relevancy = check_methods(relevancy)
     if generation is not None and relevancy:
         raise VLIError("with --generate, the relevancy methods are the generation options' (GenerationOptions.methods)")
-    recorded = provenance(spec, options, batch_size, precision, relevancy, generation)
+    targets = check_targets(targets, relevancy, generation)
+    recorded = provenance(spec, options, batch_size, precision, relevancy, generation, targets)
     if todo and isinstance(adapter, str) and not (workers or scheduler):
         adapter = _cached_adapter(adapter, options)  # load errors come before the progress bar
     if isinstance(adapter, ModelAdapter):
@@ -468,6 +498,7 @@ def extract(
             bar,
             relevancy,
             generation,
+            targets,
         )
         for result in results:
             report.written += len(result.written)
@@ -519,6 +550,7 @@ def _run_chunks(
     bar: Any,
     relevancy: Sequence[str],
     generation: GenerationOptions | None,
+    targets: Sequence[str],
 ) -> Iterable[ChunkResult]:
     """Yield each chunk's result: in this process, or as Dask tasks (one shard each)."""
     common: dict[str, Any] = {
@@ -528,6 +560,7 @@ def _run_chunks(
         "extraction": provenance,
         "relevancy": relevancy,
         "generation": generation,
+        "targets": targets,
     }
     if not (workers or scheduler):
         if isinstance(adapter, str):

@@ -91,10 +91,12 @@ def _correct(record: ExampleRecord) -> int:
 
 
 def _targets(record: ExampleRecord) -> dict[str, str] | None:
-    """The output every stored relevancy map of the record explains."""
+    """The output each stored relevancy map of the record explains (``relevancy_targets`` per entry, else
+    ``relevancy_target`` for all)."""
     if not record.relevancy:
         return None
-    return {method: record.relevancy_target or "" for method in record.relevancy}
+    explained = record.relevancy_targets or {}
+    return {method: explained.get(method, record.relevancy_target or "") for method in record.relevancy}
 
 
 # The single source of truth for layout, units, types and fill values of every variable.
@@ -461,6 +463,8 @@ class ExampleRecord:
     ``hidden_states`` is ``(hidden_layer, token, feature)``; a generated answer's record may
     leave both out (None) and keep its ``answer``'s rows instead.
     ``attention_gradient`` (same shape as ``attention``) is for relevancy and is not stored.
+    ``relevancy`` maps ``relevancy_method`` entries (``relevancy.targets.entry_name``) to values;
+    ``relevancy_targets`` names the output each entry explains (default: ``relevancy_target``).
     """
 
     example_id: str
@@ -479,6 +483,7 @@ class ExampleRecord:
     target_mask: np.ndarray | None = None
     relevancy: Mapping[str, np.ndarray] | None = None
     relevancy_target: str | None = None
+    relevancy_targets: Mapping[str, str] | None = None
     custom_metrics: Mapping[str, np.ndarray] | None = None
     attention_gradient: np.ndarray | None = None
     answer: GeneratedAnswer | None = None

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from vlinterpret_panel.errors import VLIError
+from vlinterpret_panel.relevancy.targets import VERSUS, Target
 from vlinterpret_panel.schema import ExampleRecord, ModelInfo
 
 
@@ -125,18 +126,30 @@ class ModelAdapter(abc.ABC):
             config=self.config,
         )
 
-    def run_model(self, item: ModelInput, *, target: str | int | None = None, gradients: bool = False) -> ModelRun:
+    def run_model(
+        self, item: ModelInput, *, target: str | int | Target | None = None, gradients: bool = False
+    ) -> ModelRun:
         """The forward pass of one example; with ``gradients``, also d(target score)/d(each attention map).
 
-        ``target`` names the explained output (a label, or a class index); the default is
-        the prediction. Gradients need autograd, so this never runs under ``no_grad``.
+        ``target`` names the explained output (``relevancy.targets``: ``predicted``, the default; ``label``;
+        an answer's name or index; a contrast ``A vs B``). Gradients need autograd, so this never runs under
+        ``no_grad``.
         """
         with torch.set_grad_enabled(gradients):
-            return self.explain(self.forward(item.image, item.text), target=target, gradients=gradients)
+            capture = self.forward(item.image, item.text)
+            return self.explain(capture, target=target, gradients=gradients, label=item.label)
 
-    def explain(self, capture: ForwardCapture, *, target: str | int | None = None, gradients: bool = False) -> ModelRun:
-        """Prediction, score and target of a ``forward`` capture, and the target's gradients when asked."""
-        prediction, score, target_score, target_name = self._target(capture, target)
+    def explain(
+        self,
+        capture: ForwardCapture,
+        *,
+        target: str | int | Target | None = None,
+        gradients: bool = False,
+        label: str | None = None,
+    ) -> ModelRun:
+        """Prediction, score and target of a ``forward`` capture, and the target's gradients when asked
+        (``label``: the example's ground truth, for the ``label`` target)."""
+        prediction, score, target_score, target_name = self._target(capture, Target.parse(target), label)
         gradient = None
         if gradients:
             if not target_score.requires_grad:
@@ -175,30 +188,32 @@ class ModelAdapter(abc.ABC):
         return record, self.info(capture)
 
     def run(
-        self, item: ModelInput, *, target: str | int | None = None, gradients: bool = False
+        self, item: ModelInput, *, target: str | int | Target | None = None, gradients: bool = False
     ) -> tuple[ExampleRecord, ModelInfo]:
         """Run one example into its schema record (``run_model`` then ``to_record``)."""
         return self.to_record(item, self.run_model(item, target=target, gradients=gradients))
 
-    def _target(self, capture: ForwardCapture, target: str | int | None) -> tuple[str | None, float, torch.Tensor, str]:
-        """Prediction, its score, and the scalar whose gradients explain ``target``."""
+    def _target(
+        self, capture: ForwardCapture, target: Target, label: str | None
+    ) -> tuple[str | None, float, torch.Tensor, str]:
+        """Prediction, its score, the scalar whose gradients explain ``target``, and the target resolved to
+        answer names (``red``, ``red vs blue``)."""
         output = capture.output.reshape(-1)
         if capture.output_labels is None:
             if output.numel() != 1:
                 raise VLIError(f"{self.name}: an output without labels must be one score (a similarity)")
+            if not target.is_default:
+                raise VLIError(f"{self.name}: the model's one output is a score; target {str(target)!r} needs answers")
             return None, float(output.detach()), output[0], "score"
         labels = list(capture.output_labels)
-        predicted = int(output.detach().argmax())
-        probabilities = torch.softmax(output.detach().float(), dim=0)
-        if target is None:
-            index = predicted
-        elif isinstance(target, int):
-            index = target
-        elif target in labels:
-            index = labels.index(target)
-        else:
-            raise VLIError(f"{self.name}: unknown target {target!r}; the model's outputs are e.g. {labels[:8]}")
-        return labels[predicted], float(probabilities[predicted]), output[index], labels[index]
+        logits = output.detach().float()
+        predicted = int(logits.argmax())
+        probabilities = torch.softmax(logits, dim=0)
+        first, second = target.resolve(logits.numpy(), labels, label)
+        if second is None:
+            return labels[predicted], float(probabilities[predicted]), output[first], labels[first]
+        contrast = output[first] - output[second]
+        return labels[predicted], float(probabilities[predicted]), contrast, f"{labels[first]}{VERSUS}{labels[second]}"
 
 
 def attention_frame(capture: ForwardCapture, maps: Sequence[torch.Tensor]) -> np.ndarray:

@@ -16,7 +16,8 @@ import numpy as np
 from vlinterpret_panel.adapters.base import ModelAdapter, ModelInput
 from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.relevancy.inputs import Captured
-from vlinterpret_panel.relevancy.registry import GRADIENTS, LRP, check_methods, compute_relevancy, needs
+from vlinterpret_panel.relevancy.registry import ATTENTION, GRADIENTS, LRP, check_methods, compute_relevancy, needs
+from vlinterpret_panel.relevancy.targets import Target, entry_name
 from vlinterpret_panel.schema import ExampleRecord, ModelInfo
 
 
@@ -40,17 +41,16 @@ def check_supported(adapter: ModelAdapter, methods: Sequence[str]) -> list[str]:
 
 
 def capture_for(
-    adapter: ModelAdapter, item: ModelInput, methods: Sequence[str], *, target: str | int | None = None
+    adapter: ModelAdapter, item: ModelInput, methods: Sequence[str], *, target: str | int | Target | None = None
 ) -> tuple[Captured, ExampleRecord, ModelInfo]:
-    """One run of ``item`` capturing what ``methods`` need; the ``Captured`` input of the methods and the record."""
+    """One run of ``item`` capturing what ``methods`` need to explain ``target`` (``relevancy.targets``; default:
+    the predicted answer); the ``Captured`` input of the methods and the record."""
     required = needs(check_supported(adapter, methods))
     record, info = adapter.run(item, target=target, gradients=GRADIENTS in required)
     captured = Captured.from_record(record, info)
     if LRP in required:
         from vlinterpret_panel.relevancy.lrp import attention_relevance
 
-        if target is not None and not isinstance(target, int):
-            raise VLIError(f"LRP explains an output given by its index, not {target!r}")
         frame, _ = attention_relevance(adapter, item, target)
         captured = dataclasses.replace(captured, attention_relevance=frame)
     return captured, record, info
@@ -68,3 +68,41 @@ def add_relevancy(record: ExampleRecord, captured: Captured, methods: Sequence[s
     """Store each method's relevancy in ``record.relevancy`` and drop the gradients (never stored)."""
     record.relevancy = relevancy_values(captured, methods)
     record.attention_gradient = None
+
+
+def depends_on_target(method: str) -> bool:
+    """Whether ``method`` explains a chosen output (gradient or LRP based), not only the attention."""
+    return bool(needs([method]) - {ATTENTION})
+
+
+def record_for_targets(
+    adapter: ModelAdapter, item: ModelInput, methods: Sequence[str], targets: Sequence[str | Target]
+) -> tuple[ExampleRecord, ModelInfo]:
+    """One record of ``item`` holding each method's relevancy for each of ``targets`` (``relevancy.targets``).
+
+    A method that depends on the target gets one entry per target (``targets.entry_name``: the bare name for
+    ``predicted``, ``"generic [predicted vs runner-up]"`` otherwise); one that reads only attention gets its
+    bare name once. The model runs once per target; the record's prediction comes from the first run.
+    """
+    chosen = list(dict.fromkeys(Target.parse(target) for target in targets)) or [Target()]
+    dependent = [method for method in methods if depends_on_target(method)]
+    independent = [method for method in methods if not depends_on_target(method)]
+    if any(not target.is_default for target in chosen) and not dependent:
+        raise VLIError(
+            f"a target other than the predicted answer needs a gradient or LRP method; {methods} read attention only"
+        )
+    record: ExampleRecord | None = None
+    info: ModelInfo | None = None
+    values: dict[str, np.ndarray] = {}
+    explained: dict[str, str] = {}
+    for run, target in enumerate(chosen):
+        wanted = dependent + (independent if run == 0 else [])
+        captured, run_record, run_info = capture_for(adapter, item, wanted, target=target)
+        if record is None:
+            record, info = run_record, run_info
+        for method, method_values in relevancy_values(captured, wanted).items():
+            entry = method if method in independent else entry_name(method, target)
+            values[entry], explained[entry] = method_values, captured.target
+    assert record is not None and info is not None  # at least one target ran
+    record.relevancy, record.relevancy_targets, record.attention_gradient = values, explained, None
+    return record, info

@@ -40,6 +40,7 @@ from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.models import world
 from vlinterpret_panel.relevancy.capture import capture_for, relevancy_values
 from vlinterpret_panel.relevancy.localisation import pointing_hit
+from vlinterpret_panel.relevancy.targets import PREDICTED, Target
 from vlinterpret_panel.schema import IMAGE, TEXT
 
 FRACTIONS: tuple[float, ...] = tuple(step / 10 for step in range(10))
@@ -96,14 +97,15 @@ def world_examples(count: int, *, captions: bool, start: int = world.HELDOUT_SEE
 
 
 def explain(
-    adapter: ModelAdapter, example: EvalExample, methods: Sequence[str], seed: int
+    adapter: ModelAdapter, example: EvalExample, methods: Sequence[str], seed: int, target: str = PREDICTED
 ) -> tuple[dict[str, np.ndarray], np.ndarray, list[str]]:
-    """Relevancy ``(T,)`` of each method for the predicted output, the token boxes and modalities (one model run).
+    """Relevancy ``(T,)`` of each method for ``target`` (``relevancy.targets``), the token boxes and modalities
+    (one model run).
 
     ``capture_for`` runs what the methods declare they need (gradients, the LRP pass);
     ``random`` draws from ``numpy.random.default_rng(seed)``.
     """
-    captured, record, _ = capture_for(adapter, example.item, methods)
+    captured, record, _ = capture_for(adapter, example.item, methods, target=target)
     values = relevancy_values(captured, methods, {"random": {"seed": seed}})
     return values, np.asarray(record.token_box), list(record.modality)
 
@@ -278,8 +280,10 @@ def evaluate(
     *,
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
+    target: str = PREDICTED,
 ) -> EvaluationResult:
-    """Run the perturbation and localisation tests of ``methods`` on ``examples`` (see the module docstring)."""
+    """Run the perturbation and localisation tests of ``methods`` explaining ``target`` on ``examples`` (see the
+    module docstring)."""
     if not examples:
         raise VLIError("evaluate needs at least one example")
     started = time.perf_counter()
@@ -287,7 +291,7 @@ def evaluate(
     correct = {(m, p, t): np.zeros((len(examples), len(FRACTIONS))) for m in methods for p in MODALITIES for t in TESTS}
     scores: dict[str, list[tuple[float, float, float]]] = {m: [] for m in methods}
     for index, example in enumerate(examples):
-        relevancies, boxes, modality = explain(adapter, example, methods, seed + index)
+        relevancies, boxes, modality = explain(adapter, example, methods, seed + index, target)
         scorer = PerturbationScorer(adapter, example, modality)
         tie_breaker = np.random.default_rng([seed, index]).random(len(modality))
         image_tokens = np.asarray(modality) == IMAGE
@@ -429,9 +433,12 @@ def plot_curves(result: EvaluationResult, path: Path) -> None:
 
 
 def evaluate_to_directory(
-    adapter: ModelAdapter, count: int, out: Path, *, seed: int = 0, progress: bool = False
+    adapter: ModelAdapter, count: int, out: Path, *, seed: int = 0, progress: bool = False, target: str = PREDICTED
 ) -> tuple[list[Path], EvaluationResult]:
     """Evaluate ``adapter`` on ``count`` held-out examples of the built-in world and write the report to ``out``.
+
+    ``target`` is what the gradient-based methods explain (``relevancy.targets``; the attention-only
+    methods do not depend on it).
 
     VQA models (labelled outputs) get questions; similarity models get captions with distractors.
     """
@@ -441,14 +448,19 @@ def evaluate_to_directory(
     probe = world_examples(1, captions=False)[0].item
     with torch.no_grad():
         captions = adapter.forward(probe.image, probe.text).output_labels is None
+    target = str(Target.parse(target))
+    if captions and target != PREDICTED:
+        raise VLIError(f"{adapter.name} scores one caption; target {target!r} needs a model with answers")
     examples = world_examples(count, captions=captions)
     methods, notes = supported_methods(adapter)
     with tqdm(total=count, unit="example", disable=not progress, desc="evaluate") as bar:
-        result = evaluate(adapter, examples, methods, seed=seed, progress=lambda done: bar.update(done - bar.n))
+        result = evaluate(
+            adapter, examples, methods, seed=seed, progress=lambda done: bar.update(done - bar.n), target=target
+        )
     result.notes += notes
     weights = adapter.config.get("weights_sha256")
     accuracy = "retrieval top-1 among 8 captions" if captions else "VQA answer = ground-truth label"
-    header = [f"- accuracy: {accuracy}", "- torch threads: 1"]
+    header = [f"- accuracy: {accuracy}", f"- explained target: {target}", "- torch threads: 1"]
     if weights:
         header.insert(0, f"- weights sha256: {str(weights)[:16]}")
     return write_report(result, out, header), result

@@ -38,6 +38,7 @@ from vlinterpret_panel.models.dual_encoder import DualEncoderModel
 from vlinterpret_panel.models.dual_stream import CoAttentionLayer, DualStreamModel
 from vlinterpret_panel.models.layers import CrossAttentionBlock, MultiHeadAttention, SelfAttentionBlock
 from vlinterpret_panel.models.single_stream import SingleStreamModel
+from vlinterpret_panel.relevancy.targets import Target
 
 EPSILON = 1e-9
 
@@ -250,11 +251,14 @@ class LRPResult:
         return float(sum(part.sum() for part in self.inputs.values()))
 
 
-def propagate(model: nn.Module, recorder: ActivationRecorder, output_index: int = 0) -> LRPResult:
+def propagate(
+    model: nn.Module, recorder: ActivationRecorder, output_index: int = 0, versus: int | None = None
+) -> LRPResult:
     """LRP from output ``output_index`` (relevance 1) of a recorded one-example pass down to the embeddings.
 
     Single stream: the answer logit ``output_index``; dual encoder: the image-text similarity
-    (its only output for one pair).
+    (its only output for one pair). ``versus`` (answer models): a contrast, relevance 1 on
+    ``output_index`` and -1 on ``versus``, so the input's relevance totals 0.
     """
     if isinstance(model, SingleStreamModel | DualStreamModel):
         logits = recorder.output_of(model.classifier)
@@ -262,13 +266,15 @@ def propagate(model: nn.Module, recorder: ActivationRecorder, output_index: int 
             raise VLIError("LRP explains one example at a time")
         start = torch.zeros_like(logits)
         start[0, output_index] = 1.0
+        if versus is not None:
+            start[0, versus] = -1.0
         pooled = linear_relevance(recorder.input_of(model.classifier), _weight(model.classifier), start)
         if isinstance(model, SingleStreamModel):
             relevance = torch.zeros_like(recorder.output_of(model.layers[-1]))
             relevance[:, 0] = pooled
             joint_inputs, joint_attention = stack_relevance(_blocks(model.layers), recorder, relevance)
-            return LRPResult(1.0, {"joint": joint_inputs}, joint_attention)
-        return _dual_stream_relevance(model, recorder, pooled)
+            return LRPResult(float(start.sum()), {"joint": joint_inputs}, joint_attention)
+        return _dual_stream_relevance(model, recorder, pooled, float(start.sum()))
     if isinstance(model, DualEncoderModel):
         text = recorder.output_of(model.text_projection)
         image = recorder.output_of(model.image_projection)
@@ -293,7 +299,9 @@ def propagate(model: nn.Module, recorder: ActivationRecorder, output_index: int 
     raise VLIError(f"LRP is implemented for the built-in models, not {type(model).__name__}")
 
 
-def _dual_stream_relevance(model: DualStreamModel, recorder: ActivationRecorder, pooled: Tensor) -> LRPResult:
+def _dual_stream_relevance(
+    model: DualStreamModel, recorder: ActivationRecorder, pooled: Tensor, output: float
+) -> LRPResult:
     """From the last co-attention layer's text [CLS] back through the co-attention layers, then each stream's stack."""
     last_text, last_image, _ = recorder.outputs[model.cross_layers[-1]]
     relevance_text = torch.zeros_like(last_text.double())
@@ -305,14 +313,17 @@ def _dual_stream_relevance(model: DualStreamModel, recorder: ActivationRecorder,
         cross_maps = maps + cross_maps
     text_inputs, text_maps = stack_relevance(_blocks(model.text_layers), recorder, relevance_text)
     image_inputs, image_maps = stack_relevance(_blocks(model.image_layers), recorder, relevance_image)
-    return LRPResult(1.0, {"text": text_inputs, "image": image_inputs}, text_maps + image_maps + cross_maps)
+    return LRPResult(output, {"text": text_inputs, "image": image_inputs}, text_maps + image_maps + cross_maps)
 
 
-def attention_relevance(adapter: ModelAdapter, item: ModelInput, target: int | None = None) -> tuple[np.ndarray, float]:
+def attention_relevance(
+    adapter: ModelAdapter, item: ModelInput, target: str | int | Target | None = None
+) -> tuple[np.ndarray, float]:
     """R^A of every attention map in the schema's ``(layer, head, T, T)`` frame, and the input total.
 
-    ``adapter`` must expose its built-in torch model as ``adapter.model``; ``target`` is an
-    answer index (default: the predicted answer; the dual encoder explains its one score).
+    ``adapter`` must expose its built-in torch model as ``adapter.model``; ``target`` is as in
+    ``relevancy.targets`` (default: the predicted answer; a contrast starts LRP at +1 and -1 on its
+    two answers; the dual encoder explains its one score).
     """
     model = getattr(adapter, "model", None)
     if not isinstance(model, SingleStreamModel | DualStreamModel | DualEncoderModel):
@@ -323,8 +334,15 @@ def attention_relevance(adapter: ModelAdapter, item: ModelInput, target: int | N
             capture = adapter.forward(item.image, item.text)
     finally:
         recorder.close()
-    output_index = int(capture.output.reshape(-1).argmax()) if target is None else target
-    result = propagate(model, recorder, output_index)
+    target = Target.parse(target)
+    if capture.output_labels is None:
+        if not target.is_default:
+            raise VLIError(f"{adapter.name}: the model's one output is a score; target {str(target)!r} needs answers")
+        output_index, versus = 0, None
+    else:
+        logits = capture.output.reshape(-1).float().numpy()
+        output_index, versus = target.resolve(logits, list(capture.output_labels), item.label)
+    result = propagate(model, recorder, output_index, versus)
     if len(result.attention) != len(capture.attentions):
         raise VLIError(f"{adapter.name}: {len(result.attention)} LRP maps for {len(capture.attentions)} captured maps")
     maps = [relevance[0].float() for relevance in result.attention]

@@ -36,7 +36,7 @@ class MethodEntry:
 
 
 _METHODS: dict[str, MethodEntry] = {}
-_SUPPORT_MODULES = {"capture", "common", "evaluate", "inputs", "localisation", "lrp", "registry", "result"}
+_SUPPORT_MODULES = {"capture", "common", "evaluate", "inputs", "localisation", "lrp", "registry", "result", "targets"}
 
 
 def register(name: str, *, needs: Iterable[str]) -> Callable[[RelevancyMethod], RelevancyMethod]:

@@ -1,0 +1,162 @@
+"""Chosen and contrastive targets: parsing, resolution, a hand-worked two-class map, storage in a store."""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vlinterpret_panel import open_dataset
+from vlinterpret_panel.adapters import AttentionCapture, ForwardCapture, HiddenCapture, ModelAdapter, ModelInput
+from vlinterpret_panel.errors import VLIError
+from vlinterpret_panel.extract import ExampleSource, extract
+from vlinterpret_panel.relevancy import compute_relevancy
+from vlinterpret_panel.relevancy.capture import capture_for
+from vlinterpret_panel.relevancy.targets import Target, entry_name, split_entry
+from vlinterpret_panel.schema import IMAGE, SPECIAL, TEXT
+
+# The hand-worked model: three tokens [CLS, word, patch], one self-attention head whose row of the
+# [CLS] query is ATTENTION_ROW, and two answers whose logits read that row: logit_c = Σ_k w_ck · A[0, k].
+ATTENTION_ROW = [0.2, 0.5, 0.3]
+WEIGHTS = {"yes": [0.0, 2.0, 1.0], "no": [0.0, 2.5, -1.0]}  # logits: yes 1.3, no 0.95 -> "yes" is predicted
+
+
+class HandWorkedAdapter(ModelAdapter):
+    """One attention map and a linear read-out of its first row: every gradient is a weight."""
+
+    name = "hand_worked"
+
+    def forward(self, image: np.ndarray, text: str, *, keep_tokens: np.ndarray | None = None) -> ForwardCapture:
+        rows = torch.tensor([ATTENTION_ROW, [0.1, 0.8, 0.1], [0.3, 0.3, 0.4]], dtype=torch.float64)
+        attention = rows[None].clone().requires_grad_(torch.is_grad_enabled())  # [head, query, key]
+        logits = torch.stack(
+            [attention[0, 0] @ torch.tensor(weights, dtype=torch.float64) for weights in WEIGHTS.values()]
+        )
+        return ForwardCapture(
+            tokens=["[CLS]", "red", "patch"],
+            modality=[SPECIAL, TEXT, IMAGE],
+            token_box=np.array([[np.nan] * 4, [np.nan] * 4, [0, 0, 8, 8]], dtype=np.float32),
+            attentions=[AttentionCapture("layer", "self", attention, [0, 1, 2], [0, 1, 2])],
+            hidden_states=[HiddenCapture("embeddings", torch.zeros(3, 2), [0, 1, 2])],
+            output=logits,
+            output_labels=list(WEIGHTS),
+            readout_tokens={"answer": 0},
+        )
+
+
+def _item(label: str | None = "no") -> ModelInput:
+    return ModelInput("hand", np.zeros((8, 8, 3), np.uint8), "red", label=label)
+
+
+@pytest.mark.parametrize(
+    ("spec", "parsed", "written"),
+    [
+        (None, Target(), "predicted"),
+        ("label", Target("label"), "label"),
+        (3, Target("3"), "3"),
+        ("red vs  blue", Target("red", "blue"), "red vs blue"),
+        ("predicted vs runner-up", Target("predicted", "runner-up"), "predicted vs runner-up"),
+    ],
+)
+def test_targets_are_read_and_written_the_same_way(spec: object, parsed: Target, written: str) -> None:
+    assert Target.parse(spec) == parsed  # type: ignore[arg-type]
+    assert str(parsed) == written
+    assert Target.parse(written) == parsed
+
+
+@pytest.mark.parametrize("spec", ["runner-up", "red vs red", "a vs b vs c", " vs blue"])
+def test_a_target_that_explains_nothing_is_refused(spec: str) -> None:
+    with pytest.raises(VLIError, match="target"):
+        Target.parse(spec)
+
+
+def test_targets_resolve_to_output_indices() -> None:
+    logits, labels = np.array([0.5, 3.0, 2.0]), ["red", "blue", "green"]
+    assert Target().resolve(logits, labels) == (1, None)
+    assert Target("predicted", "runner-up").resolve(logits, labels) == (1, 2)
+    assert Target("red", "runner-up").resolve(logits, labels) == (0, 1)  # the best answer other than red
+    assert Target("label", "predicted").resolve(logits, labels, label="green") == (2, 1)
+    assert Target("2").resolve(logits, labels) == (2, None)
+    with pytest.raises(VLIError, match="no ground-truth label"):
+        Target("label").resolve(logits, labels)
+    with pytest.raises(VLIError, match="both sides are 'blue'"):
+        Target("blue", "predicted").resolve(logits, labels)
+    with pytest.raises(VLIError, match="outside the model's 3 outputs"):
+        Target("7").resolve(logits, labels)
+
+
+def test_store_entries_name_method_and_target() -> None:
+    assert entry_name("generic", Target()) == "generic"
+    assert entry_name("generic", Target.parse("predicted vs runner-up")) == "generic [predicted vs runner-up]"
+    assert split_entry("generic [red vs blue]") == ("generic", Target("red", "blue"))
+    assert split_entry("rollout") == ("rollout", Target())
+
+
+def test_the_contrast_explains_why_one_answer_and_not_the_other_as_worked_by_hand() -> None:
+    """Generic relevancy of the [CLS] row is (∇A ⊙ A)⁺ there: for one answer w_c ⊙ A[0], for a contrast
+    (w_A - w_B) ⊙ A[0]. "yes" alone: the word 2·0.5 = 1.0, the patch 1·0.3 = 0.3, the word wins.
+    "yes vs no": the word (2 - 2.5)·0.5 = -0.25 -> 0, the patch (1 + 1)·0.3 = 0.6: the patch is why "yes"
+    and not "no", though the word carries both answers' logits."""
+    adapter = HandWorkedAdapter()
+    maps = {}
+    for spec in ("predicted", "predicted vs runner-up", "label", "no vs yes"):
+        captured, record, _ = capture_for(adapter, _item(), ["generic"], target=spec)
+        maps[spec] = (compute_relevancy(captured, "generic").values, record.relevancy_target)
+    np.testing.assert_allclose(maps["predicted"][0], [0.0, 1.0, 0.3])
+    np.testing.assert_allclose(maps["predicted vs runner-up"][0], [0.0, 0.0, 0.6])
+    np.testing.assert_allclose(maps["label"][0], [0.0, 1.25, 0.0])  # "no": the word 2.5·0.5; the patch -0.3 -> 0
+    np.testing.assert_allclose(maps["no vs yes"][0], [0.0, 0.25, 0.0])
+    assert [target for _, target in maps.values()] == ["yes", "yes vs no", "no", "no vs yes"]
+    gradcam, _, _ = capture_for(adapter, _item(), ["attention_gradcam"], target="predicted vs runner-up")
+    # Grad-CAM: the head's mean gradient over its block, (0 + -0.5 + 2) / 9, times the attention row.
+    np.testing.assert_allclose(
+        compute_relevancy(gradcam, "attention_gradcam").values, [0.0, 1.5 / 9 * 0.5, 1.5 / 9 * 0.3]
+    )
+
+
+def test_several_targets_live_in_one_store_and_old_entries_keep_their_names(tmp_path: pathlib.Path) -> None:
+    adapter = HandWorkedAdapter()
+    image = tmp_path / "image.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    sources = [ExampleSource("hand", "red", str(image), label="no"), ExampleSource("unlabelled", "red", str(image))]
+    store = tmp_path / "store"
+    report = extract(
+        adapter,
+        sources[:1],
+        store,
+        relevancy=["generic", "raw_attention"],
+        targets=["predicted", "predicted vs runner-up", "label"],
+        progress=False,
+    )
+    assert report.written == 1 and not report.failures
+    ds = open_dataset(store)
+    expected = ["generic", "generic [label]", "generic [predicted vs runner-up]", "raw_attention"]  # sorted
+    assert ds.vli.relevancy_methods == expected
+    assert (
+        ds.attrs["extraction"]
+        and '"targets": ["predicted", "predicted vs runner-up", "label"]' in ds.attrs["extraction"]
+    )
+    contrast = ds["relevancy"].sel(relevancy_method="generic [predicted vs runner-up]").isel(example=0)
+    np.testing.assert_allclose(contrast.values[:3], [0.0, 0.0, 0.6], rtol=1e-6)
+    explained = ds["relevancy_target"].isel(example=0).to_series().to_dict()
+    assert explained == {
+        "generic": "yes",
+        "raw_attention": "yes",
+        "generic [predicted vs runner-up]": "yes vs no",
+        "generic [label]": "no",
+    }
+    assert ds.vli.relevancy("hand", "generic [label]").attrs["target"] == "no"
+    # An example without a label cannot explain the label: it fails alone, with the reason.
+    failed = extract(
+        adapter, sources[1:], store, relevancy=["generic", "raw_attention"],
+        targets=["predicted", "predicted vs runner-up", "label"], progress=False,
+    )  # fmt: skip
+    assert [f.error for f in failed.failures] == ["VLIError: target 'label': this example has no ground-truth label"]
+
+
+def test_a_target_needs_a_method_that_explains_one(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(VLIError, match="needs a gradient or LRP relevancy method"):
+        extract(HandWorkedAdapter(), [], tmp_path, relevancy=["raw_attention"], targets=["label"], progress=False)
