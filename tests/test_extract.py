@@ -205,6 +205,8 @@ def test_cli_extract_exit_codes(
         ((str(checkpoint), str(store)), "give --images DIR and --texts FILE"),
         ((str(tmp_path / "nowhere"), str(store), "--scenes", "2"), "cannot load the model configuration"),
         ((str(checkpoint), str(store), "--scenes", "2", "--option", "oops"), "write KEY=VALUE"),
+        ((str(checkpoint), str(store), "--scenes", "2", "--target", "red vs red"), "an answer against itself"),
+        ((str(checkpoint), str(store), "--scenes", "2", "--target", "label"), "needs a gradient or LRP"),
     ]:
         assert main(["extract", *args]) == 2
         lines = capsys.readouterr().err.strip().splitlines()

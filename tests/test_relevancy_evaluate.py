@@ -196,6 +196,12 @@ def test_cli_evaluate_writes_the_report(tmp_path, capsys) -> None:
     assert "| transformer_attribution |" in table and "| generic |" in table
     assert main(["evaluate", "single_stream", "--examples", "0", "--out", str(out)]) == 2
     assert "at least 1" in capsys.readouterr().err
+    contrast = tmp_path / "contrast"
+    arguments = ["evaluate", "single_stream", "--examples", "2", "--out", str(contrast), "--quiet"]
+    assert main([*arguments, "--target", "predicted vs runner-up"]) == 0
+    assert "- explained target: predicted vs runner-up" in (contrast / "results.md").read_text()
+    assert main(["evaluate", "dual_encoder", "--examples", "1", "--out", str(contrast), "--target", "label"]) == 2
+    assert "scores one caption; target 'label' needs a model with answers" in capsys.readouterr().err
 
 
 def test_ties_are_broken_by_the_tie_breaker_not_by_position() -> None:

@@ -160,3 +160,16 @@ def test_several_targets_live_in_one_store_and_old_entries_keep_their_names(tmp_
 def test_a_target_needs_a_method_that_explains_one(tmp_path: pathlib.Path) -> None:
     with pytest.raises(VLIError, match="needs a gradient or LRP relevancy method"):
         extract(HandWorkedAdapter(), [], tmp_path, relevancy=["raw_attention"], targets=["label"], progress=False)
+
+
+def test_cli_extract_stores_the_targets_asked_for(tmp_path: pathlib.Path) -> None:
+    from vlinterpret_panel.cli import main
+
+    store = tmp_path / "store"
+    arguments = ["extract", "single_stream", str(store), "--scenes", "2", "--relevancy", "generic,rollout", "--quiet"]
+    assert main([*arguments, "--target", "predicted", "--target", "predicted vs runner-up"]) == 0
+    ds = open_dataset(store)
+    assert ds.vli.relevancy_methods == ["generic", "generic [predicted vs runner-up]", "rollout"]
+    explained = ds["relevancy_target"].sel(relevancy_method="generic [predicted vs runner-up]").values
+    predicted = ds["prediction"].values
+    assert all(str(text).startswith(f"{answer} vs ") for text, answer in zip(explained, predicted, strict=True))
