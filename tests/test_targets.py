@@ -173,3 +173,26 @@ def test_cli_extract_stores_the_targets_asked_for(tmp_path: pathlib.Path) -> Non
     explained = ds["relevancy_target"].sel(relevancy_method="generic [predicted vs runner-up]").values
     predicted = ds["prediction"].values
     assert all(str(text).startswith(f"{answer} vs ") for text, answer in zip(explained, predicted, strict=True))
+
+
+def test_a_picked_answer_is_read_when_stored_computed_with_a_model_else_refused(tmp_path: pathlib.Path) -> None:
+    from vlinterpret_panel.relevancy.chosen import COMPUTED, STORED, ChosenRelevancyReader, answer_choices
+
+    adapter = HandWorkedAdapter()
+    image = tmp_path / "image.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    store = tmp_path / "store"
+    sources = [ExampleSource("hand", "red", str(image), label="no")]
+    extract(adapter, sources, store, relevancy=["generic"], targets=["predicted vs runner-up"], progress=False)
+    ds = open_dataset(store)
+    choices = answer_choices(ds, "hand")
+    assert [name for name, _ in choices] == ["yes", "no"]
+    np.testing.assert_allclose([p for _, p in choices], [1 / (1 + np.exp(-0.35)), 1 / (1 + np.exp(0.35))], rtol=1e-6)
+    stored = ChosenRelevancyReader().relevancy(ds, "hand", "generic", "yes", "no")
+    assert (stored.source, stored.target) == (STORED, "yes vs no")
+    np.testing.assert_allclose(stored.values[:3], [0.0, 0.0, 0.6], rtol=1e-3)  # float16 in the store
+    with pytest.raises(VLIError, match="serve it with --model"):
+        ChosenRelevancyReader().relevancy(ds, "hand", "generic", "no")
+    computed = ChosenRelevancyReader(adapter).relevancy(ds, "hand", "generic", "no")
+    assert (computed.source, computed.target) == (COMPUTED, "no")
+    np.testing.assert_allclose(computed.values, [0.0, 1.25, 0.0])

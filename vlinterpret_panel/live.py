@@ -184,6 +184,11 @@ class LiveModel:
         self.builtin = spec.removeprefix("builtin:") in builtin_names()
         self._lock = threading.Lock()  # adapters hook their model while it runs: one run at a time
 
+    @property
+    def lock(self) -> threading.Lock:
+        """Held while the model runs: anything else that runs it (the relevancy of a picked answer) takes it too."""
+        return self._lock
+
     def check_store(self, ds: xr.Dataset) -> None:
         """Refuse a store of another model (its shards and this model's could not be opened together)."""
         if ds.attrs.get("model_name") != self.adapter.name:

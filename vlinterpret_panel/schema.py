@@ -182,6 +182,22 @@ VARIABLES: dict[str, Variable] = {
         np.nan,
         lambda r: r.score,
     ),
+    "top_answer": Variable(
+        ("example", "answer_rank"),
+        False,
+        {"long_name": "the model's most probable answers, the prediction first"},
+        object,
+        "",
+        lambda r: None if r.top_answers is None else np.array([a for a, _ in r.top_answers], object),
+    ),
+    "top_answer_probability": Variable(
+        ("example", "answer_rank"),
+        False,
+        {"long_name": "probability of each top answer (softmax over the model's answers)", "units": "1"},
+        np.float32,
+        np.nan,
+        lambda r: None if r.top_answers is None else np.array([p for _, p in r.top_answers], np.float32),
+    ),
     "correct": Variable(
         ("example",),
         False,
@@ -371,6 +387,7 @@ COORDINATE_ATTRS: dict[str, dict[str, str]] = {
     "grid_axis": {"long_name": "patch grid axis"},
     "step": {"long_name": "generation step: index of the generated token in the answer"},
     "rank": {"long_name": "rank of an alternative token at a generation step, 0 the most probable"},
+    "answer_rank": {"long_name": "rank of an answer by probability, 0 the prediction"},
 }
 
 REQUIRED_ATTRS = ("schema", "schema_version", "model_name", "created")
@@ -478,6 +495,7 @@ class ExampleRecord:
     label: str | None = None
     prediction: str | None = None
     score: float | None = None
+    top_answers: Sequence[tuple[str, float]] | None = None
     readout_tokens: Mapping[str, int] | None = None
     patch_position: np.ndarray | None = None
     target_mask: np.ndarray | None = None
@@ -594,6 +612,7 @@ def records_to_dataset(
         "grid_axis": len(GRID_AXES),
         "step": max(steps, default=0),
         "rank": max(ranks, default=0),
+        "answer_rank": max((len(r.top_answers or ()) for r in records), default=0),
     }
     sizes["query"] = sizes["key"] = sizes["token"]
     coords: dict[str, Any] = {}

@@ -33,7 +33,7 @@ from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.schema import VARIABLES
 
 # Shards may differ in size along these dims; blocks are padded to the store's largest.
-PADDED_DIMS = ("token", "query", "key", "head", "image_y", "image_x", "step", "rank")
+PADDED_DIMS = ("token", "query", "key", "head", "image_y", "image_x", "step", "rank", "answer_rank")
 # Variables read one example (and one layer) per task: the unit a click needs.
 _BLOCK_DIMS = ("layer", "hidden_layer")
 # Data variables with this many dims or more are read one example per task.

@@ -113,7 +113,8 @@ def test_export_holds_the_data_behind_the_view(dashboard: Dashboard, ds: xr.Data
 
 def test_a_bad_selection_shows_a_message_not_a_traceback(dashboard: Dashboard) -> None:
     dashboard.selection.relevancy_method = "no-such-method"
-    dashboard.relevancy._on_image(dashboard.selection.example, "no-such-method", False, "per map", 0.8, dashboard.ds)
+    example = dashboard.selection.example
+    dashboard.relevancy._on_image(example, "no-such-method", "", "", False, "per map", 0.8, dashboard.ds)
     assert "no-such-method" in dashboard.selection.message
 
 

@@ -98,6 +98,11 @@ class ModelRun:
     score: float
     target: str
     attention_gradient: np.ndarray | None = None
+    top_answers: list[tuple[str, float]] | None = None
+
+
+TOP_ANSWERS = 5
+"""Answers stored per example with their probabilities (``top_answer``): what the dashboard offers to explain."""
 
 
 class ModelAdapter(abc.ABC):
@@ -150,6 +155,7 @@ class ModelAdapter(abc.ABC):
         """Prediction, score and target of a ``forward`` capture, and the target's gradients when asked
         (``label``: the example's ground truth, for the ``label`` target)."""
         prediction, score, target_score, target_name = self._target(capture, Target.parse(target), label)
+        top = top_answers(capture)
         gradient = None
         if gradients:
             if not target_score.requires_grad:
@@ -161,7 +167,7 @@ class ModelAdapter(abc.ABC):
             raw = torch.autograd.grad(target_score, maps, allow_unused=True)
             grads = [torch.zeros_like(m) if g is None else g for m, g in zip(maps, raw, strict=True)]
             gradient = attention_frame(capture, grads)
-        return ModelRun(capture, prediction, score, target_name, gradient)
+        return ModelRun(capture, prediction, score, target_name, gradient, top)
 
     def to_record(self, item: ModelInput, run: ModelRun) -> tuple[ExampleRecord, ModelInfo]:
         """The schema record of ``item``'s run, and the model's layer layout."""
@@ -178,6 +184,7 @@ class ModelAdapter(abc.ABC):
             label=item.label,
             prediction=run.prediction,
             score=run.score,
+            top_answers=run.top_answers,
             readout_tokens=dict(capture.readout_tokens),
             patch_position=capture.patch_position,
             target_mask=item.target_mask,
@@ -214,6 +221,16 @@ class ModelAdapter(abc.ABC):
             return labels[predicted], float(probabilities[predicted]), output[first], labels[first]
         contrast = output[first] - output[second]
         return labels[predicted], float(probabilities[predicted]), contrast, f"{labels[first]}{VERSUS}{labels[second]}"
+
+
+def top_answers(capture: ForwardCapture, count: int = TOP_ANSWERS) -> list[tuple[str, float]] | None:
+    """The ``count`` most probable answers with their probabilities (None for a model without answers)."""
+    if capture.output_labels is None:
+        return None
+    probabilities = torch.softmax(capture.output.detach().reshape(-1).float(), dim=0)
+    top = torch.topk(probabilities, min(count, len(probabilities)))
+    labels = list(capture.output_labels)
+    return [(labels[int(i)], float(p)) for p, i in zip(top.values, top.indices, strict=True)]
 
 
 def attention_frame(capture: ForwardCapture, maps: Sequence[torch.Tensor]) -> np.ndarray:

@@ -36,7 +36,18 @@ class MethodEntry:
 
 
 _METHODS: dict[str, MethodEntry] = {}
-_SUPPORT_MODULES = {"capture", "common", "evaluate", "inputs", "localisation", "lrp", "registry", "result", "targets"}
+_SUPPORT_MODULES = {
+    "capture",
+    "common",
+    "evaluate",
+    "inputs",
+    "localisation",
+    "lrp",
+    "registry",
+    "result",
+    "targets",
+    "chosen",
+}
 
 
 def register(name: str, *, needs: Iterable[str]) -> Callable[[RelevancyMethod], RelevancyMethod]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 
 import holoviews as hv
@@ -30,8 +29,8 @@ from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.live import AddedExample, LiveModel
 from vlinterpret_panel.ui.answer import AnswerMapView, step_choices, step_chooser
 from vlinterpret_panel.ui.common import SELECTED_COLOR, dynamic_map, fit_title, guarded
-from vlinterpret_panel.ui.image import image_element, image_plot_size, map_element, overlay_element
-from vlinterpret_panel.ui.scales import colorbar_options, map_scale, title_colorbar
+from vlinterpret_panel.ui.image import difference_overlay, image_element, image_plot_size, map_element, overlay_element
+from vlinterpret_panel.ui.scales import colorbar_options, map_scale
 from vlinterpret_panel.ui.selection import Selection
 
 logger = logging.getLogger(__name__)
@@ -355,20 +354,7 @@ class CounterfactualView(AnswerMapView):
             tokens = ds.vli.tokens(pair[1])
             size = image_plot_size(tokens.image, COMPARE_SIZE)
             label = f"edited − original ({method}, ±{top:.3g})" if top > 0 else "no difference"
-            picture = image_element(tokens.image).opts(
-                invert_yaxis=True, xaxis=None, yaxis=None, alpha=0.35, framewise=True, **size
-            )
-            heat = map_element(difference, "difference").opts(
-                cmap="RdBu_r",
-                clim=(-top or -1.0, top or 1.0),
-                invert_yaxis=True,
-                alpha=0.85,
-                tools=["hover"],
-                clabel=label,
-                hooks=[partial(title_colorbar, label)],
-                **colorbar_options(),
-            )
-            return (picture * heat).opts(title=fit_title(label, size["frame_width"] + 60))
+            return difference_overlay(tokens.image, difference, label, size)
 
         return paint()
 

@@ -61,7 +61,7 @@ class Dashboard(View):
         self.image = ImageView(ds, selection)
         self.text = TextView(ds, selection)
         self.embedding = EmbeddingView(ds, selection)
-        self.relevancy = RelevancyView(ds, selection)
+        self.relevancy = RelevancyView(ds, selection, live=live)
         self.comparison = HeadComparison(ds, selection)
         self.export = ExportPanel(ds, selection)
         self.answer = AnswerView(ds, selection)

@@ -7,13 +7,22 @@ lasso-select several to average them.
 
 from __future__ import annotations
 
+from functools import partial
+
 import holoviews as hv
 import numpy as np
 import panel as pn
 import xarray as xr
 
 from vlinterpret_panel.ui.common import IMAGE_SIZE, SELECTED_COLOR, checkbox, dynamic_map, fit_title, guarded
-from vlinterpret_panel.ui.scales import SCALE_HELP, MapScale, map_scale, overlay_palette
+from vlinterpret_panel.ui.scales import (
+    SCALE_HELP,
+    MapScale,
+    colorbar_options,
+    map_scale,
+    overlay_palette,
+    title_colorbar,
+)
 from vlinterpret_panel.ui.selection import Selection
 from vlinterpret_panel.ui.view import View
 
@@ -47,6 +56,24 @@ def overlay_element(values: np.ndarray, scale: MapScale, quantity: str, opacity:
     return map_element(values, quantity).opts(
         cmap=overlay_palette(opacity), invert_yaxis=True, tools=["hover"], **scale.options(quantity)
     )
+
+
+def difference_overlay(pixels: np.ndarray, difference: np.ndarray, label: str, size: dict[str, int]) -> hv.Overlay:
+    """A signed map (e.g. one map minus another) over a faded image, on a symmetric diverging scale: red where
+    it is positive, blue where negative, white at 0; ``label`` titles the plot and its colorbar."""
+    top = float(np.nanmax(np.abs(difference))) if difference.size else 0.0
+    picture = image_element(pixels).opts(invert_yaxis=True, xaxis=None, yaxis=None, alpha=0.35, framewise=True, **size)
+    heat = map_element(difference, "difference").opts(
+        cmap="RdBu_r",
+        clim=(-top or -1.0, top or 1.0),
+        invert_yaxis=True,
+        alpha=0.85,
+        tools=["hover"],
+        clabel=label,
+        hooks=[partial(title_colorbar, label)],
+        **colorbar_options(),
+    )
+    return (picture * heat).opts(title=fit_title(label, size["frame_width"] + 60))
 
 
 def image_plot_size(pixels: np.ndarray, size: int = IMAGE_SIZE) -> dict[str, int]:

@@ -12,6 +12,7 @@ import xarray as xr
 from panel.io.document import hold
 
 from vlinterpret_panel.maps import DIRECTIONS
+from vlinterpret_panel.relevancy.targets import split_entry
 from vlinterpret_panel.schema import IMAGE, TEXT
 from vlinterpret_panel.ui.scales import DEFAULT_OPACITY, SCALES
 
@@ -76,6 +77,8 @@ class Selection(param.Parameterized):
     )
     subset = param.List(default=[], item_type=str, doc="ids of the examples the browser's filters keep")
     relevancy_method = param.String(default="", doc="relevancy method shown")
+    relevancy_answer = param.String(default="", doc="answer the relevancy explains; empty: the prediction")
+    relevancy_versus = param.String(default="", doc="second answer of a contrast; empty: none")
     message = param.String(default="", doc="the last user error, shown instead of a traceback")
 
     @classmethod
@@ -91,7 +94,7 @@ class Selection(param.Parameterized):
         selection.example = ids[0]
         methods = ds.vli.relevancy_methods
         if methods:
-            selection.relevancy_method = ds.vli.best_relevancy_method() or methods[0]
+            selection.relevancy_method = split_entry(ds.vli.best_relevancy_method() or methods[0])[0]
         selection.layer, selection.tokens = default_focus(ds, ids[0])
         kinds = set(ds["layer_kind"].values.tolist())
         if not kinds & {"self", "cross_text_to_image", "cross_image_to_text"}:
