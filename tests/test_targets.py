@@ -196,3 +196,23 @@ def test_a_picked_answer_is_read_when_stored_computed_with_a_model_else_refused(
     computed = ChosenRelevancyReader(adapter).relevancy(ds, "hand", "generic", "no")
     assert (computed.source, computed.target) == (COMPUTED, "no")
     np.testing.assert_allclose(computed.values, [0.0, 1.25, 0.0])
+
+
+def test_an_example_added_live_gets_the_stores_targets(tmp_path: pathlib.Path) -> None:
+    from vlinterpret_panel.live import LiveModel
+    from vlinterpret_panel.relevancy.targets import methods_and_targets
+
+    adapter = HandWorkedAdapter()
+    image = tmp_path / "image.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    store = tmp_path / "store"
+    sources = [ExampleSource("hand", "red", str(image), label="no")]
+    targets = ["predicted", "predicted vs runner-up"]
+    extract(adapter, sources, store, relevancy=["generic", "rollout"], targets=targets, progress=False)
+    entries = open_dataset(store).vli.relevancy_methods
+    assert methods_and_targets(entries) == (["generic", "rollout"], targets)
+    assert methods_and_targets(["generic", "rollout"]) == (["generic", "rollout"], [])
+    added = LiveModel("hand_worked", adapter).add_example(store, np.zeros((8, 8, 3), np.uint8), "red")
+    ds = open_dataset(store)
+    assert ds.sizes["example"] == 2 and ds.vli.relevancy_methods == entries
+    assert ds.vli.relevancy(added.example_id, "generic [predicted vs runner-up]").attrs["target"] == "yes vs no"

@@ -33,6 +33,7 @@ from vlinterpret_panel.adapters.base import ModelAdapter, ModelInput
 from vlinterpret_panel.counterfactual import Edit
 from vlinterpret_panel.errors import VLIError, error_line
 from vlinterpret_panel.extract import provenance, run_batch
+from vlinterpret_panel.relevancy.targets import methods_and_targets
 from vlinterpret_panel.schema import CORRECT_UNKNOWN, records_to_dataset
 from vlinterpret_panel.store import Precision, open_dataset, write_shard
 
@@ -227,7 +228,7 @@ class LiveModel:
             image, target_mask = fit_image(image), None
         ds = opened if opened is not None else open_dataset(store)
         self.check_store(ds)
-        methods = ds.vli.relevancy_methods
+        methods, targets = methods_and_targets(ds.vli.relevancy_methods)
         precision = _store_precision(ds)
         existing = {str(i) for i in ds.indexes["example"]}
         example_id = f"{LIVE_ID_PREFIX}{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
@@ -236,14 +237,14 @@ class LiveModel:
         item = ModelInput(example_id, image, text, label=label, target_mask=target_mask)
         generation = _store_generation(ds)
         with self._lock:
-            (result,) = run_batch(self.adapter, [item], [] if generation else methods, generation)
+            (result,) = run_batch(self.adapter, [item], [] if generation else methods, generation, targets)
         if isinstance(result, BaseException):
             raise VLIError(f"the model failed on this example: {error_line(result)}")
         record, info = result
         if counterfactual_of is not None:
             record.counterfactual_of = counterfactual_of
             record.counterfactual_edit = edit.to_json() if edit is not None else ""
-        attrs = provenance(self.spec, {}, 1, precision, [] if generation else methods, generation) | {
+        attrs = provenance(self.spec, {}, 1, precision, [] if generation else methods, generation, targets) | {
             "source": "counterfactual" if counterfactual_of is not None else "add example",
             "failures": [],
         }

@@ -15,6 +15,7 @@ evidence; the contrast of two logits is the usual way to explain it (why A rathe
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -103,3 +104,12 @@ def split_entry(entry: str) -> tuple[str, Target]:
         method, spec = entry[:-1].split(" [", 1)
         return method, Target.parse(spec)
     return entry, Target()
+
+
+def methods_and_targets(entries: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The methods and the targets (as ``--target`` takes them; ``[]`` for the prediction alone) that a store's
+    ``relevancy_method`` entries were extracted with, so an example added later gets the same entries."""
+    split = [split_entry(entry) for entry in entries]
+    methods = list(dict.fromkeys(method for method, _ in split))
+    targets = list(dict.fromkeys(str(target) for _, target in split))
+    return methods, [] if targets == [PREDICTED] else targets
