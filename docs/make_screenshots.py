@@ -160,6 +160,18 @@ def run(store: Path, out: Path) -> None:
         shots.wait_for_figure("text relevancy for")
         shots.settle(2.0)
         shots.shoot("relevancy-view.png", shots.box("text relevancy for", 3))
+        # Generic relevancy of the prediction against the runner-up (stored with --target "predicted vs
+        # runner-up"): the answer list, the contrast's maps and the pair row with its difference.
+        method = page.get_by_label("method")
+        names = method.locator("option").all_inner_texts()
+        method.select_option(index=next(i for i, name in enumerate(names) if name.startswith("generic")))
+        against = page.get_by_label("against")
+        predicted, runner_up = (name.split(" · ")[0] for name in against.locator("option").all_inner_texts()[1:3])
+        against.select_option(index=2)
+        shots.wait_for_figure(f"generic → {predicted} vs {runner_up}")
+        shots.wait_for_figure(f"{predicted} − {runner_up}")
+        shots.settle(2.0)
+        shots.shoot("relevancy-contrast.png", shots.box(f"generic → {predicted} vs {runner_up}", 3))
 
         shots.tab("Compare heads")
         chooser = page.locator("select[multiple]")

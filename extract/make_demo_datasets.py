@@ -33,6 +33,9 @@ from vlinterpret_panel.store import open_dataset
 
 DATASETS = Path(__file__).resolve().parents[1] / "datasets"
 RELEVANCY = ("generic", "rollout", "raw_attention", "attention_gradcam")
+TARGETS = ("predicted", "runner-up", "predicted vs runner-up")
+"""What the VQA stores' gradient methods explain: the prediction, the runner-up, and why the one rather than the
+other (the relevancy view's pair row shows all three without a model)."""
 FIRST_SEED = world.HELDOUT_SEED_START
 COMMAND = "python extract/make_demo_datasets.py"
 
@@ -86,6 +89,7 @@ def make_store(spec: DemoSpec) -> dict[str, object]:
         examples_per_shard=60 if generative else 50,
         precision="float16",
         relevancy=() if generative else RELEVANCY,
+        targets=TARGETS if spec.scene_text == "question" else (),  # a caption's score has no runner-up
         generation=GENERATION if generative else None,
         progress=False,
     )
@@ -190,7 +194,8 @@ store is deleted first, so a rerun replaces it) and this file. It runs each buil
 (`vlinterpret_panel/models/weights/`, loaded through `load_adapter(NAME)`) with
 `vlinterpret_panel.extract.extract`, the function behind
 `vlinterpret extract NAME STORE --scenes N --seed {FIRST_SEED} --relevancy {",".join(RELEVANCY)}`
-(`--scene-text caption` for the dual encoder), batch size 16, 50 examples per shard, float16 storage.
+{" ".join(f'--target "{target}"' for target in TARGETS)} (`--scene-text caption` and no target for the dual
+encoder: its score has no runner-up), batch size 16, 50 examples per shard, float16 storage.
 The generative store is the function behind `vlinterpret extract generative STORE --scenes N
 --scene-text describe --generate --relevancy all --rows all` (and `--scene-text question` for
 every other scene), 60 examples per shard: answers of up to 32 generated tokens, every layer and

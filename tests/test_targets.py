@@ -67,7 +67,7 @@ def test_targets_are_read_and_written_the_same_way(spec: object, parsed: Target,
     assert Target.parse(written) == parsed
 
 
-@pytest.mark.parametrize("spec", ["runner-up", "red vs red", "a vs b vs c", " vs blue"])
+@pytest.mark.parametrize("spec", ["runner-up vs red", "red vs red", "a vs b vs c", " vs blue"])
 def test_a_target_that_explains_nothing_is_refused(spec: str) -> None:
     with pytest.raises(VLIError, match="target"):
         Target.parse(spec)
@@ -78,6 +78,7 @@ def test_targets_resolve_to_output_indices() -> None:
     assert Target().resolve(logits, labels) == (1, None)
     assert Target("predicted", "runner-up").resolve(logits, labels) == (1, 2)
     assert Target("red", "runner-up").resolve(logits, labels) == (0, 1)  # the best answer other than red
+    assert Target("runner-up").resolve(logits, labels) == (2, None)  # the best answer other than the prediction
     assert Target("label", "predicted").resolve(logits, labels, label="green") == (2, 1)
     assert Target("2").resolve(logits, labels) == (2, None)
     with pytest.raises(VLIError, match="no ground-truth label"):

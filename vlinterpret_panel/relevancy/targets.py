@@ -5,9 +5,10 @@ A target is written as text, the same in the Python API, the command line and th
 * ``predicted`` (the default): the predicted answer's logit;
 * ``label``: the ground-truth answer's logit (the example must have a label);
 * an answer by name (``red``) or by output index (``3``);
+* ``runner-up``: the most probable answer other than the prediction;
 * a contrast ``A vs B``: logit(A) - logit(B), e.g. ``predicted vs runner-up`` ("why this answer rather than
-  the next best?"), ``red vs blue``, ``label vs predicted``. ``runner-up`` is the highest-scoring answer other
-  than A.
+  the next best?"), ``red vs blue``, ``label vs predicted``. In a contrast, ``runner-up`` is the
+  highest-scoring answer other than A.
 
 A saturated classifier (probability about 1) gives gradients of its winning logit that say little about the
 evidence; the contrast of two logits is the usual way to explain it (why A rather than B).
@@ -46,8 +47,8 @@ class Target:
         parts = [part.strip() for part in str(spec).split(VERSUS)]
         if len(parts) > 2 or not all(parts):
             raise VLIError(f"target {spec!r}: write an answer (predicted, label, a name, an index) or 'A vs B'")
-        if parts[0] == RUNNER_UP:
-            raise VLIError(f"target {spec!r}: 'runner-up' is only the second answer of a contrast ('A vs runner-up')")
+        if parts[0] == RUNNER_UP and len(parts) == 2:
+            raise VLIError(f"target {spec!r}: 'runner-up' is the second answer of a contrast ('A vs runner-up')")
         if len(parts) == 2 and parts[0] == parts[1]:
             raise VLIError(f"target {spec!r}: an answer against itself explains nothing")
         return cls(parts[0], parts[1] if len(parts) == 2 else None)
@@ -77,7 +78,7 @@ def _index(answer: str, logits: np.ndarray, labels: list[str], label: str | None
         return int(np.argmax(logits))
     if answer == RUNNER_UP:
         ranked = [int(i) for i in np.argsort(-np.asarray(logits), kind="stable")]
-        return next(i for i in ranked if i != other)
+        return ranked[1] if other is None else next(i for i in ranked if i != other)
     if answer == LABEL:
         if label is None:
             raise VLIError("target 'label': this example has no ground-truth label")

@@ -107,7 +107,7 @@ class RelevancyView(View):
         self.selection.param.update(relevancy_answer="", relevancy_versus="")
         self._answer.options = labels
         self._answer.value = choices[0][0] if choices else None
-        self._versus.options = {"nothing (this answer alone)": "", **labels}
+        self._versus.options = {"none": "", **labels}
         self._versus.value = ""
 
     def _answer_note(self, method: str) -> str:
@@ -159,7 +159,7 @@ class RelevancyView(View):
         relevancy = ds.vli.relevancy(example, method)
         values, target = relevancy.values, relevancy.attrs["target"]
         image_tokens = tokens.image_tokens()
-        others = [ds.vli.relevancy(example, m).values[image_tokens] for m in ds.vli.relevancy_methods]
+        others = [ds.vli.relevancy(example, m).values[image_tokens] for m in _prediction_entries(ds)]
         colour_range = map_scale(np.nan_to_num(values[image_tokens]), relevancy_scale(scale), shared_with=others)
         painted = ds.vli.values_on_image(example, np.nan_to_num(values), smooth=smooth).values
         size = size or image_plot_size(tokens.image)
@@ -291,8 +291,9 @@ class RelevancyView(View):
         return difference_overlay(tokens.image, painted, label, size)
 
     def _comparison(self, example: str, smooth: bool, scale: str, opacity: float, ds: xr.Dataset) -> hv.Layout:
+        """Every stored method's map of the prediction (other targets are reached through the answer list)."""
         size = {"frame_width": COMPARISON_SIZE, "frame_height": COMPARISON_SIZE}
-        methods = ds.vli.relevancy_methods
+        methods = _prediction_entries(ds)
         maps = [self._image_with(ds, example, method, smooth, scale, opacity, size) for method in methods]
         return hv.Layout(maps).cols(4)
 
@@ -351,3 +352,8 @@ def _explains_answers(method: str) -> bool:
         return depends_on_target(split_entry(method)[0])
     except VLIError:
         return False
+
+
+def _prediction_entries(ds: xr.Dataset) -> list[str]:
+    """The stored maps of the prediction, one per method (entries for other targets left out)."""
+    return [entry for entry in ds.vli.relevancy_methods if split_entry(entry)[1].is_default]
