@@ -102,11 +102,14 @@ class ChosenRelevancyReader:
 
 
 def _stored(ds: xr.Dataset, example: str, method: str, wanted: str) -> ChosenRelevancy | None:
-    """The stored map of ``method`` whose resolved target for ``example`` is ``wanted``, if the store has one."""
-    for entry in ds.vli.relevancy_methods:
-        if split_entry(entry)[0] != method:
-            continue
-        relevancy = ds.vli.relevancy(example, entry)
-        if relevancy.attrs["target"] == wanted:
-            return ChosenRelevancy(np.nan_to_num(relevancy.values), wanted, STORED)
+    """The stored map of ``method`` whose resolved target for ``example`` is ``wanted``, if the store has one.
+
+    The example's targets (one small read) pick the entry; only that map is read."""
+    entries = [entry for entry in ds.vli.relevancy_methods if split_entry(entry)[0] == method]
+    if not entries or "relevancy_target" not in ds:
+        return None
+    targets = ds["relevancy_target"].isel(example=ds.vli.position(example)).sel(relevancy_method=entries).values
+    for entry, target in zip(entries, targets, strict=True):
+        if str(target) == wanted:
+            return ChosenRelevancy(np.nan_to_num(ds.vli.relevancy(example, entry).values), wanted, STORED)
     return None
