@@ -32,21 +32,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.timing import load_average, summary  # noqa: E402
 from vlinterpret_panel import open_dataset  # noqa: E402
 from vlinterpret_panel.counterfactual import Edit  # noqa: E402
 from vlinterpret_panel.live import LiveModel  # noqa: E402
-
-
-def _load() -> str:
-    return Path("/proc/loadavg").read_text().split()[0]
-
-
-def _summary(name: str, seconds: list[float]) -> str:
-    values = np.array(seconds) * 1000
-    return (
-        f"{name}: n={len(values)} p50 {np.percentile(values, 50):.0f} ms, p95 {np.percentile(values, 95):.0f} ms, "
-        f"max {values.max():.0f} ms"
-    )
 
 
 def copy_store(directory: Path) -> Path:
@@ -66,7 +55,7 @@ def bench_edits(store: Path, edits: int) -> None:
         started = time.perf_counter()
         live.add_counterfactual(store, example, Edit(box=box, fill="background"))
         seconds.append(time.perf_counter() - started)
-    print(_summary("add_counterfactual (generate + capture + shard), in process", seconds), f"load {_load()}")
+    print(summary("add_counterfactual (generate + capture + shard), in process", seconds), f"load {load_average()}")
 
 
 def bench_searches(store: Path, searches: int) -> None:
@@ -83,9 +72,9 @@ def bench_searches(store: Path, searches: int) -> None:
             reruns.append(found.reruns)
             sizes.append(len(found.kept) / len(found.units))
     print(
-        _summary("causal search, in process", seconds),
+        summary("causal search, in process", seconds),
         f"reruns median {np.median(reruns):.0f} (max {max(reruns)}), kept share median {np.median(sizes):.2f},",
-        f"load {_load()}",
+        f"load {load_average()}",
     )
 
 
@@ -145,8 +134,8 @@ def bench_browser(store: Path, runs: int) -> None:
             explain_seconds.append(time.perf_counter() - started)
             app.page.get_by_text("reruns in").first.wait_for(timeout=30_000)  # the view shows it on its next poll
             time.sleep(1.0)
-    print(_summary("chromium: Run edit -> comparison of the new pair shown", edit_seconds), f"load {_load()}")
-    print(_summary("chromium: Explain -> result shown", explain_seconds), f"load {_load()}")
+    print(summary("chromium: Run edit -> comparison of the new pair shown", edit_seconds), f"load {load_average()}")
+    print(summary("chromium: Explain -> result shown", explain_seconds), f"load {load_average()}")
 
 
 def main() -> None:
@@ -155,7 +144,7 @@ def main() -> None:
     parser.add_argument("--searches", type=int, default=40)
     parser.add_argument("--browser-runs", type=int, default=5, help="0 skips the chromium part")
     args = parser.parse_args()
-    print(f"load {_load()}")
+    print(f"load {load_average()}")
     with tempfile.TemporaryDirectory() as directory:
         store = copy_store(Path(directory))
         bench_edits(store, args.edits)

@@ -21,26 +21,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.timing import load_average, summary  # noqa: E402
 from vlinterpret_panel import open_dataset  # noqa: E402
 from vlinterpret_panel.live import LiveModel  # noqa: E402
 from vlinterpret_panel.relevancy.chosen import ChosenRelevancyReader, answer_choices  # noqa: E402
-
-
-def _load() -> str:
-    return Path("/proc/loadavg").read_text().split()[0]
-
-
-def _summary(name: str, seconds: list[float]) -> str:
-    values = np.array(seconds) * 1000
-    return (
-        f"{name}: n={len(values)} p50 {np.percentile(values, 50):.0f} ms, p95 {np.percentile(values, 95):.0f} ms, "
-        f"max {values.max():.0f} ms"
-    )
 
 
 def bench_in_process(store: Path, examples: int) -> None:
@@ -56,8 +43,8 @@ def bench_in_process(store: Path, examples: int) -> None:
         began = time.perf_counter()
         reader.relevancy(ds, example, "generic", answers[2])
         computed.append(time.perf_counter() - began)
-    print(_summary("in process: a stored map (the contrast with the runner-up)", stored), f"load {_load()}")
-    print(_summary("in process: a map computed with the model (the third answer)", computed), f"load {_load()}")
+    print(summary("in process: a stored map (the contrast with the runner-up)", stored), f"load {load_average()}")
+    print(summary("in process: a map computed with the model (the third answer)", computed), f"load {load_average()}")
 
 
 def bench_browser(store: Path, picks: int) -> None:
@@ -93,9 +80,12 @@ def bench_browser(store: Path, picks: int) -> None:
             app.wait_for_figure(f"{answers[0]} − {answers[1][:6]}", timeout=30)
             stored.append(time.perf_counter() - began)
         assert not [error for error in app.errors if "ERR_NAME_NOT_RESOLVED" not in error], app.errors
-    print(_summary("chromium: pick an answer -> its computed map shown", computed), f"load {_load()}")
-    print(_summary("  of which Playwright's check() of the radio button", clicks))
-    print(_summary("chromium: pick 'against' -> the stored contrast and the pair row shown", stored), f"load {_load()}")
+    print(summary("chromium: pick an answer -> its computed map shown", computed), f"load {load_average()}")
+    print(summary("  of which Playwright's check() of the radio button", clicks))
+    print(
+        summary("chromium: pick 'against' -> the stored contrast and the pair row shown", stored),
+        f"load {load_average()}",
+    )
 
 
 def main() -> None:
@@ -103,7 +93,7 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=20)
     parser.add_argument("--browser-picks", type=int, default=12, help="0 skips the chromium part")
     args = parser.parse_args()
-    print(f"load {_load()}")
+    print(f"load {load_average()}")
     with tempfile.TemporaryDirectory() as directory:
         store = Path(directory) / "store"
         shutil.copytree(REPO / "datasets" / "single_stream", store, ignore=shutil.ignore_patterns(".index"))
