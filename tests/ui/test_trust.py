@@ -144,6 +144,17 @@ def test_the_first_screen_of_each_demo_store_shows_a_map_on_the_image(
         assert app.errors == []
 
 
+def test_every_sidebar_control_fits_the_sidebar(app: AppPage) -> None:
+    """Panel's default widget width (300 px) widened the sidebar's column past its 280 px, and the search box,
+    the example list, the layer slider and the token movie's buttons ran under its edge, cut."""
+    app.open()
+    app.page.wait_for_timeout(1000)
+    overflow = app.page.evaluate(
+        "() => { const n = document.querySelector('.sidenav'); return n.scrollWidth - n.clientWidth; }"
+    )
+    assert overflow <= 2, f"the sidebar's content is {overflow} px wider than the sidebar"
+
+
 def test_nothing_is_off_screen_sideways_at_1280_by_800(browser: object, app_url: str) -> None:
     with app_page(browser, app_url, {"width": 1280, "height": 800}) as app:
         app.open()

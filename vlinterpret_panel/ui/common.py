@@ -27,6 +27,9 @@ SUMMARY_SIZE = 200
 IMAGE_SIZE = 240
 MATRIX_SIZE = 230
 SIDEBAR_WIDTH = 280
+SIDEBAR_CONTROL_WIDTH = 245
+"""Widest fixed-width control in the sidebar: with its margins it fits the sidebar's 265 px of content (Panel's
+default width, 300 px, widened the sidebar's column under its edge and cut every stretched control there)."""
 TITLE_PIXELS_PER_CHARACTER = 8.5
 # Every tap goes through HoloViews' Tap stream (Bokeh's plot-level tap event). No plot has Bokeh's
 # tap *tool*: it would select the tapped glyph and fade all others, which hides the data.

@@ -8,7 +8,7 @@ import param
 import xarray as xr
 
 from vlinterpret_panel.accessor import CORRECT_NAMES
-from vlinterpret_panel.ui.common import heading
+from vlinterpret_panel.ui.common import SIDEBAR_CONTROL_WIDTH, heading
 from vlinterpret_panel.ui.selection import Selection, valid_tokens
 from vlinterpret_panel.ui.view import View
 
@@ -123,7 +123,9 @@ class ExampleBrowser(View):
 
     def __panel__(self) -> pn.viewable.Viewable:
         filters: list[pn.widgets.Widget] = [
-            pn.widgets.TextInput.from_param(self.param.search, placeholder="search the text")
+            pn.widgets.TextInput.from_param(
+                self.param.search, placeholder="search the text", width=SIDEBAR_CONTROL_WIDTH
+            )
         ]
         filters += [
             pn.widgets.Select.from_param(self.param[name], width=140)

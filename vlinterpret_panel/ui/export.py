@@ -70,8 +70,8 @@ class ExportPanel(View):
         return io.BytesIO(current_view_table(self.ds, self.selection).to_csv(index=False).encode())
 
     def __panel__(self) -> pn.viewable.Viewable:
-        netcdf = pn.widgets.FileDownload(callback=self._netcdf, filename="view.nc", label="data (netCDF)", width=150)
-        csv = pn.widgets.FileDownload(callback=self._csv, filename="view.csv", label="tokens (CSV)", width=150)
+        netcdf = pn.widgets.FileDownload(callback=self._netcdf, filename="view.nc", label="data (netCDF)", width=118)
+        csv = pn.widgets.FileDownload(callback=self._csv, filename="view.csv", label="tokens (CSV)", width=118)
 
         def rename(*events: object) -> None:
             netcdf.filename, csv.filename = f"{self._stem()}.nc", f"{self._stem()}.csv"

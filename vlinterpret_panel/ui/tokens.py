@@ -7,7 +7,7 @@ import param
 import xarray as xr
 
 from vlinterpret_panel.schema import TEXT
-from vlinterpret_panel.ui.common import heading
+from vlinterpret_panel.ui.common import SIDEBAR_CONTROL_WIDTH, heading
 from vlinterpret_panel.ui.selection import Selection
 from vlinterpret_panel.ui.view import View
 
@@ -21,11 +21,18 @@ class TokenControls(View):
     def __init__(self, ds: xr.Dataset, selection: Selection | None = None, **params) -> None:
         super().__init__(ds, selection, **params)
         selection = self.selection
-        self._layer = pn.widgets.IntSlider.from_param(selection.param.layer, label="layer")
+        self._layer = pn.widgets.IntSlider.from_param(selection.param.layer, label="layer", width=SIDEBAR_CONTROL_WIDTH)
         self._head = pn.widgets.Select(label="head", options=[MEAN, *map(str, range(ds.sizes["head"]))], width=100)
         self._token = pn.widgets.Select(label="query token", width=200)
         self._movie = pn.widgets.Player(
-            label="token movie", start=0, end=1, value=0, interval=MOVIE_INTERVAL_MS, loop_policy="loop", width=300
+            label="token movie",
+            start=0,
+            end=1,
+            value=0,
+            interval=MOVIE_INTERVAL_MS,
+            loop_policy="loop",
+            visible_buttons=["first", "previous", "pause", "play", "next", "last"],  # nine ran past the edge
+            width=SIDEBAR_CONTROL_WIDTH,
         )
         self._options_for: tuple | None = None
         self._head.param.watch(self._head_chosen, "value")
