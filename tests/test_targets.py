@@ -47,6 +47,21 @@ class HandWorkedAdapter(ModelAdapter):
         )
 
 
+def _image_file(tmp_path: pathlib.Path) -> str:
+    """A black 8x8 PNG: the hand-worked model ignores the image."""
+    image = tmp_path / "image.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    return str(image)
+
+
+def _hand_store(tmp_path: pathlib.Path, relevancy: list[str], targets: list[str]) -> pathlib.Path:
+    """A store of the one labelled hand-worked example, extracted with ``relevancy`` for ``targets``."""
+    store = tmp_path / "store"
+    sources = [ExampleSource("hand", "red", _image_file(tmp_path), label="no")]
+    extract(HandWorkedAdapter(), sources, store, relevancy=relevancy, targets=targets, progress=False)
+    return store
+
+
 def _item(label: str | None = "no") -> ModelInput:
     return ModelInput("hand", np.zeros((8, 8, 3), np.uint8), "red", label=label)
 
@@ -120,9 +135,8 @@ def test_the_contrast_explains_why_one_answer_and_not_the_other_as_worked_by_han
 
 def test_several_targets_live_in_one_store_and_old_entries_keep_their_names(tmp_path: pathlib.Path) -> None:
     adapter = HandWorkedAdapter()
-    image = tmp_path / "image.png"
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
-    sources = [ExampleSource("hand", "red", str(image), label="no"), ExampleSource("unlabelled", "red", str(image))]
+    image = _image_file(tmp_path)
+    sources = [ExampleSource("hand", "red", image, label="no"), ExampleSource("unlabelled", "red", image)]
     store = tmp_path / "store"
     report = extract(
         adapter,
@@ -180,12 +194,7 @@ def test_a_picked_answer_is_read_when_stored_computed_with_a_model_else_refused(
     from vlinterpret_panel.relevancy.chosen import COMPUTED, STORED, ChosenRelevancyReader, answer_choices
 
     adapter = HandWorkedAdapter()
-    image = tmp_path / "image.png"
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
-    store = tmp_path / "store"
-    sources = [ExampleSource("hand", "red", str(image), label="no")]
-    extract(adapter, sources, store, relevancy=["generic"], targets=["predicted vs runner-up"], progress=False)
-    ds = open_dataset(store)
+    ds = open_dataset(_hand_store(tmp_path, ["generic"], ["predicted vs runner-up"]))
     choices = answer_choices(ds, "hand")
     assert [name for name, _ in choices] == ["yes", "no"]
     np.testing.assert_allclose([p for _, p in choices], [1 / (1 + np.exp(-0.35)), 1 / (1 + np.exp(0.35))], rtol=1e-6)
@@ -204,12 +213,8 @@ def test_an_example_added_live_gets_the_stores_targets(tmp_path: pathlib.Path) -
     from vlinterpret_panel.relevancy.targets import methods_and_targets
 
     adapter = HandWorkedAdapter()
-    image = tmp_path / "image.png"
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
-    store = tmp_path / "store"
-    sources = [ExampleSource("hand", "red", str(image), label="no")]
     targets = ["predicted", "predicted vs runner-up"]
-    extract(adapter, sources, store, relevancy=["generic", "rollout"], targets=targets, progress=False)
+    store = _hand_store(tmp_path, ["generic", "rollout"], targets)
     entries = open_dataset(store).vli.relevancy_methods
     assert methods_and_targets(entries) == (["generic", "rollout"], targets)
     assert methods_and_targets(["generic", "rollout"]) == (["generic", "rollout"], [])

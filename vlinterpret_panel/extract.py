@@ -217,7 +217,7 @@ def run_batch(
     Returns one (record, info) or the exception per item, so one bad example never costs
     the others: a batch that fails is rerun one example at a time. With ``relevancy``
     methods, each record gets their values; methods that declare they need gradients (or
-    LRP) run one example at a time through ``relevancy.capture.capture_for``. With
+    LRP) run one example at a time through ``relevancy.capture.record_for_targets``. With
     ``generation``, each item's answer is generated and captured token by token
     (``adapters.generative.capture_answer``; its options name the relevancy methods).
     ``targets`` (``relevancy.targets``) other than the predicted answer store the target-dependent methods
@@ -237,7 +237,7 @@ def run_batch(
                 answers.append(error)
         return answers
 
-    from vlinterpret_panel.relevancy.capture import add_relevancy, capture_for, record_for_targets
+    from vlinterpret_panel.relevancy.capture import add_relevancy, record_for_targets
     from vlinterpret_panel.relevancy.inputs import Captured
     from vlinterpret_panel.relevancy.registry import ATTENTION, needs
 
@@ -262,11 +262,8 @@ def run_batch(
     results = []
     for item in items:
         try:
-            if relevancy and targets:
+            if relevancy:
                 record, info = record_for_targets(adapter, item, relevancy, targets)
-            elif relevancy:
-                captured, record, info = capture_for(adapter, item, relevancy)
-                add_relevancy(record, captured, relevancy)
             else:
                 record, info = adapter.run(item)
             results.append((record, info))

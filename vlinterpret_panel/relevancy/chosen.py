@@ -13,9 +13,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 import xarray as xr
 
-from vlinterpret_panel.adapters.base import ModelAdapter, ModelInput
+from vlinterpret_panel.adapters.base import ModelAdapter, ModelInput, top_answers
 from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.relevancy.capture import capture_for, relevancy_values
 from vlinterpret_panel.relevancy.targets import VERSUS, Target, split_entry
@@ -46,11 +47,7 @@ def answer_choices(ds: xr.Dataset, example: str, adapter: ModelAdapter | None = 
         if stored:
             return stored
     if adapter is not None:
-        from vlinterpret_panel.adapters.base import top_answers
-
         tokens = ds.vli.tokens(example)
-        import torch
-
         with torch.no_grad():
             found = top_answers(adapter.forward(tokens.image, tokens.text))
         if found:

@@ -100,6 +100,15 @@ class RelevancyView(View):
     def dataset_changed(self) -> None:
         self._choices.clear()
 
+    def answer_or_prediction(self, example: str, answer: str) -> str:
+        """``answer``, or the example's prediction (its first choice) when none was picked ("")."""
+        if answer:
+            return answer
+        choices = self.choices(example)
+        if not choices:
+            raise VLIError("this example has no answers to explain")
+        return choices[0][0]
+
     def _example_changed(self, *events: object) -> None:
         """A new example: its answers in the list, the prediction picked, no contrast."""
         choices = self.choices(self.selection.example)
@@ -126,7 +135,7 @@ class RelevancyView(View):
 
     def _versus_picked(self, event: object) -> None:
         versus = str(self._versus.value or "")
-        answer = self.selection.relevancy_answer or (str(self._answer.value) if self._answer.value else "")
+        answer = self.answer_or_prediction(self.selection.example, self.selection.relevancy_answer) if versus else ""
         self.selection.relevancy_versus = "" if versus == answer else versus
 
     def chosen(self, ds: xr.Dataset, example: str, method: str, answer: str, versus: str) -> ChosenRelevancy | None:
@@ -134,12 +143,7 @@ class RelevancyView(View):
         method that reads attention only: its map is the same for every answer)."""
         if (not answer and not versus) or not _explains_answers(method):
             return None
-        if not answer:
-            choices = self.choices(example)
-            if not choices:
-                raise VLIError("this example has no answers to contrast")
-            answer = choices[0][0]
-        return self.reader.relevancy(ds, example, method, answer, versus)
+        return self.reader.relevancy(ds, example, method, self.answer_or_prediction(example, answer), versus)
 
     def _empty_image(self, message: str) -> hv.Overlay:
         blank = np.zeros((1, 1, 3), dtype=np.uint8)
@@ -263,8 +267,7 @@ class RelevancyView(View):
         if not relevancy_versus:
             return pn.pane.Markdown("Pick a second answer (**against**) to see both maps and their difference.")
         try:
-            choices = self.choices(example)
-            answer = relevancy_answer or (choices[0][0] if choices else "")
+            answer = self.answer_or_prediction(example, relevancy_answer)
             first = self.reader.relevancy(ds, example, relevancy_method, answer)
             second = self.reader.relevancy(ds, example, relevancy_method, relevancy_versus)
         except VLIError as error:
