@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from vlinterpret_panel.adapters.base import ModelAdapter, ModelInput, attention_frame
+from vlinterpret_panel.adapters.base import ForwardCapture, ModelAdapter, ModelInput, attention_frame
 from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.models.dual_encoder import DualEncoderModel
 from vlinterpret_panel.models.dual_stream import CoAttentionLayer, DualStreamModel
@@ -122,16 +122,19 @@ def _detach(value: object) -> object:
     return value
 
 
-def _weight(linear: nn.Linear) -> Tensor:
+def weight_of(linear: nn.Linear) -> Tensor:
+    """A linear layer's weight, detached, as float64."""
     return linear.weight.detach().double()
 
 
-def _split_heads(x: Tensor, num_heads: int) -> Tensor:
+def split_heads(x: Tensor, num_heads: int) -> Tensor:
+    """``[B, T, H * d]`` to ``[B, H, T, d]``."""
     batch, length, width = x.shape
     return x.view(batch, length, num_heads, width // num_heads).transpose(1, 2)
 
 
-def _merge_heads(x: Tensor) -> Tensor:
+def merge_heads(x: Tensor) -> Tensor:
+    """``[B, H, T, d]`` to ``[B, T, H * d]``."""
     batch, heads, length, size = x.shape
     return x.transpose(1, 2).reshape(batch, length, heads * size)
 
@@ -145,21 +148,21 @@ def attention_module_relevance(
     the key and value projections read the same input, so their relevances add up.
     """
     heads = attention.num_heads
-    relevance_mixed = linear_relevance(recorder.input_of(attention.output), _weight(attention.output), relevance)
+    relevance_mixed = linear_relevance(recorder.input_of(attention.output), weight_of(attention.output), relevance)
     queries, keys, values = (
-        _split_heads(recorder.output_of(linear), heads) for linear in (attention.query, attention.key, attention.value)
+        split_heads(recorder.output_of(linear), heads) for linear in (attention.query, attention.key, attention.value)
     )
     probabilities = recorder.outputs[attention][1].double()
     relevance_probabilities, relevance_values = matmul_relevance(
-        probabilities, values, _split_heads(relevance_mixed, heads)
+        probabilities, values, split_heads(relevance_mixed, heads)
     )
     relevance_queries, relevance_keys_t = matmul_relevance(queries, keys.transpose(-1, -2), relevance_probabilities)
     relevance_query_input = linear_relevance(
-        recorder.input_of(attention.query), _weight(attention.query), _merge_heads(relevance_queries)
+        recorder.input_of(attention.query), weight_of(attention.query), merge_heads(relevance_queries)
     )
     relevance_context = linear_relevance(
-        recorder.input_of(attention.key), _weight(attention.key), _merge_heads(relevance_keys_t.transpose(-1, -2))
-    ) + linear_relevance(recorder.input_of(attention.value), _weight(attention.value), _merge_heads(relevance_values))
+        recorder.input_of(attention.key), weight_of(attention.key), merge_heads(relevance_keys_t.transpose(-1, -2))
+    ) + linear_relevance(recorder.input_of(attention.value), weight_of(attention.value), merge_heads(relevance_values))
     return relevance_query_input, relevance_context, relevance_probabilities
 
 
@@ -173,8 +176,8 @@ def block_relevance(
     middle = block_input + attended
     mlp_out = recorder.output_of(mlp.dense_out)
     relevance_middle, relevance_mlp = add_relevance(middle, mlp_out, relevance)
-    relevance_hidden = linear_relevance(recorder.input_of(mlp.dense_out), _weight(mlp.dense_out), relevance_mlp)
-    relevance_normed = linear_relevance(recorder.input_of(mlp.dense_in), _weight(mlp.dense_in), relevance_hidden)
+    relevance_hidden = linear_relevance(recorder.input_of(mlp.dense_out), weight_of(mlp.dense_out), relevance_mlp)
+    relevance_normed = linear_relevance(recorder.input_of(mlp.dense_in), weight_of(mlp.dense_in), relevance_hidden)
     relevance_middle = relevance_middle + relevance_normed
     relevance_input, relevance_attended = add_relevance(block_input, attended, relevance_middle)
     relevance_queries, relevance_context, relevance_attention = attention_module_relevance(
@@ -196,7 +199,7 @@ def cross_block_relevance(
     return relevance_skip + relevance_queries, relevance_context, relevance_attention
 
 
-def _blocks(layers: nn.ModuleList) -> list[SelfAttentionBlock]:
+def blocks_of(layers: nn.ModuleList) -> list[SelfAttentionBlock]:
     """A stack's blocks, typed (``nn.ModuleList`` items are plain modules to a type checker)."""
     return cast(list[SelfAttentionBlock], list(layers))
 
@@ -268,11 +271,11 @@ def propagate(
         start[0, output_index] = 1.0
         if versus is not None:
             start[0, versus] = -1.0
-        pooled = linear_relevance(recorder.input_of(model.classifier), _weight(model.classifier), start)
+        pooled = linear_relevance(recorder.input_of(model.classifier), weight_of(model.classifier), start)
         if isinstance(model, SingleStreamModel):
             relevance = torch.zeros_like(recorder.output_of(model.layers[-1]))
             relevance[:, 0] = pooled
-            joint_inputs, joint_attention = stack_relevance(_blocks(model.layers), recorder, relevance)
+            joint_inputs, joint_attention = stack_relevance(blocks_of(model.layers), recorder, relevance)
             return LRPResult(float(start.sum()), {"joint": joint_inputs}, joint_attention)
         return _dual_stream_relevance(model, recorder, pooled, float(start.sum()))
     if isinstance(model, DualEncoderModel):
@@ -289,11 +292,11 @@ def propagate(
             ("image", model.image_projection, model.image_layers, relevance_image.T),
         )
         for stream, projection, layers, relevance_embedding in towers:
-            pooled = linear_relevance(recorder.input_of(projection), _weight(projection), relevance_embedding)
+            pooled = linear_relevance(recorder.input_of(projection), weight_of(projection), relevance_embedding)
             last = recorder.output_of(layers[-1])
             relevance = torch.zeros_like(last)
             relevance[:, 0] = pooled
-            inputs[stream], tower_attention = stack_relevance(_blocks(layers), recorder, relevance)
+            inputs[stream], tower_attention = stack_relevance(blocks_of(layers), recorder, relevance)
             attention += tower_attention
         return LRPResult(1.0, inputs, attention)
     raise VLIError(f"LRP is implemented for the built-in models, not {type(model).__name__}")
@@ -311,19 +314,31 @@ def _dual_stream_relevance(
     for layer in reversed(cast(list[CoAttentionLayer], list(model.cross_layers))):
         relevance_text, relevance_image, maps = co_attention_relevance(layer, recorder, relevance_text, relevance_image)
         cross_maps = maps + cross_maps
-    text_inputs, text_maps = stack_relevance(_blocks(model.text_layers), recorder, relevance_text)
-    image_inputs, image_maps = stack_relevance(_blocks(model.image_layers), recorder, relevance_image)
+    text_inputs, text_maps = stack_relevance(blocks_of(model.text_layers), recorder, relevance_text)
+    image_inputs, image_maps = stack_relevance(blocks_of(model.image_layers), recorder, relevance_image)
     return LRPResult(output, {"text": text_inputs, "image": image_inputs}, text_maps + image_maps + cross_maps)
 
 
-def attention_relevance(
-    adapter: ModelAdapter, item: ModelInput, target: str | int | Target | None = None
-) -> tuple[np.ndarray, float]:
-    """R^A of every attention map in the schema's ``(layer, head, T, T)`` frame, and the input total.
+@dataclass
+class RecordedPass:
+    """One example's forward pass through a built-in model: its activations, capture and resolved target.
+
+    ``output_index`` is the explained output (the answer, or the dual encoder's one score) and
+    ``versus`` the contrast's second answer (``None`` without a contrast).
+    """
+
+    model: SingleStreamModel | DualStreamModel | DualEncoderModel
+    recorder: ActivationRecorder
+    capture: ForwardCapture
+    output_index: int
+    versus: int | None
+
+
+def recorded_pass(adapter: ModelAdapter, item: ModelInput, target: str | int | Target | None = None) -> RecordedPass:
+    """Run ``item`` once with every module's activations recorded, and resolve ``target`` on its answers.
 
     ``adapter`` must expose its built-in torch model as ``adapter.model``; ``target`` is as in
-    ``relevancy.targets`` (default: the predicted answer; a contrast starts LRP at +1 and -1 on its
-    two answers; the dual encoder explains its one score).
+    ``relevancy.targets`` (default: the predicted answer; the dual encoder explains its one score).
     """
     model = getattr(adapter, "model", None)
     if not isinstance(model, SingleStreamModel | DualStreamModel | DualEncoderModel):
@@ -338,12 +353,24 @@ def attention_relevance(
     if capture.output_labels is None:
         if not target.is_default:
             raise VLIError(f"{adapter.name}: the model's one output is a score; target {str(target)!r} needs answers")
-        output_index, versus = 0, None
-    else:
-        logits = capture.output.reshape(-1).float().numpy()
-        output_index, versus = target.resolve(logits, list(capture.output_labels), item.label)
-    result = propagate(model, recorder, output_index, versus)
-    if len(result.attention) != len(capture.attentions):
-        raise VLIError(f"{adapter.name}: {len(result.attention)} LRP maps for {len(capture.attentions)} captured maps")
+        return RecordedPass(model, recorder, capture, 0, None)
+    logits = capture.output.reshape(-1).float().numpy()
+    output_index, versus = target.resolve(logits, list(capture.output_labels), item.label)
+    return RecordedPass(model, recorder, capture, output_index, versus)
+
+
+def attention_relevance(
+    adapter: ModelAdapter, item: ModelInput, target: str | int | Target | None = None
+) -> tuple[np.ndarray, float]:
+    """R^A of every attention map in the schema's ``(layer, head, T, T)`` frame, and the input total.
+
+    ``target`` as in ``recorded_pass``; a contrast starts LRP at +1 and -1 on its two answers.
+    """
+    run = recorded_pass(adapter, item, target)
+    result = propagate(run.model, run.recorder, run.output_index, run.versus)
+    if len(result.attention) != len(run.capture.attentions):
+        raise VLIError(
+            f"{adapter.name}: {len(result.attention)} LRP maps for {len(run.capture.attentions)} captured maps"
+        )
     maps = [relevance[0].float() for relevance in result.attention]
-    return attention_frame(capture, maps), result.input_total
+    return attention_frame(run.capture, maps), result.input_total
