@@ -13,7 +13,7 @@ from vlinterpret_panel.extract import scene_sources
 from vlinterpret_panel.models import world
 from vlinterpret_panel.relevancy import available_methods, compute_relevancy
 from vlinterpret_panel.relevancy.capture import capture_for, check_supported, relevancy_values
-from vlinterpret_panel.relevancy.registry import ATTENTION, GRADIENTS, LRP, method_entry, needs, register
+from vlinterpret_panel.relevancy.registry import ATTENTION, ATTNLRP, GRADIENTS, LRP, method_entry, needs, register
 
 SEED = world.HELDOUT_SEED_START + 7
 
@@ -32,6 +32,7 @@ def test_every_method_declares_what_it_needs() -> None:
         "attention_gradcam": {ATTENTION, GRADIENTS},
         "generic": {ATTENTION, GRADIENTS},
         "transformer_attribution": {ATTENTION, GRADIENTS, LRP},
+        "attnlrp": {ATTNLRP},
     }
     assert needs(["rollout", "random"]) == {ATTENTION}
     with pytest.raises(ValueError, match="unknown needs"):
@@ -39,18 +40,22 @@ def test_every_method_declares_what_it_needs() -> None:
 
 
 @pytest.mark.parametrize(
-    ("methods", "gradients", "lrp"),
+    ("methods", "gradients", "lrp", "attnlrp"),
     [
-        (["raw_attention", "rollout"], False, False),
-        (["generic"], True, False),
-        (["transformer_attribution"], True, True),
+        (["raw_attention", "rollout"], False, False, False),
+        (["generic"], True, False, False),
+        (["transformer_attribution"], True, True, False),
+        (["attnlrp", "rollout"], False, False, True),
     ],
 )
-def test_capture_for_runs_what_the_methods_need(adapter, methods: list[str], gradients: bool, lrp: bool) -> None:
+def test_capture_for_runs_what_the_methods_need(
+    adapter, methods: list[str], gradients: bool, lrp: bool, attnlrp: bool
+) -> None:
     item = scene_sources(1, seed=SEED)[0].load()
     captured, record, _ = capture_for(adapter, item, methods)
     assert (captured.attention_gradient is not None) == gradients
     assert (captured.attention_relevance is not None) == lrp
+    assert (captured.token_relevance is not None) == attnlrp
     values = relevancy_values(captured, methods)
     assert set(values) == set(methods) and all(np.isfinite(v[: captured.n_tokens]).all() for v in values.values())
     assert record.example_id == item.example_id

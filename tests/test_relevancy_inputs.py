@@ -118,6 +118,7 @@ def test_streams_follow_the_modules_not_the_modality_labels():
 def test_registry_lists_finds_and_rejects_methods():
     assert available_methods() == [
         "attention_gradcam",
+        "attnlrp",
         "generic",
         "random",
         "raw_attention",

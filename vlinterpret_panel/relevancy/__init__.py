@@ -6,6 +6,7 @@ holds one example (build it with ``Captured.from_record(record, info)`` after an
 ``compute_relevancy(captured, "generic")`` looks methods up by name. See ``docs/relevancy.md``.
 """
 
+from vlinterpret_panel.relevancy.attnlrp import attnlrp
 from vlinterpret_panel.relevancy.attribution import transformer_attribution
 from vlinterpret_panel.relevancy.generic import generic_relevancy
 from vlinterpret_panel.relevancy.gradcam import attention_gradcam
@@ -19,6 +20,7 @@ __all__ = [
     "Captured",
     "Relevancy",
     "attention_gradcam",
+    "attnlrp",
     "available_methods",
     "compute_relevancy",
     "generic_relevancy",

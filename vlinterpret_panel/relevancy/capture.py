@@ -1,7 +1,8 @@
 """Run a model once for a set of relevancy methods: capture what they need, then compute them.
 
 The one place that turns "these methods" into "this run": with gradients when any method
-declares ``GRADIENTS``, plus the LRP pass when any declares ``LRP`` (``registry.register``).
+declares ``GRADIENTS``, plus the LRP pass when any declares ``LRP`` and the AttnLRP pass when any
+declares ``ATTNLRP`` (``registry.register``).
 Extraction, the evaluation and the live dashboard all come through here.
 """
 
@@ -16,7 +17,16 @@ import numpy as np
 from vlinterpret_panel.adapters.base import ModelAdapter, ModelInput
 from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.relevancy.inputs import Captured
-from vlinterpret_panel.relevancy.registry import ATTENTION, GRADIENTS, LRP, check_methods, compute_relevancy, needs
+from vlinterpret_panel.relevancy.registry import (
+    ATTENTION,
+    ATTNLRP,
+    GRADIENTS,
+    LAYER_RULES,
+    LRP,
+    check_methods,
+    compute_relevancy,
+    needs,
+)
 from vlinterpret_panel.relevancy.targets import Target, entry_name
 from vlinterpret_panel.schema import ExampleRecord, ModelInfo
 
@@ -31,8 +41,8 @@ def supports_lrp(adapter: ModelAdapter) -> bool:
 def check_supported(adapter: ModelAdapter, methods: Sequence[str]) -> list[str]:
     """The checked method names; ``VLIError`` before any example runs when the adapter cannot serve one."""
     methods = check_methods(methods)
-    if LRP in needs(methods) and not supports_lrp(adapter):
-        lrp_methods = sorted(m for m in methods if LRP in needs([m]))
+    if LAYER_RULES & needs(methods) and not supports_lrp(adapter):
+        lrp_methods = sorted(m for m in methods if LAYER_RULES & needs([m]))
         raise VLIError(
             f"{', '.join(lrp_methods)} needs LRP through the model's layers, which exists for the "
             f"built-in models only, not {adapter.name!r}"
@@ -53,6 +63,11 @@ def capture_for(
 
         frame, _ = attention_relevance(adapter, item, target)
         captured = dataclasses.replace(captured, attention_relevance=frame)
+    if ATTNLRP in required:
+        from vlinterpret_panel.relevancy.attnlrp_rules import token_relevance
+
+        values, _ = token_relevance(adapter, item, target)
+        captured = dataclasses.replace(captured, token_relevance=values)
     return captured, record, info
 
 

@@ -40,6 +40,7 @@ from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.models import world
 from vlinterpret_panel.relevancy.capture import capture_for, relevancy_values
 from vlinterpret_panel.relevancy.localisation import pointing_hit
+from vlinterpret_panel.relevancy.registry import LAYER_RULES, needs
 from vlinterpret_panel.relevancy.targets import PREDICTED, Target
 from vlinterpret_panel.schema import IMAGE, TEXT
 
@@ -51,6 +52,7 @@ METHODS: tuple[str, ...] = (
     "attention_gradcam",
     "generic",
     "transformer_attribution",
+    "attnlrp",
 )
 MODALITIES: tuple[str, ...] = (IMAGE, TEXT)
 TESTS: tuple[str, ...] = ("positive", "negative")
@@ -328,8 +330,9 @@ def supported_methods(adapter: ModelAdapter) -> tuple[list[str], list[str]]:
 
     if isinstance(getattr(adapter, "model", None), BaseVLModel):
         return list(METHODS), []
-    note = "transformer_attribution left out: its LRP exists only for the built-in models"
-    return [m for m in METHODS if m != "transformer_attribution"], [note]
+    layer_rules = [m for m in METHODS if LAYER_RULES & needs([m])]
+    note = f"{', '.join(layer_rules)} left out: their LRP rules exist only for the built-in models"
+    return [m for m in METHODS if m not in layer_rules], [note]
 
 
 TABLE_COLUMNS = (

@@ -37,7 +37,8 @@ class Captured:
 
     ``attention``/``attention_gradient``/``attention_relevance`` are ``(layer, head, T, T)``
     in the schema's full frame; ``attention_relevance`` is the LRP relevance of each attention
-    map, needed only by ``transformer_attribution``. ``readout_tokens`` maps output-head names
+    map, needed only by ``transformer_attribution``; ``token_relevance`` ``(T,)`` is AttnLRP's relevance
+    of each token's embedding, needed only by ``attnlrp``. ``readout_tokens`` maps output-head names
     to the token each head reads (e.g. ``{"answer": 0}`` or ``{"text": 7, "image": 8}``).
     Tokens ``>= seq_len`` are padding; by default ``seq_len`` counts the non-``pad`` tokens.
     """
@@ -49,6 +50,7 @@ class Captured:
     target: str = ""
     attention_gradient: np.ndarray | None = None
     attention_relevance: np.ndarray | None = None
+    token_relevance: np.ndarray | None = None
     seq_len: int | None = None
     example_id: str = ""
 
@@ -70,6 +72,11 @@ class Captured:
             if values.shape != attention.shape:
                 raise VLIError(f"{where}: {name} has shape {values.shape}, attention has {attention.shape}")
             object.__setattr__(self, name, values)
+        if self.token_relevance is not None:
+            per_token = _float_array(self.token_relevance)
+            if per_token.shape != (n_tokens,):
+                raise VLIError(f"{where}: token_relevance has shape {per_token.shape}, expected ({n_tokens},)")
+            object.__setattr__(self, "token_relevance", per_token)
         if len(self.layer_kind) != n_layers:
             raise VLIError(f"{where}: {len(self.layer_kind)} layer kinds for {n_layers} attention layers")
         unknown = sorted(set(self.layer_kind) - set(LAYER_KINDS))
@@ -93,6 +100,8 @@ class Captured:
 
     def _check_finite(self, where: str) -> None:
         """NaN is allowed only for padded heads and tokens; anything else is corrupt data."""
+        if self.token_relevance is not None and not np.isfinite(self.token_relevance[: self.n_tokens]).all():
+            raise VLIError(f"{where}: token_relevance has NaN or infinite values in real tokens")
         for name in ("attention", "attention_gradient", "attention_relevance"):
             values = getattr(self, name)
             if values is None:
@@ -225,7 +234,7 @@ class Captured:
         return readout, [(self.readout_tokens[readout], np.ones(self.n_tokens, bool))]
 
     def require(self, name: str, method: str) -> np.ndarray:
-        """Return ``attention_gradient`` or ``attention_relevance``, or explain how to get it."""
+        """Return ``attention_gradient``, ``attention_relevance`` or ``token_relevance``, or explain how to get it."""
         values = getattr(self, name)
         if values is not None:
             return values
@@ -233,6 +242,11 @@ class Captured:
             raise VLIError(
                 f"{method} needs attention gradients: run the adapter with gradients=True "
                 "(grad enabled, not under torch.no_grad or inference_mode)"
+            )
+        if name == "token_relevance":
+            raise VLIError(
+                f"{method} needs AttnLRP's relevance of each token (token_relevance): use "
+                "relevancy.capture.capture_for (built-in models only; Hugging Face models have no AttnLRP rules here)"
             )
         raise VLIError(
             f"{method} needs the LRP relevance of each attention map (attention_relevance): "

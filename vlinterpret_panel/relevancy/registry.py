@@ -3,8 +3,9 @@
 Every method module decorates its function with ``@register("name", needs=...)``; the
 modules are imported on the first lookup. ``needs`` declares what a run must capture for
 the method (as captum's attribution classes declare theirs): ``ATTENTION`` (the maps),
-``GRADIENTS`` (d target / d each map, one backward pass per example) and ``LRP`` (the LRP
-relevance of each map, built-in models only). ``capture.capture_for`` asks the registry
+``GRADIENTS`` (d target / d each map, one backward pass per example), ``LRP`` (the LRP
+relevance of each map, built-in models only) and ``ATTNLRP`` (AttnLRP's relevance of each token,
+built-in models only). ``capture.capture_for`` asks the registry
 what to capture; a baseline such as ``random`` needs nothing.
 """
 
@@ -22,8 +23,10 @@ from vlinterpret_panel.relevancy.result import Relevancy
 
 RelevancyMethod = Callable[..., Relevancy]
 
-ATTENTION, GRADIENTS, LRP = "attention", "gradients", "lrp"
-CAPABILITIES = (ATTENTION, GRADIENTS, LRP)
+ATTENTION, GRADIENTS, LRP, ATTNLRP = "attention", "gradients", "lrp", "attnlrp"
+CAPABILITIES = (ATTENTION, GRADIENTS, LRP, ATTNLRP)
+# Capabilities that propagate through the model's own layers: the built-in models only.
+LAYER_RULES = frozenset({LRP, ATTNLRP})
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ _SUPPORT_MODULES = {
     "inputs",
     "localisation",
     "lrp",
+    "attnlrp_rules",
     "registry",
     "result",
     "targets",
