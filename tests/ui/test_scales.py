@@ -14,7 +14,7 @@ from vlinterpret_panel.relevancy.targets import split_entry
 from vlinterpret_panel.schema import IMAGE, TEXT
 from vlinterpret_panel.ui.attention import token_names
 from vlinterpret_panel.ui.dashboard import Dashboard
-from vlinterpret_panel.ui.scales import map_scale, overlay_palette
+from vlinterpret_panel.ui.scales import map_scale, overlay_palette, signed_overlay_palette
 from vlinterpret_panel.ui.selection import Selection
 
 DATASETS = Path(__file__).resolve().parents[2] / "datasets"
@@ -37,6 +37,28 @@ def test_the_overlay_is_transparent_at_zero_and_most_opaque_at_the_top() -> None
     alphas = [int(color[-2:], 16) for color in palette]
     assert alphas[0] == 0 and alphas[-1] == round(0.8 * 255)
     assert all(a <= b for a, b in itertools.pairwise(alphas))
+
+
+def test_a_map_with_negative_values_gets_a_symmetric_signed_scale() -> None:
+    # AttnLRP's relevancy is signed: -0.8 must be as visible as +0.8, not clipped under a (0, top) scale.
+    values = np.array([-0.8, 0.2, 0.0, np.nan])
+    scale = map_scale(values, "per map")
+    assert scale.signed and scale.clim == (-0.8, 0.8) and "±0.8" in scale.label("relevancy")
+    assert map_scale(values, "shared", shared_with=[np.array([1.5])]).clim == (-1.5, 1.5)
+    assert map_scale(values, "fixed").clim == (-1.0, 1.0)
+    assert not map_scale(np.array([0.0, 0.3]), "per map").signed
+
+
+def test_the_signed_overlay_is_transparent_at_zero_and_opaque_at_both_ends() -> None:
+    palette = signed_overlay_palette(0.8)
+    alphas = [int(color[-2:], 16) for color in palette]
+    middle = len(palette) // 2
+    assert alphas[middle] == 0 and alphas[0] == alphas[-1] == round(0.8 * 255)
+    red, blue = (
+        (int(palette[-1][1:3], 16), int(palette[-1][5:7], 16)),
+        (int(palette[0][1:3], 16), int(palette[0][5:7], 16)),
+    )
+    assert red[0] > red[1] and blue[1] > blue[0]  # red above 0, blue below
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,6 @@ from vlinterpret_panel.ui.scales import (
     MapScale,
     colorbar_options,
     map_scale,
-    overlay_palette,
     title_colorbar,
 )
 from vlinterpret_panel.ui.selection import Selection
@@ -48,13 +47,14 @@ def map_element(values: np.ndarray, label: str) -> hv.Image:
 
 
 def overlay_element(values: np.ndarray, scale: MapScale, quantity: str, opacity: float) -> hv.Image:
-    """A per-pixel map to lay over ``image_element``: transparent at 0, brightest and most opaque at the top.
+    """A per-pixel map to lay over ``image_element``: transparent at 0, brightest and most opaque at the top
+    (a signed map: at both ends, blue below 0 and red above).
 
     The colour range and colorbar follow ``scale`` (``ui.scales``); an all-zero map draws nothing
     and has no colorbar (the title of the plot says so).
     """
     return map_element(values, quantity).opts(
-        cmap=overlay_palette(opacity), invert_yaxis=True, tools=["hover"], **scale.options(quantity)
+        cmap=scale.overlay_palette(opacity), invert_yaxis=True, tools=["hover"], **scale.options(quantity)
     )
 
 

@@ -12,6 +12,10 @@ A researcher reads magnitudes off the colour, so no view autoscales silently:
   top, as the 1.5th power of the value's share of the top. Low values leave the image as it
   is (no darkening), the hottest patch is the most opaque and brightest thing on it.
   Bokeh takes the alpha from the palette, so the colorbar shows exactly what is painted.
+* A map with negative values (AttnLRP's relevancy: negative speaks against the answer) is
+  ``signed``: its range is symmetric, ``-top`` to ``top`` with ``top`` the largest magnitude,
+  and it is painted with a diverging palette, blue (negative) through transparent (0) to red
+  (positive), so neither sign is hidden under the bottom of a one-sided scale.
 * Tick labels use at most three significant digits (``%.3g``): Bokeh's default wrote
   ``5.000e-5``, which its colorbar then clipped to ``5.000e``.
 """
@@ -37,6 +41,8 @@ DEFAULT_OPACITY = 0.7
 ALPHA_GAMMA = 1.5
 """Opacity grows as (value / top) ** 1.5: half the top is a third as opaque, so the top stands out of a diffuse map."""
 _OVERLAY_COLORS = colorcet.fire[128:232]  # red to bright yellow, not white: white washed objects out to pink
+_SIGNED_COLORS = colorcet.coolwarm  # blue, grey at 0, red
+SIGNED_TEXT_PALETTE = colorcet.coolwarm
 _PALETTE_SIZE = 128
 
 
@@ -62,28 +68,60 @@ def overlay_palette(opacity: float = DEFAULT_OPACITY) -> list[str]:
     return [f"{color}{round(alpha * 255):02x}" for color, alpha in zip(colors, alphas, strict=True)]
 
 
+def signed_overlay_palette(opacity: float = DEFAULT_OPACITY) -> list[str]:
+    """``#rrggbbaa`` colours from opaque blue (bottom) through transparent (middle, 0) to opaque red (top)."""
+    positions = np.linspace(-1, 1, _PALETTE_SIZE + 1)
+    colors = [_SIGNED_COLORS[round((float(p) + 1) / 2 * (len(_SIGNED_COLORS) - 1))] for p in positions]
+    alphas = np.clip(np.abs(positions) ** ALPHA_GAMMA * opacity, 0, 1)
+    return [f"{color}{round(alpha * 255):02x}" for color, alpha in zip(colors, alphas, strict=True)]
+
+
+def _finite(values: np.ndarray) -> np.ndarray:
+    array = np.asarray(values, dtype=np.float64)
+    return array[np.isfinite(array)]
+
+
 def finite_max(values: np.ndarray) -> float:
     """The largest finite value (0 when there is none)."""
-    finite = np.asarray(values, dtype=np.float64)
-    finite = finite[np.isfinite(finite)]
+    finite = _finite(values)
     return float(finite.max()) if finite.size else 0.0
+
+
+def finite_magnitude(values: np.ndarray) -> float:
+    """The largest finite absolute value (0 when there is none)."""
+    finite = _finite(values)
+    return float(np.abs(finite).max()) if finite.size else 0.0
+
+
+def has_negative(values: np.ndarray) -> bool:
+    """Whether any finite value is below 0 (the map is signed)."""
+    finite = _finite(values)
+    return bool(finite.size and finite.min() < 0)
 
 
 @dataclass(frozen=True)
 class MapScale:
-    """The colour range of one map: ``(0, top)``, how it was chosen, and whether the map is all zero."""
+    """The colour range of one map: ``(0, top)`` (``signed``: ``(-top, top)``), how it was chosen, and whether
+    the map is all zero."""
 
     top: float
     scale: str
     all_zero: bool
+    signed: bool = False
 
     @property
     def clim(self) -> tuple[float, float]:
-        return (0.0, self.top)
+        return (-self.top if self.signed else 0.0, self.top)
 
     def label(self, quantity: str) -> str:
-        """The colorbar's label: the quantity and the top of the range, with how it was chosen."""
+        """The colorbar's label: the quantity and the range, with how it was chosen."""
+        if self.signed:
+            return f"{quantity} (±{self.top:.3g}, {self.scale}, signed)"
         return f"{quantity} (0 to {self.top:.3g}, {self.scale})"
+
+    def overlay_palette(self, opacity: float) -> list[str]:
+        """The palette of this map laid over an image: one-sided, or diverging when signed."""
+        return signed_overlay_palette(opacity) if self.signed else overlay_palette(opacity)
 
     def options(self, quantity: str) -> dict[str, Any]:
         """HoloViews options: the range, and a labelled readable colorbar unless the map is all zero.
@@ -105,12 +143,17 @@ def title_colorbar(title: str, plot: Any, element: Any) -> None:
 
 
 def map_scale(values: np.ndarray, scale: str = "per map", shared_with: Iterable[np.ndarray] = ()) -> MapScale:
-    """The colour range of ``values`` under ``scale`` (``shared``: the maximum over ``shared_with`` too)."""
+    """The colour range of ``values`` under ``scale`` (``shared``: the maximum over ``shared_with`` too).
+
+    A map with a negative value is ``signed``: the range is symmetric around 0 and ``fixed`` is [-1, 1].
+    """
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {SCALES}, not {scale!r}")
-    own = finite_max(values)
+    signed = has_negative(values)
+    largest = finite_magnitude if signed else finite_max
+    own = largest(values)
     all_zero = own <= 0
     if scale == "fixed":
-        return MapScale(1.0, "fixed", all_zero)
-    top = max([own, *(finite_max(other) for other in shared_with)]) if scale == "shared" else own
-    return MapScale(top if top > 0 else 1.0, scale, all_zero)
+        return MapScale(1.0, "fixed", all_zero, signed)
+    top = max([own, *(largest(other) for other in shared_with)]) if scale == "shared" else own
+    return MapScale(top if top > 0 else 1.0, scale, all_zero, signed)

@@ -15,7 +15,7 @@ from bokeh.palettes import Oranges256
 from vlinterpret_panel.maps import ExampleTokens
 from vlinterpret_panel.schema import SPECIAL, TEXT
 from vlinterpret_panel.ui.common import SELECTED_COLOR, dynamic_map, fit_title, guarded
-from vlinterpret_panel.ui.scales import map_scale
+from vlinterpret_panel.ui.scales import SIGNED_TEXT_PALETTE, map_scale
 from vlinterpret_panel.ui.selection import Selection
 from vlinterpret_panel.ui.view import View
 
@@ -66,7 +66,7 @@ def coloured_tokens(
         title = f"{title}: all 0"
     return hv.Rectangles(table, ["x0", "y0", "x1", "y1"], ["value", "token", "text", "selected"]).opts(
         color="value",
-        cmap=TEXT_PALETTE,
+        cmap=SIGNED_TEXT_PALETTE if colour_range.signed else TEXT_PALETTE,
         line_color=hv.dim("selected").categorize({1: SELECTED_COLOR, 0: "#666"}),
         line_width=hv.dim("selected") * 2 + 1,
         hover_tooltips=[("token", "@token"), ("text", "@text"), (label or "value", "@value")],
