@@ -32,7 +32,7 @@ from vlinterpret_panel.relevancy.answer import ANSWER_METHODS
 from vlinterpret_panel.store import open_dataset
 
 DATASETS = Path(__file__).resolve().parents[1] / "datasets"
-RELEVANCY = ("generic", "rollout", "raw_attention", "attention_gradcam")
+RELEVANCY = ("generic", "rollout", "raw_attention", "attention_gradcam", "attnlrp")
 TARGETS = ("predicted", "runner-up", "predicted vs runner-up")
 """What the VQA stores' gradient methods explain: the prediction, the runner-up, and why the one rather than the
 other (the relevancy view's pair row shows all three without a model)."""
@@ -216,7 +216,8 @@ which records the removed shards too.
   there ...?" questions answered "no"); for captions, every object (a caption names them all).
 * **Relevancy**: `relevancy(example, relevancy_method, token)` for {", ".join(f"`{m}`" for m in RELEVANCY)},
   explaining the prediction (VQA) or the similarity score (dual encoder), recorded in
-  `relevancy_target`. Gradient methods ran one example at a time.
+  `relevancy_target`. Gradient methods ran one example at a time. `attnlrp` values are signed
+  (negative: speaks against the answer).
 * **Deterministic**: the scenes, the weights and the extraction are deterministic, so a rerun
   with the same weights stores the same values (shard file names and creation times differ).
   The weights' sha256 above and in each store's `model_config` attribute (with their
