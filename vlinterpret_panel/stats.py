@@ -191,29 +191,7 @@ def head_statistics(ds: xr.Dataset, *, statistics: Sequence[str] | None = None) 
     result = xr.Dataset(coords={name: ds.coords[name] for name in ("example", "layer", "head")})
     result = result.assign_coords({name: ds.coords[name] for name in ("layer_kind", "layer_name", "layer_heads")})
     if builtin:
-        require_full_attention(ds, "head statistics")
-        attention = ds["attention"]
-        if attention.chunks is not None:
-            attention = attention.chunk({"query": -1, "key": -1})
-            example_chunks = {"example": attention.data.chunks[0]}
-        else:
-            example_chunks = None
-        codes = xr.DataArray(modality_codes(ds["modality"].values), dims=("example", "token"))
-        position = patch_coordinates(ds).drop_vars(["example", "grid_axis"])
-        if example_chunks is not None:
-            codes, position = codes.chunk(example_chunks), position.chunk(example_chunks)
-        table = xr.apply_ufunc(
-            _statistics_kernel,
-            attention.drop_vars(["query", "key"]),
-            codes.rename(token="key"),
-            position.rename(token="key"),
-            input_core_dims=[["head", "query", "key"], ["key"], ["key", "grid_axis"]],
-            output_core_dims=[["head", "statistic"]],
-            dask="parallelized",
-            output_dtypes=[np.float32],
-            dask_gufunc_kwargs={"output_sizes": {"statistic": len(STATISTICS)}},
-        )
-        table = table.assign_coords(statistic=list(STATISTICS))
+        table = statistics_table(ds)
         for name in builtin:
             result[name] = table.sel(statistic=name, drop=True).transpose("example", "layer", "head")
             result[name].attrs = {"long_name": STATISTICS[name], "units": UNITS[name]}
@@ -225,10 +203,38 @@ def head_statistics(ds: xr.Dataset, *, statistics: Sequence[str] | None = None) 
     return result
 
 
-def _table_to_netcdf_ready(table: xr.Dataset) -> xr.Dataset:
-    """Stack statistics into one float32 variable (netCDF dislikes ':' in names, caches stay uniform)."""
-    stacked = table[list(STATISTICS)].to_dataarray("statistic").astype(np.float32)
-    return stacked.to_dataset(name="head_statistics")
+def statistics_table(ds: xr.Dataset) -> xr.DataArray:
+    """Every built-in statistic as one lazy ``(example, layer, head, statistic)`` float32 array.
+
+    One kernel task per attention chunk computes all statistics at once; computing this array
+    (not one variable per statistic, each a selection task per chunk) keeps the task count at
+    one per chunk, which is what a distributed scheduler pays for.
+    """
+    require_full_attention(ds, "head statistics")
+    attention = ds["attention"]
+    if attention.chunks is not None:
+        attention = attention.chunk({"query": -1, "key": -1})
+        example_chunks = {"example": attention.data.chunks[0]}
+    else:
+        example_chunks = None
+    codes = xr.DataArray(modality_codes(ds["modality"].values), dims=("example", "token"))
+    position = patch_coordinates(ds).drop_vars(["example", "grid_axis"])
+    if example_chunks is not None:
+        codes, position = codes.chunk(example_chunks), position.chunk(example_chunks)
+    table = xr.apply_ufunc(
+        _statistics_kernel,
+        attention.drop_vars(["query", "key"]),
+        codes.rename(token="key"),
+        position.rename(token="key"),
+        input_core_dims=[["head", "query", "key"], ["key"], ["key", "grid_axis"]],
+        output_core_dims=[["head", "statistic"]],
+        dask="parallelized",
+        output_dtypes=[np.float32],
+        dask_gufunc_kwargs={"output_sizes": {"statistic": len(STATISTICS)}},
+    )
+    table = table.assign_coords(statistic=np.array(list(STATISTICS), dtype=object))
+    table.attrs = {}
+    return table.transpose("example", "layer", "head", "statistic")
 
 
 def compute_head_statistics(
@@ -244,7 +250,7 @@ def compute_head_statistics(
         raise VLIError(f"batch_size must be at least 1, got {batch_size}")
 
     def compute_all() -> xr.Dataset:
-        lazy = head_statistics(ds, statistics=list(STATISTICS))
+        lazy = statistics_table(ds)
         n_examples = ds.sizes["example"]
         batches = []
         with tqdm(total=n_examples, unit="example", desc="head statistics", disable=not progress) as bar:
@@ -252,7 +258,8 @@ def compute_head_statistics(
                 stop = min(n_examples, start + batch_size)
                 batches.append(lazy.isel(example=slice(start, stop)).compute())
                 bar.update(stop - start)
-        return _table_to_netcdf_ready(xr.concat(batches, dim="example"))
+        table = xr.concat(batches, dim="example").transpose("statistic", "example", "layer", "head")
+        return table.to_dataset(name="head_statistics")
 
     params = {"version": _CACHE_VERSION}
     stored = cache.cached(ds.vli.identity, CACHE_KIND, params, compute_all, use_cache=use_cache)
