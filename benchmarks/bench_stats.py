@@ -9,7 +9,9 @@ shared machine; the statistics cost the same on copied data). Then, each in a fr
 process so peak memory is its own:
 
 * raw read: every attention chunk of every shard read and decompressed with netCDF4, nothing else;
-* statistics: ``compute_head_statistics`` over the whole store (Dask, bounded batches, no cache).
+* statistics: ``compute_head_statistics`` over the whole store (Dask, bounded batches, no cache);
+* with ``--workers N``, the same on a local Dask distributed cluster of N worker processes
+  (``vlinterpret stats --workers N``), its peak memory the largest worker's.
 
 Prints both throughputs (on-disk store bytes per second), their ratio and peak resident memory.
 
@@ -99,17 +101,24 @@ def child_raw_read(store: Path) -> dict:
     return {"seconds": time.perf_counter() - started, "values": values, "peak_rss": _peak_rss_bytes()}
 
 
-def child_statistics(store: Path, batch_size: int) -> dict:
-    """All built-in statistics of every example, without the cache."""
+def child_statistics(store: Path, batch_size: int, workers: int | None = None, chunk_cache: int = 0) -> dict:
+    """All built-in statistics of every example, without the cache; on ``workers`` processes when given."""
+    from vlinterpret_panel.cluster import distributed_client
     from vlinterpret_panel.stats import compute_head_statistics
     from vlinterpret_panel.store import open_dataset
 
     started = time.perf_counter()
-    ds = open_dataset(store)
-    table = compute_head_statistics(ds, batch_size=batch_size, use_cache=False)
-    seconds = time.perf_counter() - started
+    with distributed_client(store, workers=workers) as client:
+        if client is not None:
+            client.run(set_chunk_cache, chunk_cache)
+            started = time.perf_counter()  # the cluster's start-up (~2 s) is not the statistics'
+        ds = open_dataset(store)
+        table = compute_head_statistics(ds, batch_size=batch_size, use_cache=False)
+        seconds = time.perf_counter() - started
+        worker_peak = max(client.run(_peak_rss_bytes).values()) if client is not None else 0
     finite = int(np.isfinite(table["entropy"].values).sum())
-    return {"seconds": seconds, "examples": ds.sizes["example"], "finite": finite, "peak_rss": _peak_rss_bytes()}
+    peak = max(_peak_rss_bytes(), worker_peak)
+    return {"seconds": seconds, "examples": ds.sizes["example"], "finite": finite, "peak_rss": peak}
 
 
 def drop_page_cache() -> bool:
@@ -135,6 +144,7 @@ def main() -> None:
     parser.add_argument("--distinct", type=int, default=64, help="synthetic examples to generate before copying")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--chunk-cache", type=int, default=2**20, help="netCDF chunk cache bytes (0: default)")
+    parser.add_argument("--workers", type=int, help="also measure the statistics on a local cluster of N processes")
     parser.add_argument("--child", choices=["raw", "stats"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     set_chunk_cache(args.chunk_cache)
@@ -142,7 +152,7 @@ def main() -> None:
         print(json.dumps(child_raw_read(args.store)))
         return
     if args.child == "stats":
-        print(json.dumps(child_statistics(args.store, args.batch_size)))
+        print(json.dumps(child_statistics(args.store, args.batch_size, args.workers, args.chunk_cache)))
         return
 
     ensure_store(args.store, args.gigabytes, args.distinct)
@@ -170,6 +180,18 @@ def main() -> None:
         f"({computed['examples'] / computed['seconds']:.1f} examples/s)"
     )
     print(f"ratio statistics / raw read: {stats_speed / raw_speed:.2f}")
+    if args.workers:
+        drop_page_cache()
+        clustered = run_child(
+            *common, "--child", "stats", "--batch-size", str(args.batch_size), "--workers", str(args.workers)
+        )
+        cluster_speed = size / clustered["seconds"] / gb
+        print(
+            f"head statistics, {args.workers} worker processes: {clustered['seconds']:7.1f} s  "
+            f"{cluster_speed:.3f} GB/s  peak RSS per process {clustered['peak_rss'] / 2**30:.2f} GiB  "
+            f"ratio to raw read {cluster_speed / raw_speed:.2f}"
+        )
+    print(f"load average while measuring: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

@@ -188,6 +188,7 @@ def _import_vlinterpret(args: argparse.Namespace) -> int:
 def _stats(args: argparse.Namespace) -> int:
     import netCDF4
 
+    from vlinterpret_panel.cluster import distributed_client
     from vlinterpret_panel.precompute import precompute
     from vlinterpret_panel.store import open_dataset
 
@@ -196,9 +197,18 @@ def _stats(args: argparse.Namespace) -> int:
     netCDF4.set_chunk_cache(2**20, 1009, 0.75)
     ds = open_dataset(args.store)
     methods = [] if args.no_projections else (args.method or ["pca"])
-    for line in precompute(
-        ds, hidden_layers=args.hidden_layer, methods=methods, batch_size=args.batch_size, progress=not args.quiet
-    ):
+    with distributed_client(args.store, workers=args.workers, scheduler=args.scheduler) as client:
+        if client is not None:
+            print(f"{args.store}: computing on {len(client.scheduler_info()['workers'])} Dask workers")
+        lines = precompute(
+            ds,
+            hidden_layers=args.hidden_layer,
+            methods=methods,
+            batch_size=args.batch_size,
+            search_index=True if args.search_index else None,
+            progress=not args.quiet,
+        )
+    for line in lines:
         print(f"{args.store}: cached {line}")
     return 0
 
@@ -365,6 +375,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     stats.add_argument("--no-projections", action="store_true", help="only the head statistics")
     stats.add_argument("--batch-size", type=int, default=32, help="examples per statistics batch")
+    stats.add_argument(
+        "--search-index",
+        action="store_true",
+        help="write every projected layer's nearest-token search copy (default: only layers too large for memory)",
+    )
+    stats.add_argument("--workers", type=int, help="compute on a local Dask cluster of N worker processes")
+    stats.add_argument(
+        "--scheduler", help="compute on a running Dask cluster (e.g. tcp://host:8786) whose workers see STORE's path"
+    )
     stats.add_argument("--quiet", action="store_true", help="no progress bars")
     stats.set_defaults(handler=_stats)
     evaluate = commands.add_parser(
