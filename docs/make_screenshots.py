@@ -172,6 +172,13 @@ def run(store: Path, out: Path) -> None:
         shots.wait_for_figure(f"{predicted} − {runner_up}")
         shots.settle(2.0)
         shots.shoot("relevancy-contrast.png", shots.box(f"generic → {predicted} vs {runner_up}", 3))
+        # AttnLRP's signed map of the prediction: red for the answer, blue against it.
+        against.select_option(index=0)
+        names = method.locator("option").all_inner_texts()
+        method.select_option(index=next(i for i, name in enumerate(names) if name.startswith("attnlrp")))
+        shots.wait_for_figure(f"attnlrp → {predicted}")
+        shots.settle(2.0)
+        shots.shoot("relevancy-attnlrp.png", shots.box(f"attnlrp → {predicted}", 2))
 
         shots.tab("Compare heads")
         chooser = page.locator("select[multiple]")

@@ -61,6 +61,28 @@ def test_the_signed_overlay_is_transparent_at_zero_and_opaque_at_both_ends() -> 
     assert red[0] > red[1] and blue[1] > blue[0]  # red above 0, blue below
 
 
+def _heat_options(overlay: hv.Overlay) -> tuple[dict, dict]:
+    (heat,) = [element for element in overlay.values() if type(element) is hv.Image]  # hv.RGB is an Image too
+    return hv.Store.lookup_options("bokeh", heat, "plot").kwargs, hv.Store.lookup_options("bokeh", heat, "style").kwargs
+
+
+def test_the_relevancy_view_paints_attnlrp_signed_and_generic_one_sided() -> None:
+    from vlinterpret_panel.ui.relevancy import RelevancyView
+
+    hv.extension("bokeh")
+    ds = open_dataset(DATASETS / "single_stream")
+    image = ds.modality.isel(example=4).values == IMAGE
+    stored = ds.relevancy.isel(example=4).sel(relevancy_method="attnlrp").values[image]
+    assert stored.min() < 0 < stored.max()  # the shipped store's AttnLRP map has both signs
+    example = str(ds.example.values[4])
+    plot, style = _heat_options(RelevancyView._image_with(ds, example, "attnlrp", False, "per map", 0.7))
+    top = float(np.abs(stored).max())
+    assert plot["clim"] == pytest.approx((-top, top), rel=1e-3) and "(±" in plot["clabel"]
+    assert style["cmap"][0].startswith("#2") and style["cmap"][len(style["cmap"]) // 2].endswith("00")
+    plot, style = _heat_options(RelevancyView._image_with(ds, example, "generic", False, "per map", 0.7))
+    assert plot["clim"][0] == 0.0 and "(0 to " in plot["clabel"]
+
+
 @pytest.mark.parametrize(
     ("store", "layer_kind", "modality"),
     [

@@ -25,7 +25,8 @@ pytestmark = pytest.mark.browser
 def target_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     store = tmp_path_factory.mktemp("targets") / "store"
     targets = ["predicted", "predicted vs runner-up"]
-    extract("single_stream", scene_sources(3), store, progress=False, relevancy=["generic"], targets=targets)
+    relevancy = ["generic", "attnlrp"]
+    extract("single_stream", scene_sources(3), store, progress=False, relevancy=relevancy, targets=targets)
     return store
 
 
@@ -48,8 +49,9 @@ def test_the_answer_list_drives_the_relevancy_maps(app: AppPage, target_store: P
     predicted, runner_up, third = answers[:3]
     app.open()
     app.page.get_by_text("Relevancy", exact=True).click()
+    _choose_method(app, "generic")
     main = app.wait_for_figure(f"generic → {predicted}")
-    assert "computed" not in main["title"]
+    assert "computed" not in main["title"] and main["width"] > 200
     before = app.pixels(main["title"])
     app.page.get_by_text("Pick a second answer").first.wait_for()
     # Another answer: its map is computed with the served model, and it is another map.
@@ -70,6 +72,34 @@ def test_the_answer_list_drives_the_relevancy_maps(app: AppPage, target_store: P
     app.scroll_to(f"generic → {predicted} vs")
     app.page.screenshot(path=tmp_path / "target-choice.png")
     assert app.errors == []
+
+
+def test_attnlrp_is_shown_on_its_signed_scale_and_computed_for_another_answer(
+    app: AppPage, target_store: Path, tmp_path: pathlib.Path
+) -> None:
+    ds = open_dataset(target_store)
+    predicted, _, third = (str(a) for a in ds["top_answer"].isel(example=0).values[:3])
+    app.open()
+    app.page.get_by_text("Relevancy", exact=True).click()
+    app.wait_for_figure(f"generic → {predicted}")
+    _choose_method(app, "attnlrp")
+    stored = app.wait_for_figure(f"attnlrp → {predicted}")  # the main map comes before the grid's
+    assert stored["width"] > 200, "the main map, not the smaller one of the all-methods grid"
+    before = app.pixels(stored["title"])
+    app.page.get_by_label(f"{third} ·").check()
+    computed = app.wait_for_figure(f"attnlrp → {third} (comp", timeout=30)
+    assert changed_fraction(before, app.pixels(computed["title"])) > 0.01
+    app.page.screenshot(path=tmp_path / "attnlrp.png")
+    assert app.errors == []
+
+
+def _choose_method(app: AppPage, name: str) -> None:
+    """Pick ``name`` in the method list (its options read "NAME (top patch on the target in ...)")."""
+    method = app.page.get_by_label("method")
+    method.locator("option").first.wait_for(state="attached")
+    names = method.locator("option").all_inner_texts()
+    method.select_option(index=next(i for i, option in enumerate(names) if option.split(" (")[0] == name))
+    app.page.get_by_text(f"{name} explains the picked answer").first.wait_for()
 
 
 def _options(app: AppPage) -> list[str]:

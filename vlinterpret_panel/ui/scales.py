@@ -116,7 +116,7 @@ class MapScale:
     def label(self, quantity: str) -> str:
         """The colorbar's label: the quantity and the range, with how it was chosen."""
         if self.signed:
-            return f"{quantity} (±{self.top:.3g}, {self.scale}, signed)"
+            return f"{quantity} (±{self.top:.3g}, {self.scale})"
         return f"{quantity} (0 to {self.top:.3g}, {self.scale})"
 
     def overlay_palette(self, opacity: float) -> list[str]:
