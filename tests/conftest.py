@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.builtin_models import BUILTIN_MODELS
 from vlinterpret_panel.synth import SynthSpec, write_synthetic_store
 
 SMALL_SPEC = SynthSpec(examples=10, layers=3, heads=2, tokens=30, hidden_size=16, image_size=48, seed=3)
@@ -17,3 +18,11 @@ def small_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("stores") / "small"
     write_synthetic_store(path, SMALL_SPEC, examples_per_shard=4)
     return path
+
+
+@pytest.fixture(scope="session")
+def builtin_adapters() -> dict:
+    """Adapters of the three built-in answer and retrieval models, by name (loaded once)."""
+    from vlinterpret_panel.adapters.registry import load_adapter
+
+    return {name: load_adapter(name) for name in BUILTIN_MODELS}

@@ -13,8 +13,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from vlinterpret_panel.adapters.base import ModelInput
-from vlinterpret_panel.adapters.registry import load_adapter
+from tests.builtin_models import BUILTIN_MODELS, heldout_item
 from vlinterpret_panel.models import world
 from vlinterpret_panel.relevancy.attnlrp_rules import (
     add_rule,
@@ -25,23 +24,11 @@ from vlinterpret_panel.relevancy.attnlrp_rules import (
     token_relevance,
 )
 
-MODELS = ("single_stream", "dual_stream", "dual_encoder")
 STACKS = {"joint": "layers", "text": "text_layers", "image": "image_layers"}
 
 
 def _double(*values: list) -> list[torch.Tensor]:
     return [torch.tensor(value, dtype=torch.float64) for value in values]
-
-
-def _item(architecture: str, seed: int = 3) -> ModelInput:
-    scene, question = world.vqa_example_for_seed(world.HELDOUT_SEED_START + seed)
-    text = world.make_caption(scene) if architecture == "dual_encoder" else question.question
-    return ModelInput(f"seed{seed}", scene.image, text, question.answer, question.target_mask)
-
-
-@pytest.fixture(scope="module")
-def adapters() -> dict:
-    return {name: load_adapter(name) for name in MODELS}
 
 
 def test_linear_epsilon_rule_by_hand() -> None:
@@ -100,10 +87,10 @@ def test_add_rule_splits_in_proportion() -> None:
     np.testing.assert_allclose([result_first.item(), result_second.item()], [-1.0, 3.0], rtol=1e-8)
 
 
-@pytest.mark.parametrize("architecture", MODELS)
-def test_attnlrp_conserves_relevance_on_every_built_in_model(adapters: dict, architecture: str) -> None:
+@pytest.mark.parametrize("architecture", BUILTIN_MODELS)
+def test_attnlrp_conserves_relevance_on_every_built_in_model(builtin_adapters: dict, architecture: str) -> None:
     for seed in range(3):
-        values, result = token_relevance(adapters[architecture], _item(architecture, seed))
+        values, result = token_relevance(builtin_adapters[architecture], heldout_item(architecture, seed))
         # What reaches the embeddings plus what the bias terms keep is the explained value, to 1e-4.
         assert abs(result.conservation_error) < 1e-4, (seed, result)
         assert result.output > 1.0
@@ -112,9 +99,9 @@ def test_attnlrp_conserves_relevance_on_every_built_in_model(adapters: dict, arc
 
 
 @pytest.mark.parametrize("architecture", ["single_stream", "dual_stream"])
-def test_a_contrast_explains_the_difference_of_the_two_logits(adapters: dict, architecture: str) -> None:
-    adapter = adapters[architecture]
-    item = _item(architecture)
+def test_a_contrast_explains_the_difference_of_the_two_logits(builtin_adapters: dict, architecture: str) -> None:
+    adapter = builtin_adapters[architecture]
+    item = heldout_item(architecture)
     logits = adapter.forward(item.image, item.text).output.detach().reshape(-1).double()
     first, second = torch.topk(logits, 2).indices.tolist()
     _, result = token_relevance(adapter, item, "predicted vs runner-up")
@@ -171,10 +158,10 @@ def _leaf_inputs(model: nn.Module, leaves: dict) -> Iterator[None]:
             handle.remove()
 
 
-@pytest.mark.parametrize("architecture", MODELS)
-def test_attnlrp_equals_modified_gradient_times_input(adapters: dict, architecture: str) -> None:
-    adapter = adapters[architecture]
-    item = _item(architecture)
+@pytest.mark.parametrize("architecture", BUILTIN_MODELS)
+def test_attnlrp_equals_modified_gradient_times_input(builtin_adapters: dict, architecture: str) -> None:
+    adapter = builtin_adapters[architecture]
+    item = heldout_item(architecture)
     _, result = token_relevance(adapter, item)
     ids, mask = world.encode_batch([item.text])
     pixels = torch.from_numpy(item.image[None]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
@@ -188,3 +175,13 @@ def test_attnlrp_equals_modified_gradient_times_input(adapters: dict, architectu
         expected = (leaf * leaf.grad).detach().double()
         scale = expected.abs().max().item()
         np.testing.assert_allclose(result.inputs[stream].numpy(), expected.numpy(), atol=1e-4 * scale)
+
+
+def test_one_recorded_pass_serves_lrp_and_attnlrp_alike(builtin_adapters: dict) -> None:
+    from vlinterpret_panel.relevancy.capture import capture_for
+    from vlinterpret_panel.relevancy.lrp import attention_relevance
+
+    adapter, item = builtin_adapters["dual_stream"], heldout_item("dual_stream")
+    both, _, _ = capture_for(adapter, item, ["transformer_attribution", "attnlrp"])
+    np.testing.assert_array_equal(both.token_relevance, token_relevance(adapter, item)[0])
+    np.testing.assert_array_equal(both.attention_relevance, attention_relevance(adapter, item)[0])

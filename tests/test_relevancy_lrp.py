@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests.builtin_models import BUILTIN_MODELS, heldout_item
 from vlinterpret_panel.adapters.base import ModelInput
-from vlinterpret_panel.adapters.registry import load_adapter
 from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.models import world
 from vlinterpret_panel.relevancy import Captured, transformer_attribution
@@ -22,19 +22,6 @@ from vlinterpret_panel.relevancy.lrp import (
     matmul_relevance,
     propagate,
 )
-
-MODELS = ("single_stream", "dual_stream", "dual_encoder")
-
-
-def _item(architecture: str, seed: int = 3) -> ModelInput:
-    scene, question = world.vqa_example_for_seed(world.HELDOUT_SEED_START + seed)
-    text = world.make_caption(scene) if architecture == "dual_encoder" else question.question
-    return ModelInput(f"seed{seed}", scene.image, text, question.answer, question.target_mask)
-
-
-@pytest.fixture(scope="module")
-def adapters() -> dict:
-    return {name: load_adapter(name) for name in MODELS}
 
 
 def test_linear_rule_by_hand() -> None:
@@ -83,15 +70,15 @@ def _unused_maps(adapter, item: ModelInput) -> list[int]:
     return [index for index, name in enumerate(names) if name in (last + "image_cross", last + "image_self")]
 
 
-@pytest.mark.parametrize("architecture", MODELS)
-def test_relevance_is_conserved_down_to_the_embeddings(adapters: dict, architecture: str) -> None:
-    adapter = adapters[architecture]
+@pytest.mark.parametrize("architecture", BUILTIN_MODELS)
+def test_relevance_is_conserved_down_to_the_embeddings(builtin_adapters: dict, architecture: str) -> None:
+    adapter = builtin_adapters[architecture]
     # The dual-stream answer is read at text [CLS]: the last layer's image->text cross-attention and
     # image self-attention feed nothing that reaches it, so they must get no relevance at all.
-    unused = _unused_maps(adapter, _item(architecture))
+    unused = _unused_maps(adapter, heldout_item(architecture))
     assert len(unused) == (2 if architecture == "dual_stream" else 0)
     for seed in range(3):
-        item = _item(architecture, seed)
+        item = heldout_item(architecture, seed)
         frame, input_total = attention_relevance(adapter, item)
         # The explained output starts with relevance 1; float32 activations, float64 propagation.
         assert input_total == pytest.approx(1.0, abs=1e-4)
@@ -100,9 +87,9 @@ def test_relevance_is_conserved_down_to_the_embeddings(adapters: dict, architect
         assert (per_map[unused] == 0).all() and (np.delete(per_map, unused) > 0).all(), per_map
 
 
-def test_dual_stream_relevance_reaches_both_streams_and_sits_in_each_maps_block(adapters: dict) -> None:
-    adapter = adapters["dual_stream"]
-    item = _item("dual_stream")
+def test_dual_stream_relevance_reaches_both_streams_and_sits_in_each_maps_block(builtin_adapters: dict) -> None:
+    adapter = builtin_adapters["dual_stream"]
+    item = heldout_item("dual_stream")
     frame, _ = attention_relevance(adapter, item)
     modules = adapter.forward(item.image, item.text).attentions
     assert frame.shape[0] == len(modules)
@@ -122,16 +109,16 @@ def test_dual_stream_relevance_reaches_both_streams_and_sits_in_each_maps_block(
     assert result.input_total == pytest.approx(1.0, abs=1e-4)
 
 
-def test_recorder_removes_its_hooks(adapters: dict) -> None:
-    model = adapters["single_stream"].model
+def test_recorder_removes_its_hooks(builtin_adapters: dict) -> None:
+    model = builtin_adapters["single_stream"].model
     recorder = ActivationRecorder(model)
     recorder.close()
     assert all(not module._forward_hooks for module in model.modules())
 
 
-def test_propagate_on_the_model_directly_matches_the_adapter_frame(adapters: dict) -> None:
-    adapter = adapters["single_stream"]
-    item = _item("single_stream")
+def test_propagate_on_the_model_directly_matches_the_adapter_frame(builtin_adapters: dict) -> None:
+    adapter = builtin_adapters["single_stream"]
+    item = heldout_item("single_stream")
     frame, _ = attention_relevance(adapter, item)
     ids, mask = world.encode_batch([item.text])
     pixels = torch.from_numpy(item.image[None]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
@@ -147,9 +134,11 @@ def test_propagate_on_the_model_directly_matches_the_adapter_frame(adapters: dic
     assert np.abs(frame[-1][:, 1:].sum()) < 1e-6 * np.abs(frame[-1]).sum()
 
 
-@pytest.mark.parametrize("architecture", MODELS)
-def test_transformer_attribution_runs_on_every_built_in_model(adapters: dict, architecture: str) -> None:
-    captured, _, _ = capture_for(adapters[architecture], _item(architecture), ["transformer_attribution"])
+@pytest.mark.parametrize("architecture", BUILTIN_MODELS)
+def test_transformer_attribution_runs_on_every_built_in_model(builtin_adapters: dict, architecture: str) -> None:
+    captured, _, _ = capture_for(
+        builtin_adapters[architecture], heldout_item(architecture), ["transformer_attribution"]
+    )
     assert isinstance(captured, Captured)
     relevancy = transformer_attribution(captured)
     real = relevancy.values[np.isfinite(relevancy.values)]
@@ -161,14 +150,14 @@ def test_transformer_attribution_runs_on_every_built_in_model(adapters: dict, ar
 def test_models_without_lrp_rules_get_a_clear_error() -> None:
     not_built_in = SimpleNamespace(name="hf_vilt", model=None)
     with pytest.raises(VLIError, match="LRP needs a built-in model"):
-        attention_relevance(not_built_in, _item("single_stream"))  # type: ignore[arg-type]
+        attention_relevance(not_built_in, heldout_item("single_stream"))  # type: ignore[arg-type]
     with pytest.raises(VLIError, match="LRP is implemented for the built-in models"):
         propagate(torch.nn.Linear(1, 1), ActivationRecorder(torch.nn.Linear(1, 1)))
 
 
-def test_transformer_attribution_without_lrp_relevance_says_how_to_get_it(adapters: dict) -> None:
-    adapter = adapters["dual_stream"]
-    record, info = adapter.run(_item("dual_stream"), gradients=True)
+def test_transformer_attribution_without_lrp_relevance_says_how_to_get_it(builtin_adapters: dict) -> None:
+    adapter = builtin_adapters["dual_stream"]
+    record, info = adapter.run(heldout_item("dual_stream"), gradients=True)
     with pytest.raises(VLIError, match="capture_for"):
         transformer_attribution(Captured.from_record(record, info))
 
@@ -220,10 +209,12 @@ def test_cross_attention_block_rule_by_hand() -> None:
 
 
 @pytest.mark.parametrize("architecture", ["single_stream", "dual_stream"])
-def test_a_contrast_starts_lrp_at_plus_and_minus_one_and_conserves_their_sum(adapters: dict, architecture: str) -> None:
+def test_a_contrast_starts_lrp_at_plus_and_minus_one_and_conserves_their_sum(
+    builtin_adapters: dict, architecture: str
+) -> None:
     """LRP of "A vs B" starts at +1 on A's logit and -1 on B's: the input's relevance totals 0, and it is
     neither A's relevance nor B's."""
-    adapter, item = adapters[architecture], _item(architecture)
+    adapter, item = builtin_adapters[architecture], heldout_item(architecture)
     recorder = ActivationRecorder(adapter.model)
     with torch.no_grad():
         logits = adapter.forward(item.image, item.text).output.reshape(-1)

@@ -289,12 +289,16 @@ def token_relevance(
 
     ``target`` as in ``relevancy.targets`` (default: the predicted answer).
     """
-    run = recorded_pass(adapter, item, target)
+    return token_relevance_of(recorded_pass(adapter, item, target))
+
+
+def token_relevance_of(run: RecordedPass) -> tuple[np.ndarray, AttnLRPResult]:
+    """``token_relevance`` of an already recorded pass (one pass can serve LRP and AttnLRP)."""
     result = propagate(run.model, run.recorder, run.output_index, run.versus)
     values = np.zeros(len(run.capture.tokens))
     for stream, positions in stream_tokens(run).items():
         per_token = result.inputs[stream][0].sum(dim=-1).numpy()
         if len(per_token) != len(positions):
-            raise VLIError(f"{adapter.name}: {len(per_token)} relevances for {len(positions)} {stream} tokens")
+            raise VLIError(f"{len(per_token)} AttnLRP relevances for {len(positions)} {stream} tokens")
         values[positions] = per_token
     return values, result

@@ -58,16 +58,15 @@ def capture_for(
     required = needs(check_supported(adapter, methods))
     record, info = adapter.run(item, target=target, gradients=GRADIENTS in required)
     captured = Captured.from_record(record, info)
-    if LRP in required:
-        from vlinterpret_panel.relevancy.lrp import attention_relevance
+    if LAYER_RULES & required:  # one recorded pass serves both
+        from vlinterpret_panel.relevancy.attnlrp_rules import token_relevance_of
+        from vlinterpret_panel.relevancy.lrp import attention_relevance_of, recorded_pass
 
-        frame, _ = attention_relevance(adapter, item, target)
-        captured = dataclasses.replace(captured, attention_relevance=frame)
-    if ATTNLRP in required:
-        from vlinterpret_panel.relevancy.attnlrp_rules import token_relevance
-
-        values, _ = token_relevance(adapter, item, target)
-        captured = dataclasses.replace(captured, token_relevance=values)
+        run = recorded_pass(adapter, item, target)
+        if LRP in required:
+            captured = dataclasses.replace(captured, attention_relevance=attention_relevance_of(run)[0])
+        if ATTNLRP in required:
+            captured = dataclasses.replace(captured, token_relevance=token_relevance_of(run)[0])
     return captured, record, info
 
 

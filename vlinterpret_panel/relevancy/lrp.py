@@ -366,11 +366,13 @@ def attention_relevance(
 
     ``target`` as in ``recorded_pass``; a contrast starts LRP at +1 and -1 on its two answers.
     """
-    run = recorded_pass(adapter, item, target)
+    return attention_relevance_of(recorded_pass(adapter, item, target))
+
+
+def attention_relevance_of(run: RecordedPass) -> tuple[np.ndarray, float]:
+    """``attention_relevance`` of an already recorded pass (one pass can serve LRP and AttnLRP)."""
     result = propagate(run.model, run.recorder, run.output_index, run.versus)
     if len(result.attention) != len(run.capture.attentions):
-        raise VLIError(
-            f"{adapter.name}: {len(result.attention)} LRP maps for {len(run.capture.attentions)} captured maps"
-        )
+        raise VLIError(f"{len(result.attention)} LRP maps for {len(run.capture.attentions)} captured maps")
     maps = [relevance[0].float() for relevance in result.attention]
     return attention_frame(run.capture, maps), result.input_total
