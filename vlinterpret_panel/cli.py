@@ -195,7 +195,7 @@ def _stats(args: argparse.Namespace) -> int:
     # netCDF's default chunk cache, 64 MiB per variable of every open shard, would grow with
     # every shard this scan reads; each chunk is read once here, so 1 MiB is plenty.
     netCDF4.set_chunk_cache(2**20, 1009, 0.75)
-    ds = open_dataset(args.store)
+    ds = open_dataset(Path(args.store).resolve())  # absolute shard paths: a remote worker's directory differs
     methods = [] if args.no_projections else (args.method or ["pca"])
     with distributed_client(args.store, workers=args.workers, scheduler=args.scheduler) as client:
         if client is not None:
