@@ -21,9 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from playwright.sync_api import sync_playwright
-
-from tests.ui.conftest import CHROMIUM, CHROMIUM_ARGS, REPO
+from tests.ui.browser import REPO, chromium
 from tests.ui.test_load import peak_rss_gb, run_load, served
 
 DEMO_STORE = REPO / "datasets" / "synthetic"  # dashboards/app.py's DEMO_STORE (importing it would build the app)
@@ -38,10 +36,8 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as scratch, served(args.store, Path(scratch) / "panel-serve.log") as running:
         url, server = running
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        with chromium() as browser:
             result = run_load(browser, url, args.store, args.sessions, args.seconds, server_pid=server.pid)
-            browser.close()
         alive = server.poll() is None
         print(f"store: {args.store}")
         print("\n".join(result.report()))
