@@ -320,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--scheduler", help="address of an existing Dask distributed scheduler")
     extract.add_argument(
         "--relevancy",
-        help="relevancy methods to store, comma-separated (e.g. generic,rollout,raw_attention,attention_gradcam); "
+        help="relevancy methods to store, comma-separated (e.g. generic,rollout,raw_attention,attention_gradcam; "
+        "transformer_attribution and attnlrp for the built-in models); "
         "with --generate: raw_attention,rollout by default (recorded while generating), 'all' adds the "
         "gradient methods (one backward pass per generated token), 'none' stores none",
     )
