@@ -1,4 +1,4 @@
-"""Run a store's dataset-wide computations on a Dask distributed cluster (``vlinterpret stats --workers/--scheduler``).
+"""Connect to a Dask distributed cluster for a store (`vlinterpret stats` and `extract`, `--workers`/`--scheduler`).
 
 While ``distributed_client`` is open its client is Dask's default scheduler, so every Dask
 computation made inside (the head statistics' chunks, the hidden states read for projections
@@ -13,6 +13,7 @@ workers must read the store's directory at the same path (checked before anythin
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -56,7 +57,13 @@ def distributed_client(
                 raise VLIError(f"cannot reach the Dask scheduler at {scheduler!r}: {reason}") from None
         else:
             cluster = stack.enter_context(
-                LocalCluster(n_workers=workers, processes=True, threads_per_worker=1, dashboard_address=None)
+                LocalCluster(
+                    n_workers=workers,
+                    processes=True,
+                    threads_per_worker=1,
+                    dashboard_address=None,
+                    silence_logs=logging.ERROR,
+                )
             )
             client = stack.enter_context(Client(cluster))
         _check_workers_see(client, Path(store).resolve())

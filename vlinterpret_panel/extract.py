@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import math
 import os
 import threading
@@ -30,6 +29,7 @@ import numpy as np
 
 from vlinterpret_panel.adapters.base import ForwardCapture, ModelAdapter, ModelInput
 from vlinterpret_panel.adapters.generative import GenerationOptions
+from vlinterpret_panel.cluster import distributed_client
 from vlinterpret_panel.errors import VLIError, error_line
 from vlinterpret_panel.schema import ExampleRecord, ModelInfo, records_to_dataset
 from vlinterpret_panel.store import Precision, example_ids, write_shard
@@ -573,26 +573,12 @@ def _run_chunks(
             if previous is not None:
                 yield previous.finish()
         return
-    from distributed import Client, LocalCluster, as_completed
+    from distributed import as_completed
 
-    cluster = None
-    if scheduler:
-        try:
-            client = Client(scheduler, timeout="20s")
-        except (OSError, TimeoutError) as error:
-            raise VLIError(f"--scheduler {scheduler}: cannot connect ({error})") from None
-        threads = None
-    else:
-        cluster = LocalCluster(
-            n_workers=workers,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=None,
-            silence_logs=logging.ERROR,
-        )
-        client = Client(cluster)
-        threads = max(1, (os.cpu_count() or 1) // workers)
-    try:
+    Path(store).mkdir(parents=True, exist_ok=True)  # the workers write into it: they must see it
+    threads = None if scheduler else max(1, (os.cpu_count() or 1) // workers)
+    with distributed_client(store, workers=None if scheduler else workers, scheduler=scheduler) as client:
+        assert client is not None  # workers or a scheduler was given
         futures = [
             client.submit(extract_chunk, adapter, chunk, store, threads=threads, pure=False, **common)
             for chunk in chunks
@@ -602,10 +588,6 @@ def _run_chunks(
             result = future.result()
             bar.update(sizes[future.key])
             yield result
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
 
 
 def _write_failures(store: Path, report: ExtractionReport) -> None:
