@@ -19,6 +19,7 @@ from vlinterpret_panel import open_dataset
 from vlinterpret_panel.extract import extract, scene_sources
 
 pytestmark = pytest.mark.browser
+MAIN_MAP_MIN_WIDTH = 200  # the main map's frame is 240 px wide, the grid's 180
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +51,8 @@ def test_the_answer_list_drives_the_relevancy_maps(app: AppPage, target_store: P
     app.open()
     app.page.get_by_text("Relevancy", exact=True).click()
     _choose_method(app, "generic")
-    main = app.wait_for_figure(f"generic → {predicted}")
-    assert "computed" not in main["title"] and main["width"] > 200
+    main = _main_map(app, f"generic → {predicted}")
+    assert "computed" not in main["title"]
     before = app.pixels(main["title"])
     app.page.get_by_text("Pick a second answer").first.wait_for()
     # Another answer: its map is computed with the served model, and it is another map.
@@ -83,14 +84,26 @@ def test_attnlrp_is_shown_on_its_signed_scale_and_computed_for_another_answer(
     app.page.get_by_text("Relevancy", exact=True).click()
     app.wait_for_figure(f"generic → {predicted}")
     _choose_method(app, "attnlrp")
-    stored = app.wait_for_figure(f"attnlrp → {predicted}")  # the main map comes before the grid's
-    assert stored["width"] > 200, "the main map, not the smaller one of the all-methods grid"
+    stored = _main_map(app, f"attnlrp → {predicted}")
     before = app.pixels(stored["title"])
     app.page.get_by_label(f"{third} ·").check()
     computed = app.wait_for_figure(f"attnlrp → {third} (comp", timeout=30)
     assert changed_fraction(before, app.pixels(computed["title"])) > 0.01
     app.page.screenshot(path=tmp_path / "attnlrp.png")
     assert app.errors == []
+
+
+def _main_map(app: AppPage, prefix: str, timeout: float = 30) -> dict:
+    """The view's main map titled ``prefix...`` once it is drawn: the all-methods grid below has a smaller plot
+    of the same title (the method's map of the prediction) from the start."""
+    found: list[dict] = []
+
+    def drawn() -> bool:
+        found[:] = [f for f in app.figures() if f["title"].startswith(prefix) and f["width"] > MAIN_MAP_MIN_WIDTH]
+        return bool(found)
+
+    app.wait_until(drawn, timeout=timeout, what=f"the main map {prefix!r}")
+    return found[0]
 
 
 def _choose_method(app: AppPage, name: str) -> None:
