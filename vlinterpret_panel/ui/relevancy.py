@@ -159,19 +159,12 @@ class RelevancyView(View):
         opacity: float,
         size: dict[str, int] | None = None,
     ) -> hv.Overlay:
-        tokens = ds.vli.tokens(example)
+        """The stored map of ``method`` (its prediction entry), on a scale shared with the other methods' maps."""
         relevancy = ds.vli.relevancy(example, method)
-        values, target = relevancy.values, relevancy.attrs["target"]
-        image_tokens = tokens.image_tokens()
-        others = [ds.vli.relevancy(example, m).values[image_tokens] for m in _prediction_entries(ds)]
-        colour_range = map_scale(np.nan_to_num(values[image_tokens]), relevancy_scale(scale), shared_with=others)
-        painted = ds.vli.values_on_image(example, np.nan_to_num(values), smooth=smooth).values
-        size = size or image_plot_size(tokens.image)
-        picture = image_element(tokens.image).opts(invert_yaxis=True, xaxis=None, yaxis=None, **size)
-        heat = overlay_element(painted, colour_range, "relevancy", opacity)
+        target = relevancy.attrs["target"]
+        others = tuple(ds.vli.relevancy(example, m).values for m in _prediction_entries(ds))
         title = f"{method} → {target}" if target else method
-        title += ": all 0" if colour_range.all_zero else ""
-        return (picture * heat * target_outline(ds, example)).opts(title=fit_title(title, size["frame_width"]))
+        return _map_on_image(ds, example, relevancy.values, title, smooth, scale, opacity, size, others)
 
     @staticmethod
     def _chosen_image(
@@ -186,18 +179,9 @@ class RelevancyView(View):
         shared_with: tuple[np.ndarray, ...] = (),
     ) -> hv.Overlay:
         """A picked answer's map, on its own scale or shared with the maps beside it."""
-        tokens = ds.vli.tokens(example)
-        image_tokens = tokens.image_tokens()
-        values = np.nan_to_num(chosen.values)
-        others = [np.nan_to_num(other)[image_tokens] for other in shared_with]
-        colour_range = map_scale(values[image_tokens], relevancy_scale(scale), shared_with=others)
-        painted = ds.vli.values_on_image(example, values, smooth=smooth).values
-        size = size or image_plot_size(tokens.image)
-        picture = image_element(tokens.image).opts(invert_yaxis=True, xaxis=None, yaxis=None, **size)
-        heat = overlay_element(painted, colour_range, "relevancy", opacity)
         source = "" if chosen.source == STORED else " (computed)"
-        title = f"{method} → {chosen.target}{source}" + (": all 0" if colour_range.all_zero else "")
-        return (picture * heat * target_outline(ds, example)).opts(title=fit_title(title, size["frame_width"]))
+        title = f"{method} → {chosen.target}{source}"
+        return _map_on_image(ds, example, chosen.values, title, smooth, scale, opacity, size, shared_with)
 
     def _on_image(
         self,
@@ -341,6 +325,32 @@ class RelevancyView(View):
             heading("All methods", level=4),
             pn.pane.HoloViews(self._all_methods, linked_axes=False),
         )
+
+
+def _map_on_image(
+    ds: xr.Dataset,
+    example: str,
+    values: np.ndarray,
+    title: str,
+    smooth: bool,
+    scale: str,
+    opacity: float,
+    size: dict[str, int] | None,
+    shared_with: tuple[np.ndarray, ...],
+) -> hv.Overlay:
+    """Per-token relevancy ``values`` painted on the example's image with the target's outline, titled ``title``
+    (": all 0" added for an all-zero map); the colour range follows ``scale`` over the image tokens."""
+    tokens = ds.vli.tokens(example)
+    image_tokens = tokens.image_tokens()
+    values = np.nan_to_num(values)
+    others = [np.nan_to_num(other)[image_tokens] for other in shared_with]
+    colour_range = map_scale(values[image_tokens], relevancy_scale(scale), shared_with=others)
+    painted = ds.vli.values_on_image(example, values, smooth=smooth).values
+    size = size or image_plot_size(tokens.image)
+    picture = image_element(tokens.image).opts(invert_yaxis=True, xaxis=None, yaxis=None, **size)
+    heat = overlay_element(painted, colour_range, "relevancy", opacity)
+    title += ": all 0" if colour_range.all_zero else ""
+    return (picture * heat * target_outline(ds, example)).opts(title=fit_title(title, size["frame_width"]))
 
 
 def _choice_label(answer: str, probability: float) -> str:
