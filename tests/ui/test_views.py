@@ -313,3 +313,43 @@ def test_batched_clicks_keep_the_documents_model_registry_exact(ds: xr.Dataset) 
     reachable = set().union(*(root.references() for root in document.roots))
     assert {model.id for model in reachable} == set(document.models._models)
     assert "invalidate" not in vars(document.models) and document.models._freeze_count == 0
+
+
+def test_the_layer_slider_is_linked_both_ways_and_moves_in_one_model_walk(ds: xr.Dataset, monkeypatch) -> None:
+    """The layer slider sets the selection inside ``batched``: one walk over the page's models, not one a plot."""
+    from bokeh.document import Document
+    from panel.io.state import set_curdoc
+
+    dashboard = Dashboard(ds)
+    slider = dashboard.tokens._layer
+    assert (slider.start, slider.end, slider.value) == (0, ds.sizes["layer"] - 1, dashboard.selection.layer)
+    document = Document()
+    document.add_root(pn.Row(pn.Column(*dashboard.sidebar()), dashboard.main()).get_root(document))
+    walks = []
+    recompute = document.models.recompute
+    monkeypatch.setattr(document.models, "recompute", lambda: walks.append(1) or recompute())
+    with set_curdoc(document):
+        slider.value = (dashboard.selection.layer + 1) % ds.sizes["layer"]
+    assert dashboard.selection.layer == slider.value
+    assert len(walks) <= 1
+    dashboard.selection.select(layer=0)
+    assert slider.value == 0
+    dashboard.selection.param.layer.bounds = (0, 1)
+    assert (slider.start, slider.end) == (0, 1)
+
+
+def test_batched_widgets_take_a_selectors_options_and_a_numbers_bounds(ds: xr.Dataset) -> None:
+    from vlinterpret_panel.ui.scales import SCALES
+    from vlinterpret_panel.ui.selection import batched_widget
+
+    selection = Dashboard(ds).selection
+    scale = batched_widget(pn.widgets.Select, selection, "scale", label="colour range")
+    opacity = batched_widget(pn.widgets.FloatSlider, selection, "opacity", step=0.05)
+    assert scale.options == list(SCALES) and (opacity.start, opacity.end) == (0, 1)
+    other = next(name for name in SCALES if name != selection.scale)
+    scale.value = other
+    opacity.value = 0.3
+    assert (selection.scale, selection.opacity) == (other, 0.3)
+    first = next(iter(SCALES))
+    selection.param.update(scale=first, opacity=0.9)
+    assert (scale.value, opacity.value) == (first, 0.9)

@@ -22,7 +22,7 @@ from vlinterpret_panel.ui.scales import (
     map_scale,
     title_colorbar,
 )
-from vlinterpret_panel.ui.selection import Selection
+from vlinterpret_panel.ui.selection import Selection, batched_widget
 from vlinterpret_panel.ui.view import View
 
 MAP_PIXELS = 128
@@ -85,13 +85,17 @@ def image_plot_size(pixels: np.ndarray, size: int = IMAGE_SIZE) -> dict[str, int
 
 def scale_controls(selection: Selection) -> list[pn.viewable.Viewable]:
     """The colour-range and overlay-opacity widgets every map view shows."""
-    scale = pn.widgets.Select.from_param(
-        selection.param.scale,
+    scale = batched_widget(
+        pn.widgets.Select,
+        selection,
+        "scale",
         label="colour range",
         width=110,
         description="; ".join(f"{name}: {text}" for name, text in SCALE_HELP.items()),
     )
-    opacity = pn.widgets.FloatSlider.from_param(selection.param.opacity, label="overlay opacity", step=0.05, width=140)
+    opacity = batched_widget(
+        pn.widgets.FloatSlider, selection, "opacity", label="overlay opacity", step=0.05, width=140
+    )
     return [scale, opacity]
 
 
@@ -188,7 +192,7 @@ class ImageView(View):
         plot = self._image * self._overlay * self._patches
         controls = pn.Column(
             pn.Row(
-                pn.widgets.RadioButtonGroup.from_param(self.selection.param.direction, label="attention", width=90),
+                batched_widget(pn.widgets.RadioButtonGroup, self.selection, "direction", label="attention", width=90),
                 checkbox(self.selection, "smooth", "smooth"),
             ),
             pn.Row(*scale_controls(self.selection)),

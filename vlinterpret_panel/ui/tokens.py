@@ -8,7 +8,7 @@ import xarray as xr
 
 from vlinterpret_panel.schema import TEXT
 from vlinterpret_panel.ui.common import SIDEBAR_CONTROL_WIDTH, heading
-from vlinterpret_panel.ui.selection import Selection
+from vlinterpret_panel.ui.selection import Selection, batched_widget
 from vlinterpret_panel.ui.view import View
 
 MEAN = "mean"
@@ -21,7 +21,9 @@ class TokenControls(View):
     def __init__(self, ds: xr.Dataset, selection: Selection | None = None, **params) -> None:
         super().__init__(ds, selection, **params)
         selection = self.selection
-        self._layer = pn.widgets.IntSlider.from_param(selection.param.layer, label="layer", width=SIDEBAR_CONTROL_WIDTH)
+        self._layer = batched_widget(
+            pn.widgets.IntSlider, selection, "layer", label="layer", width=SIDEBAR_CONTROL_WIDTH
+        )
         self._head = pn.widgets.Select(label="head", options=[MEAN, *map(str, range(ds.sizes["head"]))], width=100)
         self._token = pn.widgets.Select(label="query token", width=200)
         self._movie = pn.widgets.Player(
