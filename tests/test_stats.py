@@ -115,6 +115,18 @@ def test_statistics_match_numpy_loops_on_padded_examples(store, records, referen
         np.testing.assert_allclose(computed[name].values, reference[name], atol=tolerance, err_msg=name)
 
 
+def test_a_task_reads_at_most_its_byte_budget_of_layers(store, reference, monkeypatch):
+    """An example's layers are read by one task while they fit the budget, else by several: same values."""
+    ds = open_dataset(store)
+    layer_bytes = int(np.prod(ds["attention"].shape[2:])) * 4
+    for budget, layers_per_task in ((10 * layer_bytes, (3,)), (2 * layer_bytes, (2, 1)), (1, (1, 1, 1))):
+        monkeypatch.setattr(stats, "_TASK_BYTES", budget)
+        table = stats.statistics_table(ds)
+        assert table.chunks[1] == layers_per_task
+        computed = table.sel(statistic="text_to_image").values
+        np.testing.assert_allclose(computed, reference["text_to_image"], atol=2e-4)
+
+
 def test_padded_heads_and_missing_blocks_are_nan(store):
     computed = stats.head_statistics(open_dataset(store)).compute()
     assert computed["entropy"].sel(layer=1, head=2).isnull().all()

@@ -15,12 +15,17 @@ nor keys of any block, as in VL-InterpreT. A head with no query of modality X ge
 
 from __future__ import annotations
 
+import itertools
+import math
 import warnings
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal, cast
 
+import dask.array as da
 import numpy as np
 import xarray as xr
+from dask.base import tokenize
+from dask.highlevelgraph import HighLevelGraph
 from tqdm.auto import tqdm
 
 from vlinterpret_panel import cache
@@ -122,43 +127,54 @@ def _mean_of_available(*values: np.ndarray) -> np.ndarray:
         return np.where(count > 0, np.nansum(stacked, axis=0) / np.maximum(count, 1), np.nan)
 
 
-def _statistics_kernel(attention: np.ndarray, codes: np.ndarray, position: np.ndarray) -> np.ndarray:
-    """All built-in statistics of attention blocks ``(..., head, query, key)``; returns ``(..., head, statistic)``.
+_TINY = np.finfo(np.float32).tiny
+# The attention one statistics task reads at most (one example's layers together: a ViLT-sized example's 12 layers
+# are 20 MB; a LLaVA-sized example's are 1.5 GB, one layer a task).
+_TASK_BYTES = 64 * 2**20
+# Columns of the key sets one matrix product sums each attention row over: the row's mass on text, image and
+# special keys, on image keys with a patch position, and its total (0 for padding and padded heads).
+_TEXT_KEYS, _IMAGE_KEYS, _SPECIAL_KEYS, _PATCH_KEYS, _ALL_KEYS = range(5)
 
-    ``codes`` is ``(..., token)`` and ``position`` ``(..., token, 2)`` with size-1 axes
-    broadcasting against the leading axes of ``attention``.
+
+def _example_statistics(layers: Sequence[np.ndarray], codes: np.ndarray, position: np.ndarray) -> np.ndarray:
+    """All built-in statistics of one example's attention ``layers`` (each ``(head, query, key)``), ``(layer,
+    head, statistic)``; ``codes`` is ``(token,)``, ``position`` ``(token, 2)``.
+
+    The example's key sets and patch distances are computed once for all the layers; each layer costs
+    five passes over its attention (NaN to 0, one matrix product for every mass, log, two weighted
+    sums), and the averages over rows are taken for all layers at once.
     """
-    weights = np.fmax(attention, np.float32(0))  # NaN padding becomes 0 (fmax ignores NaN), in one pass
-    codes = np.broadcast_to(codes, weights.shape[:-3] + codes.shape[-1:])
-    position = np.broadcast_to(position, weights.shape[:-3] + position.shape[-2:])
     is_text, is_image, is_special = (codes == _TEXT_CODE), (codes == _IMAGE_CODE), (codes == _SPECIAL_CODE)
-    key_sets = np.stack([is_text, is_image, is_special], axis=-1).astype(np.float32)  # (..., key, 3)
-    mass = weights @ key_sets[..., None, :, :]  # (..., head, query, 3)
-    text_mass, image_mass, special_mass = mass[..., 0], mass[..., 1], mass[..., 2]
-
-    is_query = weights.sum(axis=-1) > 0.5  # real rows of this layer; padding and padded heads are 0
-    text_query = is_query & is_text[..., None, :]
-    image_query = is_query & is_image[..., None, :]
-
-    # Mass an image query puts on image keys at token distance <= 1: itself and its sequence neighbours.
-    self_mass = np.diagonal(weights, 0, -2, -1) * is_image[..., None, :]
-    near_mass = self_mass.copy()
-    near_mass[..., :-1] += np.diagonal(weights, 1, -2, -1) * is_image[..., None, 1:]
-    near_mass[..., 1:] += np.diagonal(weights, -1, -2, -1) * is_image[..., None, :-1]
-
-    # -p log p with 0 log 0 = 0: log of a floor at the smallest float32 keeps it one cheap pass.
-    row_entropy = -np.einsum("...k,...k->...", weights, np.log(np.maximum(weights, np.finfo(np.float32).tiny)))
-
     has_position = np.isfinite(position).all(axis=-1) & is_image
-    filled = np.where(has_position[..., None], position, 0.0).astype(np.float32)
-    distance = np.sqrt(((filled[..., :, None, :] - filled[..., None, :, :]) ** 2).sum(axis=-1))
-    distance *= has_position[..., :, None] & has_position[..., None, :]
-    patch_mass = weights @ has_position[..., None, :, None].astype(np.float32)
-    patch_mass = patch_mass[..., 0]
-    weighted_distance = np.einsum("...hqk,...qk->...hq", weights, distance)
+    key_sets = np.stack([is_text, is_image, is_special, has_position, np.ones_like(is_text)], axis=-1)
+    key_sets = key_sets.astype(np.float32)
+    filled = np.where(has_position[:, None], position, 0.0).astype(np.float32)
+    distance = np.sqrt(((filled[:, None, :] - filled[None, :, :]) ** 2).sum(axis=-1))
+    distance *= has_position[:, None] & has_position[None, :]
+
+    masses, near_mass, row_entropy, weighted_distance = [], [], [], []
+    image_after = np.append(is_image[1:], False)  # key q+1 of query q is an image token
+    image_before = np.insert(is_image[:-1], 0, False)  # key q-1 of query q is an image token
+    for attention in layers:
+        weights = np.fmax(attention, np.float32(0))  # NaN padding becomes 0 (fmax ignores NaN), in one pass
+        masses.append(weights @ key_sets)  # (head, query, 5)
+        # Mass an image query puts on image keys at token distance <= 1: itself and its sequence neighbours.
+        near = np.diagonal(weights, 0, -2, -1) * is_image
+        near[:, :-1] += np.diagonal(weights, 1, -2, -1) * image_after[:-1]
+        near[:, 1:] += np.diagonal(weights, -1, -2, -1) * image_before[1:]
+        near_mass.append(near)
+        # -p log p with 0 log 0 = 0: log of a floor at the smallest float32 keeps it one cheap pass.
+        logs = np.maximum(weights, _TINY)
+        np.log(logs, out=logs)
+        row_entropy.append(-np.einsum("hqk,hqk->hq", weights, logs))
+        weighted_distance.append(np.einsum("hqk,qk->hq", weights, distance))
+    mass = np.stack(masses)  # (layer, head, query, 5)
+    is_query = mass[..., _ALL_KEYS] > 0.5  # real rows of this layer; padding and padded heads are 0
+    text_query, image_query = is_query & is_text, is_query & is_image
+    text_mass, image_mass, patch_mass = mass[..., _TEXT_KEYS], mass[..., _IMAGE_KEYS], mass[..., _PATCH_KEYS]
     with np.errstate(invalid="ignore", divide="ignore"):
-        row_distance = weighted_distance / patch_mass
-    spatial_query = is_query & has_position[..., None, :] & (patch_mass > 0)
+        row_distance = np.stack(weighted_distance) / patch_mass
+    spatial_query = is_query & has_position & (patch_mass > 0)
 
     text_to_image = _masked_mean(image_mass, text_query)
     image_to_text = _masked_mean(text_mass, image_query)
@@ -169,14 +185,51 @@ def _statistics_kernel(attention: np.ndarray, codes: np.ndarray, position: np.nd
         "image_to_text": image_to_text,
         "text_to_text": text_to_text,
         "image_to_image": image_to_image,
-        "image_to_image_no_self": _masked_mean(image_mass - near_mass, image_query),
+        "image_to_image_no_self": _masked_mean(image_mass - np.stack(near_mass), image_query),
         "cross_modal": _mean_of_available(text_to_image, image_to_text),
         "intra_modal": _mean_of_available(text_to_text, image_to_image),
-        "to_special": _masked_mean(special_mass, is_query),
-        "entropy": _masked_mean(row_entropy, is_query),
+        "to_special": _masked_mean(mass[..., _SPECIAL_KEYS], is_query),
+        "entropy": _masked_mean(np.stack(row_entropy), is_query),
         "spatial_distance": _masked_mean(row_distance, spatial_query),
     }
     return np.stack([values[name] for name in STATISTICS], axis=-1).astype(np.float32)
+
+
+def _chunk_statistics(layer_blocks: Sequence[np.ndarray], codes: np.ndarray, position: np.ndarray) -> np.ndarray:
+    """The statistics ``(example, layer, head, statistic)`` of a chunk of examples given as its blocks along
+    ``layer`` (each ``(example, layer, head, query, key)``), ``codes`` ``(example, token)`` and ``position``
+    ``(example, token, 2)``."""
+    examples = []
+    for index in range(len(codes)):
+        layers = [layer for block in layer_blocks for layer in block[index]]
+        examples.append(_example_statistics(layers, codes[index], position[index]))
+    return np.stack(examples)
+
+
+def _statistics_array(attention: da.Array, codes: np.ndarray, position: np.ndarray) -> da.Array:
+    """One kernel task per example chunk and group of its layer blocks of at most ``_TASK_BYTES``: key sets
+    and distances are made once per task, and the graph has few kernel tasks (xarray's ``apply_ufunc`` made one
+    per block, each joining its inputs' core dimensions even when they were one chunk: ~0.4 ms per block)."""
+    name = f"head-statistics-{tokenize(attention.name, codes, position)}"
+    example_edges = np.cumsum((0, *attention.chunks[0]))
+    layer_bytes = max(attention.chunks[0]) * math.prod(attention.shape[2:]) * attention.dtype.itemsize
+    layer_groups: list[list[int]] = []  # consecutive layer blocks read by one task
+    group_bytes = 0
+    for block, layers in enumerate(attention.chunks[1]):
+        if not layer_groups or group_bytes + layers * layer_bytes > _TASK_BYTES:
+            layer_groups.append([])
+            group_bytes = 0
+        layer_groups[-1].append(block)
+        group_bytes += layers * layer_bytes
+    tasks: dict[Any, Any] = {}
+    for chunk, (start, stop) in enumerate(itertools.pairwise(example_edges)):
+        for group, blocks in enumerate(layer_groups):
+            layer_keys = [(attention.name, chunk, block, 0, 0, 0) for block in blocks]
+            tasks[(name, chunk, group, 0, 0)] = (_chunk_statistics, layer_keys, codes[start:stop], position[start:stop])
+    graph = HighLevelGraph.from_collections(name, tasks, dependencies=[cast(Any, attention)])
+    group_layers = tuple(sum(attention.chunks[1][block] for block in blocks) for blocks in layer_groups)
+    chunks = (attention.chunks[0], group_layers, (attention.shape[2],), (len(STATISTICS),))
+    return da.Array(graph, name, chunks, dtype=np.float32)
 
 
 def head_statistics(ds: xr.Dataset, *, statistics: Sequence[str] | None = None) -> xr.Dataset:
@@ -206,35 +259,22 @@ def head_statistics(ds: xr.Dataset, *, statistics: Sequence[str] | None = None) 
 def statistics_table(ds: xr.Dataset) -> xr.DataArray:
     """Every built-in statistic as one lazy ``(example, layer, head, statistic)`` float32 array.
 
-    One kernel task per attention chunk computes all statistics at once; computing this array
-    (not one variable per statistic, each a selection task per chunk) keeps the task count at
-    one per chunk, which is what a distributed scheduler pays for.
+    One kernel task per example chunk computes all statistics of all its layers at once; computing
+    this array (not one variable per statistic, each a selection task per chunk) keeps the task
+    count at about one per chunk read, which is what a distributed scheduler pays for.
     """
     require_full_attention(ds, "head statistics")
-    attention = ds["attention"]
-    if attention.chunks is not None:
-        attention = attention.chunk({"query": -1, "key": -1})
-        example_chunks = {"example": attention.data.chunks[0]}
+    attention = ds["attention"].transpose("example", "layer", "head", "query", "key")
+    codes = modality_codes(ds["modality"].values)
+    position = patch_coordinates(ds).transpose("example", "token", "grid_axis").values
+    if isinstance(attention.data, da.Array):
+        data = attention.data.rechunk({2: -1, 3: -1, 4: -1})
+        values: np.ndarray | da.Array = _statistics_array(data, codes, position)
     else:
-        example_chunks = None
-    codes = xr.DataArray(modality_codes(ds["modality"].values), dims=("example", "token"))
-    position = patch_coordinates(ds).drop_vars(["example", "grid_axis"])
-    if example_chunks is not None:
-        codes, position = codes.chunk(example_chunks), position.chunk(example_chunks)
-    table = xr.apply_ufunc(
-        _statistics_kernel,
-        attention.drop_vars(["query", "key"]),
-        codes.rename(token="key"),
-        position.rename(token="key"),
-        input_core_dims=[["head", "query", "key"], ["key"], ["key", "grid_axis"]],
-        output_core_dims=[["head", "statistic"]],
-        dask="parallelized",
-        output_dtypes=[np.float32],
-        dask_gufunc_kwargs={"output_sizes": {"statistic": len(STATISTICS)}},
-    )
-    table = table.assign_coords(statistic=np.array(list(STATISTICS), dtype=object))
-    table.attrs = {}
-    return table.transpose("example", "layer", "head", "statistic")
+        values = _chunk_statistics([np.asarray(attention.data)], codes, position)
+    kept = {name: coord for name, coord in attention.coords.items() if set(coord.dims) <= {"example", "layer", "head"}}
+    table = xr.DataArray(values, dims=("example", "layer", "head", "statistic"), coords=kept)
+    return table.assign_coords(statistic=np.array(list(STATISTICS), dtype=object))
 
 
 def compute_head_statistics(
