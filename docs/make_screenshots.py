@@ -1,6 +1,7 @@
 """Retake the screenshots in docs/screenshots/ from the real app on the shipped demo store.
 
-    python docs/make_screenshots.py [--store datasets/single_stream] [--out docs/screenshots] [--only answers|live]
+    python docs/make_screenshots.py [--store datasets/single_stream] [--out docs/screenshots]
+        [--only attention|answers|live|captions]
 
 Starts ``panel serve dashboards/app.py`` on a free localhost port over the store, drives
 Debian's chromium with Playwright, and stops the server at the end. The example is the first
@@ -9,7 +10,8 @@ layer and head are where that word's attention lands most on the patches of the 
 question is about (the store's ``target_mask``). Plots are found as the browser tests find
 them (``tests/ui/browser.py``): through Bokeh's own views, by title. The answer and reliance
 views are shot on ``datasets/generative``: its first example (a scene description) with its
-third generated token (a shape word) chosen, and the reliance chart tapped at answer position 3.
+third generated token (a shape word) chosen, and the reliance chart tapped at answer position 3. The caption
+contrast is shot on ``datasets/dual_encoder`` served with its model.
 """
 
 from __future__ import annotations
@@ -211,6 +213,11 @@ def run_answers(store: Path, out: Path) -> None:
         shots.page.mouse.move(2, 2)  # no hover tooltip in the picture
         shots.settle(2.0)
         shots.shoot("answer-view.png")
+        # The same token against the runner-up at its step (stored with --target "predicted vs runner-up").
+        shots.page.get_by_label("map").select_option("generic [predicted vs runner-up]")
+        contrast = shots.wait_for_figure(f"{answer['token'].iloc[2]!r} vs ")
+        shots.settle(2.0)
+        shots.shoot("answer-contrast.png", shots.box(contrast["title"], 2))
         shots.tab("Reliance")
         chart = "mean share of each generated token's map"
         shots.wait_for_figure(chart)
@@ -271,12 +278,42 @@ def run_live(store: Path, out: Path) -> None:
                 print("console errors:\n" + "\n".join(shots.errors))
 
 
+def run_captions(store: Path, out: Path) -> None:
+    """The dual encoder's relevancy view, served with its model: generic relevancy of the first example's caption
+    against the store's caption the model scores highest with that image (the first one offered)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "store"
+        shutil.copytree(store, copy, ignore=shutil.ignore_patterns(".index"))
+        command = live_serve_command(copy, open_dataset(store).attrs["model_name"])
+        with served(command, Path(tmp) / "serve.log") as (url, _server), chromium() as browser:
+            shots = Shooter(browser.new_context(viewport=PAGE_SIZE).new_page(), url, out)
+            shots.open("")
+            shots.tab("Relevancy")
+            shots.wait_for_figure("text relevancy for")
+            method = shots.page.get_by_label("method")
+            names = method.locator("option").all_inner_texts()
+            method.select_option(index=next(i for i, name in enumerate(names) if name.startswith("generic")))
+            shots.wait_for_figure("generic → score")
+            against = shots.page.get_by_label("against")
+            against.locator("option").nth(1).wait_for(state="attached")
+            against.select_option(index=1)
+            shots.wait_for_figure("generic → this − other")
+            shots.page.mouse.move(2, 2)
+            shots.settle(2.0)
+            shots.shoot("caption-contrast.png", shots.sidebar_box("method", "All methods") | {"x": 292, "width": 990})
+            if shots.errors:
+                print("console errors:\n" + "\n".join(shots.errors))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", type=Path, default=REPO / "datasets" / "single_stream")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "screenshots")
     parser.add_argument("--answers-store", type=Path, default=REPO / "datasets" / "generative")
-    parser.add_argument("--only", choices=["attention", "answers", "live"], help="retake one set of screenshots only")
+    parser.add_argument("--captions-store", type=Path, default=REPO / "datasets" / "dual_encoder")
+    parser.add_argument(
+        "--only", choices=["attention", "answers", "live", "captions"], help="retake one set of screenshots only"
+    )
     args = parser.parse_args()
     if args.only in (None, "attention"):
         run(args.store.resolve(), args.out.resolve())
@@ -284,6 +321,8 @@ def main() -> None:
         run_answers(args.answers_store.resolve(), args.out.resolve())
     if args.only in (None, "live"):
         run_live(args.answers_store.resolve(), args.out.resolve())
+    if args.only in (None, "captions"):
+        run_captions(args.captions_store.resolve(), args.out.resolve())
 
 
 if __name__ == "__main__":

@@ -63,6 +63,9 @@ EXAMPLE_KINDS = {
 GENERATION = GenerationOptions(methods=list(ANSWER_METHODS), rows="all")
 """The generative store: answers up to 32 tokens, every layer and head, all four methods, and the full
 maps (``--rows all``: at this model's size they are small) so every view of the dashboard works on it."""
+GENERATIVE_TARGETS = ("predicted", "predicted vs runner-up")
+"""What the generative store's gradient methods explain at each generated token: the token, and why it rather
+than the next most probable one (the evaluation's best map on this model)."""
 
 
 def demo_sources(spec: DemoSpec) -> list[ExampleSource]:
@@ -89,7 +92,7 @@ def make_store(spec: DemoSpec) -> dict[str, object]:
         examples_per_shard=60 if generative else 50,
         precision="float16",
         relevancy=() if generative else RELEVANCY,
-        targets=TARGETS if spec.scene_text == "question" else (),  # a caption's score has no runner-up
+        targets={"question": TARGETS, "describe+question": GENERATIVE_TARGETS}.get(spec.scene_text, ()),
         generation=GENERATION if generative else None,
         progress=False,
     )
@@ -197,10 +200,11 @@ store is deleted first, so a rerun replaces it) and this file. It runs each buil
 {" ".join(f'--target "{target}"' for target in TARGETS)} (`--scene-text caption` and no target for the dual
 encoder: its score has no runner-up), batch size 16, 50 examples per shard, float16 storage.
 The generative store is the function behind `vlinterpret extract generative STORE --scenes N
---scene-text describe --generate --relevancy all --rows all` (and `--scene-text question` for
+--scene-text describe --generate --relevancy all --rows all`
+{" ".join(f'--target "{target}"' for target in GENERATIVE_TARGETS)} (and `--scene-text question` for
 every other scene), 60 examples per shard: answers of up to 32 generated tokens, every layer and
-head, and the full maps of the whole sequence, so the attention views work on it as well as the
-answer view.
+head, the gradient methods for the generated token and against the runner-up at each step, and the
+full maps of the whole sequence, so the attention views work on it as well as the answer view.
 Shard names change on every run: commit a rerun with
 `git add datasets/README.md datasets/single_stream datasets/dual_stream datasets/dual_encoder datasets/generative`,
 which records the removed shards too.

@@ -390,3 +390,17 @@ def test_captured_attention_equals_what_transformers_returns(family: str, tmp_pa
     assert len(captured) == len(returned)
     for mine, theirs in zip(captured, returned, strict=True):
         torch.testing.assert_close(mine.probabilities, theirs[0])
+
+
+def test_clip_scores_a_second_caption_as_its_own_forward_does(tmp_path: Path) -> None:
+    """A caption contrast's second score, from the image embedding of the first pass, equals CLIP's score of that
+    caption in a pass of its own; the contrast's target names both."""
+    adapter = ClipAdapter(*tiny_clip(tmp_path))
+    image = scene(64, 64, 3)
+    with torch.no_grad():
+        own = adapter.forward(image, "a red square")
+        other = float(adapter.forward(image, "a blue circle at the top").output)
+        both = own.score_captions(["a blue circle at the top", "a red square"])
+        assert both.tolist() == pytest.approx([other, float(own.output)], rel=1e-5)  # padded in one batch
+    run = adapter.run_model(ModelInput("e", image, "a red square"), target="predicted vs a blue circle at the top")
+    assert run.target == "this caption vs a blue circle at the top"

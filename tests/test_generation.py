@@ -27,9 +27,10 @@ from vlinterpret_panel.adapters.hf_llava import LlavaAdapter
 from vlinterpret_panel.adapters.hf_qwen2vl import Qwen2VLAdapter
 from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.extract import extract, scene_sources
-from vlinterpret_panel.relevancy.answer import ANSWER_METHODS, LayerAttention, causal_bias
+from vlinterpret_panel.relevancy.answer import ANSWER_METHODS, GRADIENT_METHODS, LayerAttention, causal_bias
 from vlinterpret_panel.relevancy.inputs import Captured
 from vlinterpret_panel.relevancy.registry import compute_relevancy
+from vlinterpret_panel.relevancy.targets import Target, entry_name
 from vlinterpret_panel.schema import IMAGE, SPECIAL, TEXT, records_to_dataset, validate
 from vlinterpret_panel.store import open_dataset, write_shard
 
@@ -47,6 +48,18 @@ HAND_WORKED = {
     "attention_gradcam": [2 / 9, 2 / 9, 0.0, 0.0],
     "generic": [1 / 3, 2 / 3, 0.0, 0.0],
 }
+# A second vocabulary token, "no", has the logit O'[2] = A[2] . W with W = (0, 1, 1): 2/3 < 2, so "yes" is
+# generated and "no" is the runner-up. Explaining "no" alone, dA[2] = W = (0, 1, 1):
+#   Grad-CAM  w = 2/9; (w A[2])+ = (2/27, 2/27, 0);   generic  (I + (dA * A)+)[2] = (0, 1/3, 0)
+# Explaining "yes vs no" (predicted vs runner-up), dA[2] = V - W = (1, 1, 2):
+#   Grad-CAM  w = 4/9; (w A[2])+ = (4/27, 4/27, 0);   generic  (I + (dA * A)+)[2] = (1/3, 1/3, 0)
+HAND_WORKED_TARGETS = {
+    "attention_gradcam [no]": [2 / 27, 2 / 27, 0.0, 0.0],
+    "generic [no]": [0.0, 1 / 3, 0.0, 0.0],
+    "attention_gradcam [predicted vs runner-up]": [4 / 27, 4 / 27, 0.0, 0.0],
+    "generic [predicted vs runner-up]": [1 / 3, 1 / 3, 0.0, 0.0],
+}
+VOCABULARY = ("yes", "no")
 
 
 class HandWorkedAdapter(GenerativeAdapter):
@@ -58,6 +71,11 @@ class HandWorkedAdapter(GenerativeAdapter):
 
     def __init__(self, first_token: str = "yes") -> None:
         self.first_token = first_token
+
+    def token_id(self, token: str) -> int:
+        if token not in VOCABULARY:
+            raise VLIError(f"{token!r} is not in the vocabulary")
+        return VOCABULARY.index(token)
 
     def forward(self, image: np.ndarray, text: str, *, keep_tokens: np.ndarray | None = None) -> object:
         raise NotImplementedError
@@ -80,11 +98,12 @@ class HandWorkedAdapter(GenerativeAdapter):
         self, generated: Generated, on_layer: LayerCallback, *, rows: Sequence[int], all_hidden: bool = False
     ) -> Trace:
         zeros = torch.zeros(1, 4, 1)
-        values = torch.tensor([[[1.0], [2.0], [3.0], [4.0]]], requires_grad=torch.is_grad_enabled())
+        # Two value columns, V = (1, 2, 3, 4) and W = (0, 1, 1, 0): the logits of "yes" and "no".
+        values = torch.tensor([[[1.0, 0.0], [2.0, 1.0], [3.0, 1.0], [4.0, 0.0]]], requires_grad=torch.is_grad_enabled())
         attention = torch.softmax(causal_bias(4)[0], dim=-1)
-        output = (attention @ values[0])[None]  # [1, T, 1]: O = A V
+        output = (attention @ values[0])[None]  # [1, T, 2]: O = A V, one head of two dimensions
         on_layer(0, LayerAttention(zeros, zeros, values.detach(), causal_bias(4), 1.0, output=output))
-        logits = output[0, list(rows)].reshape(len(rows), 1)
+        logits = output[0, list(rows)].reshape(len(rows), 2)
         return Trace(
             logits=logits,
             hidden_states=np.zeros((2, len(rows), 1), np.float32),
@@ -109,6 +128,44 @@ def test_stored_relevancy_of_a_generated_token_equals_the_hand_worked_example(tm
     np.testing.assert_allclose(
         ds["answer_attention"].isel(example=0, layer=0, head=0, step=0).values, [1 / 3] * 3 + [0], atol=1e-4
     )
+
+
+def test_contrastive_and_chosen_targets_of_a_generated_token_equal_the_hand_worked_example(tmp_path: Path) -> None:
+    options = GenerationOptions(methods=ANSWER_METHODS, targets=["no", "predicted vs runner-up"])
+    record, info = capture_answer(HandWorkedAdapter(), _item(), options)
+    relevancy = record.answer.relevancy
+    assert sorted(relevancy) == sorted(["raw_attention", "rollout", *HAND_WORKED_TARGETS])
+    for entry, expected in HAND_WORKED_TARGETS.items():
+        np.testing.assert_allclose(relevancy[entry][0], expected, atol=1e-6, err_msg=entry)
+    for method in ("raw_attention", "rollout"):  # read attention only: stored once, the same
+        np.testing.assert_allclose(relevancy[method][0], HAND_WORKED[method], atol=1e-6)
+    write_shard(records_to_dataset([record], info), tmp_path / "store")
+    ds = open_dataset(tmp_path / "store")
+    validate(ds, check_values=True)
+    chosen = ds["answer_relevancy"].sel(example="e0", step=0, relevancy_method="generic [predicted vs runner-up]")
+    np.testing.assert_allclose(chosen.values, HAND_WORKED_TARGETS["generic [predicted vs runner-up]"], atol=1e-6)
+
+
+def test_a_target_against_the_generated_token_itself_explains_nothing() -> None:
+    options = GenerationOptions(methods=["generic", "attention_gradcam"], targets=["yes vs predicted"])
+    record, _ = capture_answer(HandWorkedAdapter(), _item(), options)
+    assert not any(values.any() for values in record.answer.relevancy.values())
+
+
+@pytest.mark.parametrize(
+    ("targets", "methods", "message"),
+    [
+        (["label"], ["generic"], r"'label' explains an answer model's ground-truth answer"),
+        (["predicted vs label"], ["generic"], r"'label' explains"),
+        (["maybe"], ["generic"], r"'maybe' is not in the vocabulary"),
+        (["predicted vs runner-up"], ["raw_attention"], r"needs a gradient method"),
+    ],
+)
+def test_a_generation_target_it_cannot_explain_is_one_clear_error(
+    targets: list[str], methods: list[str], message: str
+) -> None:
+    with pytest.raises(VLIError, match=message):
+        capture_answer(HandWorkedAdapter(), _item(), GenerationOptions(methods=methods, targets=targets))
 
 
 @pytest.fixture(scope="module")
@@ -169,18 +226,24 @@ def test_sdpa_recording_equals_eager_attention_and_the_model_ran_sdpa(
     np.testing.assert_allclose(record.answer.attention, eager[:, :, rows], atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen"])
+@pytest.mark.parametrize(("family", "target"), [("llava", "predicted"), ("qwen", "predicted vs runner-up")])
 def test_answer_relevancy_equals_the_registered_methods_on_eager_maps(
-    family: str, request: pytest.FixtureRequest
+    family: str, target: str, request: pytest.FixtureRequest
 ) -> None:
-    """Recomputed maps and dA = dO V^T give what the registered methods give on eager maps and autograd dA."""
+    """Recomputed maps and dA = dO V^T give what the registered methods give on eager maps and autograd dA,
+    for the generated token's logit and for its contrast with the runner-up (from the eager logits)."""
     adapter = request.getfixturevalue(family)
-    record, _ = capture_answer(adapter, _item(), GenerationOptions(max_new_tokens=4, methods=ANSWER_METHODS))
+    options = GenerationOptions(max_new_tokens=4, methods=ANSWER_METHODS, targets=[target])
+    record, _ = capture_answer(adapter, _item(), options)
     generated = adapter.generate(_item().image, _item().text, max_new_tokens=4, top_k=5)
     maps, logits = _eager_full_sequence(adapter, generated)
     for step, (position, token) in enumerate(zip(generated.answer_positions, generated.answer_ids, strict=True)):
         row, size = int(position) - 1, int(position)
-        gradients = torch.autograd.grad(logits[row, token], maps, retain_graph=True)
+        explained = logits[row, token]
+        if target != "predicted":
+            ranked = [int(i) for i in torch.argsort(logits[row].detach(), descending=True)[:2]]
+            explained = explained - logits[row, next(i for i in ranked if i != token)]
+        gradients = torch.autograd.grad(explained, maps, retain_graph=True)
         captured = Captured(
             attention=torch.stack([m[:, :size, :size] for m in maps]).detach().double().numpy(),
             attention_gradient=torch.stack([g[:, :size, :size] for g in gradients]).double().numpy(),
@@ -190,9 +253,19 @@ def test_answer_relevancy_equals_the_registered_methods_on_eager_maps(
         )
         for method in ANSWER_METHODS:
             expected = compute_relevancy(captured, method).values
-            stored = record.answer.relevancy[method][step]
+            stored = record.answer.relevancy[
+                entry_name(method, Target.parse(target)) if method in GRADIENT_METHODS else method
+            ][step]
             np.testing.assert_allclose(stored[:size], expected, rtol=1e-4, atol=1e-6, err_msg=f"{method} step {step}")
             assert not stored[size:].any()
+
+
+def test_hf_decoders_look_tokens_up_as_the_alternatives_name_them(llava: LlavaAdapter) -> None:
+    generated = llava.generate(_item().image, _item().text, max_new_tokens=2, top_k=3)
+    for step, token in enumerate(generated.answer_ids):
+        assert llava.token_id(str(generated.alternatives[step][0])) == token
+    with pytest.raises(VLIError, match=r"'square in the corner' is not one token of tiny-llava's vocabulary"):
+        llava.token_id("square in the corner")
 
 
 def test_layers_heads_and_rows_are_the_users_choice(llava: LlavaAdapter, tmp_path: Path) -> None:
@@ -373,6 +446,29 @@ def test_extract_generate_on_the_builtin_model_validates(random_generative_weigh
     ds = open_dataset(store)
     assert sorted(ds["relevancy_method"].values) == sorted(ANSWER_METHODS)
     assert ds.sizes["step"] <= 6 and "answer_target_mask" in ds and "attention" not in ds
+
+
+def test_extract_generate_with_a_contrastive_target_stores_its_entries(
+    random_generative_weights: Path, tmp_path: Path
+) -> None:
+    from vlinterpret_panel.cli import main
+
+    store = tmp_path / "store"
+    common = ["--scenes", "2", "--generate", "--max-new-tokens", "4", "--quiet"]
+    common += ["--option", f"weights_dir={random_generative_weights}"]
+    code = main(
+        ["extract", "generative", str(store), "--relevancy", "rollout,generic", *common,
+         "--target", "predicted", "--target", "predicted vs runner-up", "--target", "red vs blue"]
+    )  # fmt: skip
+    assert code == 0 and main(["validate", str(store)]) == 0
+    ds = open_dataset(store)
+    expected = ["rollout", "generic", "generic [predicted vs runner-up]", "generic [red vs blue]"]
+    assert sorted(ds["relevancy_method"].values) == sorted(expected)
+    contrast = ds["answer_relevancy"].sel(relevancy_method="generic [predicted vs runner-up]").values
+    assert np.isfinite(contrast).any() and not np.allclose(
+        contrast, ds["answer_relevancy"].sel(relevancy_method="generic").values, equal_nan=True
+    )
+    assert main(["extract", "generative", str(tmp_path / "bad"), *common, "--target", "label"]) == 2
 
 
 def test_views_and_statistics_that_need_full_maps_say_so(tmp_path: Path) -> None:

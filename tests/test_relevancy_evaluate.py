@@ -201,7 +201,7 @@ def test_cli_evaluate_writes_the_report(tmp_path, capsys) -> None:
     assert main([*arguments, "--target", "predicted vs runner-up"]) == 0
     assert "- explained target: predicted vs runner-up" in (contrast / "results.md").read_text()
     assert main(["evaluate", "dual_encoder", "--examples", "1", "--out", str(contrast), "--target", "label"]) == 2
-    assert "scores one caption; target 'label' needs a model with answers" in capsys.readouterr().err
+    assert "scores one caption; target 'label': use 'predicted vs runner-up'" in capsys.readouterr().err
 
 
 def test_ties_are_broken_by_the_tie_breaker_not_by_position() -> None:

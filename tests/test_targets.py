@@ -15,7 +15,7 @@ from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.extract import ExampleSource, extract
 from vlinterpret_panel.relevancy import compute_relevancy
 from vlinterpret_panel.relevancy.capture import capture_for
-from vlinterpret_panel.relevancy.targets import Target, entry_name, split_entry
+from vlinterpret_panel.relevancy.targets import Target, entry_name, split_entry, step_title
 from vlinterpret_panel.schema import IMAGE, SPECIAL, TEXT
 
 # The hand-worked model: three tokens [CLS, word, patch], one self-attention head whose row of the
@@ -222,3 +222,106 @@ def test_an_example_added_live_gets_the_stores_targets(tmp_path: pathlib.Path) -
     ds = open_dataset(store)
     assert ds.sizes["example"] == 2 and ds.vli.relevancy_methods == entries
     assert ds.vli.relevancy(added.example_id, "generic [predicted vs runner-up]").attrs["target"] == "yes vs no"
+
+
+@pytest.mark.parametrize(
+    ("entry", "title"),
+    [
+        ("generic", "'blue': generic"),
+        ("generic [predicted vs runner-up]", "'blue' vs 'green': generic"),
+        ("attention_gradcam [red vs predicted]", "'red' vs 'blue': attention_gradcam"),
+        ("generic [blue vs runner-up]", "'blue' vs 'green': generic"),
+        ("generic [green vs runner-up]", "'green' vs 'blue': generic"),
+        ("generic [7]", "7: generic"),
+    ],
+)
+def test_a_generated_tokens_entry_is_titled_by_the_tokens_it_explains_at_that_step(entry: str, title: str) -> None:
+    assert step_title(entry, "blue", ["blue", "green", "yellow"]) == title
+
+
+def test_a_generated_answers_target_resolves_at_every_step_over_the_vocabulary() -> None:
+    logits = np.array([[1.0, 3.0, 2.0], [5.0, 0.0, 1.0]])
+    vocabulary = ["a", "b", "c"]
+    generated = [1, 0]
+    assert Target.parse("predicted vs runner-up").resolve_steps(logits, generated, vocabulary.index) == (
+        [1, 0],
+        [2, 2],
+    )
+    assert Target.parse("c vs predicted").resolve_steps(logits, generated, vocabulary.index) == ([2, 2], [1, 0])
+    assert Target.parse("a vs runner-up").resolve_steps(logits, generated, vocabulary.index) == ([0, 0], [1, 2])
+    assert Target.parse("predicted").resolve_steps(logits, generated, vocabulary.index) == ([1, 0], None)
+    # Alone, the runner-up is the most probable token other than the generated one (not the generated one).
+    assert Target.parse("runner-up").resolve_steps(logits, generated, vocabulary.index) == ([2, 2], None)
+    with pytest.raises(VLIError, match="outside the model's vocabulary of 3"):
+        Target.parse("9").resolve_steps(logits, generated, vocabulary.index)
+    with pytest.raises(VLIError, match="'label' explains"):
+        Target.parse("label").resolve_steps(logits, generated, vocabulary.index)
+
+
+DISTRACTOR = "a green square and a yellow triangle and a blue circle"
+
+
+def _caption_item() -> ModelInput:
+    from vlinterpret_panel.relevancy.evaluate import world_examples
+
+    return world_examples(10, captions=True)[0].item
+
+
+def test_a_caption_contrast_differentiates_this_captions_score_minus_the_others(builtin_adapters: dict) -> None:
+    """Gradients of s(image, this) - s(image, other) at the image tower's maps equal those of two separate runs'
+    scores subtracted; at the text tower's maps (this caption's own), they are this caption's alone."""
+    adapter = builtin_adapters["dual_encoder"]
+    item = _caption_item()
+    contrast = adapter.run_model(item, target=f"predicted vs {DISTRACTOR}", gradients=True)
+    own = adapter.run_model(item, gradients=True)
+    other = adapter.run_model(ModelInput("other", item.image, DISTRACTOR), gradients=True)
+    assert contrast.target == f"this caption vs {DISTRACTOR}"
+    with torch.no_grad():
+        other_score = float(adapter.forward(item.image, DISTRACTOR).output.reshape(-1)[0])
+        scores = adapter.forward(item.image, item.text).score_captions([DISTRACTOR, item.text])
+        assert scores.tolist() == pytest.approx([other_score, float(contrast.score)], rel=1e-5)
+    kinds = [a.kind for a in contrast.capture.attentions]
+    image_stream = 1 + 16  # the image [CLS] and 16 patches come last in both layouts
+    block = slice(-image_stream, None)
+    for layer, kind in enumerate(kinds):
+        if kind == "image_self":
+            expected = own.attention_gradient[layer][:, block, block] - other.attention_gradient[layer][:, block, block]
+            np.testing.assert_allclose(
+                contrast.attention_gradient[layer][:, block, block], expected, rtol=1e-5, atol=1e-5
+            )
+        else:
+            np.testing.assert_allclose(
+                contrast.attention_gradient[layer], own.attention_gradient[layer], rtol=1e-5, atol=1e-5
+            )
+    assert "image_self" in kinds and "text_self" in kinds
+
+
+@pytest.mark.parametrize(
+    ("target", "methods", "message"),
+    [
+        ("predicted vs runner-up", ["generic"], r"explains its caption's score, or the score against another caption"),
+        ("red vs blue", ["generic"], r"explains its caption's score"),
+        (f"predicted vs {DISTRACTOR}", ["attnlrp"], r"LRP and AttnLRP explain this caption's score only"),
+    ],
+)
+def test_a_similarity_target_it_cannot_explain_is_one_clear_error(
+    builtin_adapters: dict, target: str, methods: list[str], message: str
+) -> None:
+    with pytest.raises(VLIError, match=message):
+        capture_for(builtin_adapters["dual_encoder"], _caption_item(), methods, target=target)
+
+
+def test_cli_extract_stores_a_caption_contrast(tmp_path: pathlib.Path) -> None:
+    from vlinterpret_panel.cli import main
+
+    store = tmp_path / "store"
+    arguments = ["extract", "dual_encoder", str(store), "--scenes", "2", "--scene-text", "caption", "--quiet"]
+    target = f"predicted vs {DISTRACTOR}"
+    assert main([*arguments, "--relevancy", "generic", "--target", "predicted", "--target", target]) == 0
+    ds = open_dataset(store)
+    entry = f"generic [{target}]"
+    assert ds.vli.relevancy_methods == ["generic", entry]
+    assert set(ds["relevancy_target"].sel(relevancy_method=entry).values) == {f"this caption vs {DISTRACTOR}"}
+    assert not np.allclose(
+        ds["relevancy"].sel(relevancy_method=entry).values, ds["relevancy"].sel(relevancy_method="generic").values
+    )

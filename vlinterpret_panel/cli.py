@@ -228,10 +228,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     if isinstance(adapter, GenerativeAdapter) and hasattr(adapter, "deletion_probabilities"):
         from vlinterpret_panel.relevancy.evaluate_answers import evaluate_answers_to_directory
 
-        if args.target != "predicted":
-            raise VLIError("--target applies to answer models; a generated answer explains each of its tokens")
         paths, answers = evaluate_answers_to_directory(
-            adapter, args.examples, out, seed=args.seed, progress=not args.quiet
+            adapter, args.examples, out, seed=args.seed, progress=not args.quiet, target=args.target
         )
         examples, seconds = answers.examples, answers.seconds
     else:
@@ -330,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         help="what the gradient-based relevancy methods explain, repeatable: predicted (default), label, an "
         "answer's name or index, or a contrast 'A vs B' (e.g. 'predicted vs runner-up', 'red vs blue'); each "
-        "target other than predicted is stored as 'METHOD [TARGET]'",
+        "target other than predicted is stored as 'METHOD [TARGET]'. With --generate, read at each generated "
+        "token over the vocabulary (predicted: the generated token; runner-up: the next most probable)",
     )
     extract.add_argument(
         "--generate",
@@ -398,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--target",
         default="predicted",
         help="what the gradient-based methods explain: predicted (default), label, an answer, or 'A vs B' "
-        "(e.g. 'predicted vs runner-up')",
+        "(e.g. 'predicted vs runner-up'; for the generative model, read at each generated token)",
     )
     evaluate.add_argument("--allow-download", action="store_true", help=download_help)
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")

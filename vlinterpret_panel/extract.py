@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -219,7 +219,8 @@ def run_batch(
     methods, each record gets their values; methods that declare they need gradients (or
     LRP) run one example at a time through ``relevancy.capture.record_for_targets``. With
     ``generation``, each item's answer is generated and captured token by token
-    (``adapters.generative.capture_answer``; its options name the relevancy methods).
+    (``adapters.generative.capture_answer``; its options name the relevancy methods; ``targets``
+    become its targets).
     ``targets`` (``relevancy.targets``) other than the predicted answer store the target-dependent methods
     once per target (``relevancy.capture.record_for_targets``).
     """
@@ -229,6 +230,8 @@ def run_batch(
         from vlinterpret_panel.adapters.generative import capture_answer, check_generative
 
         generative = check_generative(adapter)
+        if targets:
+            generation = replace(generation, targets=list(targets))
         answers: list[tuple[ExampleRecord, ModelInfo] | BaseException] = []
         for item in items:
             try:
@@ -402,8 +405,8 @@ def check_targets(targets: Sequence[str], relevancy: Sequence[str], generation: 
     if chosen in ([], ["predicted"]):
         return []
     if generation is not None:
-        raise VLIError("--target applies to answer models; a generated answer explains each of its tokens")
-    if not any(depends_on_target(method) for method in relevancy):
+        replace(generation, targets=chosen).chosen_targets()
+    elif not any(depends_on_target(method) for method in relevancy):
         raise VLIError(
             f"--target {chosen} needs a gradient or LRP relevancy method; {list(relevancy)} read attention only"
         )

@@ -24,6 +24,7 @@ from vlinterpret_panel.ui.answer import strip_layout
 pytestmark = pytest.mark.browser
 
 STRIP = "generated answer"
+CONTRAST = "predicted vs runner-up"
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,15 @@ def answer_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Four held-out descriptions by the built-in generative model, answer rows only, all four methods."""
     path = tmp_path_factory.mktemp("answers") / "store"
     options = GenerationOptions(methods=["raw_attention", "rollout", "attention_gradcam", "generic"])
-    extract(load_adapter("generative"), scene_sources(4, text="describe"), path, generation=options, progress=False)
+    targets = ["predicted", CONTRAST]
+    extract(
+        load_adapter("generative"),
+        scene_sources(4, text="describe"),
+        path,
+        generation=options,
+        targets=targets,
+        progress=False,
+    )
     return path
 
 
@@ -84,12 +93,22 @@ def test_a_click_on_a_generated_token_changes_its_map_and_alternatives(answer_ap
     assert answer_app.figure(STRIP)["title"].startswith(f"{STRIP}: token {step} selected")
     reliance = answer_app.wait_for_figure("where each token's")  # image / prompt / answer shares per token
     assert f"(token {step}: {step}:{answer['token'].iloc[step]})" in reliance["title"]
-    # The generated token is URL state: the page's link opens on it.
+    # The contrast with the runner-up: its map differs, and its title names both tokens of this step.
+    generic = answer_app.pixels(f"{answer['token'].iloc[step]!r}: generic")
+    runner_up = ds.vli.alternatives(example, step)["token"].iloc[1]
+    contrast_title = f"{answer['token'].iloc[step]!r} vs {runner_up!r}: generic"
+    answer_app.page.get_by_label("map").select_option(f"generic [{CONTRAST}]")
+    answer_app.wait_for_figure(contrast_title)
+    answer_app.wait_until(
+        lambda: changed_fraction(generic, answer_app.pixels(contrast_title)) > 0.002, what="the contrast's map"
+    )
+    # The generated token and its map are URL state: the page's link opens on them.
     answer_app.wait_until(lambda: f"step={step}" in answer_app.page.url, what="the step in the URL")
+    answer_app.wait_until(lambda: "map=generic" in answer_app.page.url, what="the map in the URL")
     other = ds.example.values[1]
-    answer_app.page.goto(f"{answer_app.url}?example={other}&step=1")
+    answer_app.page.goto(f"{answer_app.url}?example={other}&step=1&map=generic+%5B{CONTRAST.replace(' ', '+')}%5D")
     answer_app.wait_for_figure(f"{STRIP}: token 1 selected")
-    answer_app.wait_for_figure(repr(ds.vli.answer(str(other))["token"].iloc[1]))
+    answer_app.wait_for_figure(repr(ds.vli.answer(str(other))["token"].iloc[1]) + " vs ")
     assert not answer_app.errors, answer_app.errors
 
 

@@ -93,6 +93,36 @@ def test_attnlrp_is_shown_on_its_signed_scale_and_computed_for_another_answer(
     assert app.errors == []
 
 
+def test_a_caption_against_another_is_explained_with_the_served_dual_encoder(
+    browser: object, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The dual encoder's relevancy view offers the store's other captions, ranked by the model's score with the
+    image; picking one computes the contrast's map (image: the difference of the scores; text: this caption's)."""
+    store = tmp_path_factory.mktemp("captions") / "store"
+    extract("dual_encoder", scene_sources(4, text="caption"), store, progress=False, relevancy=["generic"])
+    ds = open_dataset(store)
+    with (
+        served_alive(live_serve_command(store, "dual_encoder"), tmp_path_factory.mktemp("server") / "log") as url,
+        app_page(browser, url) as app,
+    ):
+        app.open()
+        app.page.get_by_text("Relevancy", exact=True).click()
+        score = _main_map(app, "generic → score")
+        before = app.pixels(score["title"])
+        app.page.get_by_text("Explain the score", exact=True).wait_for()
+        offered = [option for option in _options(app) if option != "none"]
+        others = {str(text) for text in ds["text"].values[1:]}
+        assert {option.rsplit(" · ", 1)[0] for option in offered} == others
+        scores = [float(option.rsplit(" · ", 1)[1]) for option in offered]
+        assert scores == sorted(scores, reverse=True)  # the captions the model confuses most come first
+        app.page.get_by_label("against").select_option(label=offered[0])
+        contrast = _main_map(app, "generic → this − other")
+        assert changed_fraction(before, app.pixels(contrast["title"])) > 0.01
+        app.page.get_by_text(f"against: {offered[0].rsplit(' · ', 1)[0]} (map computed)").wait_for()
+        app.wait_for_figure("text relevancy for this caption")
+        assert app.errors == []
+
+
 def _main_map(app: AppPage, prefix: str, timeout: float = 30) -> dict:
     """The view's main map titled ``prefix...`` once it is drawn: the all-methods grid below has a smaller plot
     of the same title (the method's map of the prediction) from the start."""

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from vlinterpret_panel.errors import VLIError
-from vlinterpret_panel.relevancy.targets import VERSUS, Target
+from vlinterpret_panel.relevancy.targets import CAPTION_CONTRAST, VERSUS, Target
 from vlinterpret_panel.schema import ExampleRecord, ModelInfo
 
 
@@ -67,6 +67,10 @@ class ForwardCapture:
     output_labels: Sequence[str] | None = None
     readout_tokens: Mapping[str, int] = field(default_factory=dict)
     patch_position: np.ndarray | None = None
+    score_captions: Callable[[Sequence[str]], torch.Tensor] | None = None
+    """A similarity model's scores ``[len(captions)]`` of this example's image against other captions, in the same
+    autograd graph as ``output`` (the second side of a caption contrast, ``relevancy.targets``; the captions a
+    contrast is offered against), one pass of the text tower; None where unsupported."""
 
 
 @dataclass
@@ -209,9 +213,13 @@ class ModelAdapter(abc.ABC):
         if capture.output_labels is None:
             if output.numel() != 1:
                 raise VLIError(f"{self.name}: an output without labels must be one score (a similarity)")
-            if not target.is_default:
-                raise VLIError(f"{self.name}: the model's one output is a score; target {str(target)!r} needs answers")
-            return None, float(output.detach()), output[0], "score"
+            if target.is_default:
+                return None, float(output.detach()), output[0], "score"
+            caption = target.contrast_caption()
+            if capture.score_captions is None:
+                raise VLIError(f"{self.name}: this model cannot score a second caption; target {str(target)!r}")
+            contrast = output[0] - capture.score_captions([caption])[0]
+            return None, float(output.detach()), contrast, f"{CAPTION_CONTRAST}{caption}"
         labels = list(capture.output_labels)
         logits = output.detach().float()
         predicted = int(logits.argmax())

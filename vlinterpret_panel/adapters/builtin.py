@@ -25,7 +25,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -42,6 +42,7 @@ from vlinterpret_panel.adapters.hf_common import PixelMap, check_image, keep_ind
 from vlinterpret_panel.adapters.registry import register_builtin
 from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.models import world
+from vlinterpret_panel.models.dual_encoder import DualEncoderModel
 from vlinterpret_panel.models.layers import BaseVLModel, VLModelOutput
 from vlinterpret_panel.models.registry import (
     BUILTIN_MODELS,
@@ -333,11 +334,13 @@ class BuiltinAdapter(BatchedAdapter):
         token_box = np.full((len(tokens), 4), np.nan, np.float32)
         patch_size = self.model.config.patch_size
         token_box[first_patch:] = pixel_map.patch_boxes(patch_grid, patch_size, patch_size)
+        score_captions = None
         if self.is_vqa:
             scores, labels, readouts = output.logits[example], list(world.ANSWERS), {"answer": 0}
         else:
             n_text = int(output.text_mask[example].sum())
             scores, labels, readouts = output.logits[example, example].reshape(1), None, {"text": 0, "image": n_text}
+            score_captions = self._caption_scorer(output, example)
         return ForwardCapture(
             tokens=tokens,
             modality=modality,
@@ -348,7 +351,20 @@ class BuiltinAdapter(BatchedAdapter):
             output_labels=labels,
             readout_tokens=readouts,
             patch_position=patch_position,
+            score_captions=score_captions,
         )
+
+    def _caption_scorer(self, output: VLModelOutput, example: int) -> Callable[[Sequence[str]], torch.Tensor]:
+        """The dual encoder's scores of ``example``'s image (its embedding, in the graph) against other captions."""
+        assert output.image_embeds is not None  # the dual encoder's output carries them
+        image_embeds = output.image_embeds[example : example + 1]
+        model = cast(DualEncoderModel, self.model)
+
+        def score(captions: Sequence[str]) -> torch.Tensor:
+            ids, mask = self._text_ids(captions)
+            return model.caption_similarity(image_embeds, ids, mask)[0]
+
+        return score
 
     def _hidden_stages(self) -> list[tuple[str, dict[str, int]]]:
         """Hidden-state stages in execution order: name, and the index into each updated stream's list."""

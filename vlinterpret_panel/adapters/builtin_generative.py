@@ -125,6 +125,13 @@ class BuiltinGenerativeAdapter(GenerativeAdapter):
 
     # GenerativeAdapter: every generated token
 
+    def token_id(self, token: str) -> int:
+        """The id of a word of the model's vocabulary (``generative.VOCAB``)."""
+        if token not in generative.VOCAB:
+            known = [word for word in generative.VOCAB if word not in generative.SPECIAL_TOKENS]
+            raise VLIError(f"{token!r} is not in {self.name}'s vocabulary; its words are e.g. {known[:12]}")
+        return generative.VOCAB.index(token)
+
     def generate(self, image: np.ndarray, text: str, *, max_new_tokens: int, top_k: int) -> Generated:
         """Greedy answer (the model's own loop), with each step's probability and top-k alternatives."""
         if max_new_tokens < 1:

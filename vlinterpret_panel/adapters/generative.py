@@ -28,6 +28,7 @@ import torch
 from vlinterpret_panel.adapters.base import ModelAdapter, ModelInput
 from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.relevancy.answer import ANSWER_METHODS, GRADIENT_METHODS, AnswerRelevancy, LayerAttention
+from vlinterpret_panel.relevancy.targets import Target, entry_name
 from vlinterpret_panel.schema import ExampleRecord, GeneratedAnswer, ModelInfo
 
 DEFAULT_MAX_NEW_TOKENS = 32
@@ -113,6 +114,10 @@ class GenerativeAdapter(ModelAdapter):
         Runs with gradients when the caller enabled them (``LayerAttention.output`` then in the graph).
         """
 
+    def token_id(self, token: str) -> int:
+        """The vocabulary id of ``token`` (a target naming a token, ``relevancy.targets``); ``VLIError`` if unknown."""
+        raise VLIError(f"{self.name} cannot look tokens up by name; name a vocabulary index instead")
+
     def generate_recorded(
         self,
         image: np.ndarray,
@@ -140,7 +145,10 @@ class GenerationOptions:
     "all" (also the full maps of those layers, and every token's hidden states);
     ``methods``: relevancy methods among ``relevancy.answer.ANSWER_METHODS``; by default the
     two recorded while the model generates (raw attention, rollout), as the gradient methods
-    cost one backward pass per generated token.
+    cost one backward pass per generated token. ``targets`` (``relevancy.targets``, read per step:
+    e.g. ``predicted vs runner-up``) are what the gradient methods explain, each stored as its own
+    entry (``targets.entry_name``; default: the generated token alone, under the bare names), one
+    backward pass per generated token and target.
     """
 
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
@@ -149,6 +157,7 @@ class GenerationOptions:
     heads: Sequence[int] | None = None
     rows: Literal["answer", "all"] = "answer"
     methods: Sequence[str] = field(default_factory=lambda: list(DEFAULT_ANSWER_METHODS))
+    targets: Sequence[str] = ()
 
     def check(self, adapter: GenerativeAdapter) -> tuple[list[int], list[int]]:
         """The stored layers and heads; ``VLIError`` for an option the model cannot honour."""
@@ -161,6 +170,7 @@ class GenerationOptions:
         unknown = sorted(set(self.methods) - set(ANSWER_METHODS))
         if unknown:
             raise VLIError(f"{', '.join(unknown)} cannot explain generated tokens; use {', '.join(ANSWER_METHODS)}")
+        self.chosen_targets()
         n_layers, n_heads = len(adapter.layer_names), adapter.num_heads
         layers = list(range(n_layers)) if self.layers is None else sorted(set(self.layers))
         heads = list(range(n_heads)) if self.heads is None else sorted(set(self.heads))
@@ -169,6 +179,19 @@ class GenerationOptions:
         if not heads or heads[0] < 0 or heads[-1] >= n_heads:
             raise VLIError(f"heads must be chosen among 0..{n_heads - 1} ({adapter.name} has {n_heads} per layer)")
         return layers, heads
+
+    def chosen_targets(self) -> list[Target]:
+        """The parsed targets (default: the generated token alone); ``VLIError`` for one a generated answer cannot
+        have, or for targets other than the token with no gradient method to explain them."""
+        chosen = list(dict.fromkeys(Target.parse(target) for target in self.targets)) or [Target()]
+        for target in chosen:
+            target.check_for_generation()
+        if any(not target.is_default for target in chosen) and not GRADIENT_METHODS & set(self.methods):
+            raise VLIError(
+                f"target {', '.join(map(str, chosen))} needs a gradient method "
+                f"({', '.join(sorted(GRADIENT_METHODS))}); {list(self.methods)} read attention only"
+            )
+        return chosen
 
 
 def check_generative(adapter: ModelAdapter) -> GenerativeAdapter:
@@ -279,9 +302,17 @@ def _traced(
             if options.rows == "all":
                 full_maps[layer] = attention.probabilities(heads=heads).numpy()
 
+    relevancy: dict[str, np.ndarray] = {}
     with torch.set_grad_enabled(accumulator.needs_gradients):
         trace = adapter.trace(generated, on_layer, rows=rows, all_hidden=options.rows == "all")
-        relevancy = accumulator.backward(trace.logits, generated.answer_ids)
+        logits = trace.logits.detach().float().numpy()
+        for run, target in enumerate(options.chosen_targets()):
+            explained, versus = target.resolve_steps(logits, generated.answer_ids, adapter.token_id)
+            for method, values in accumulator.backward(trace.logits, explained, versus).items():
+                if method in GRADIENT_METHODS:
+                    relevancy[entry_name(method, target)] = values
+                elif run == 0:
+                    relevancy[method] = values
     recorded = RecordedAnswer(
         attention=np.stack([kept_rows[layer] for layer in layers]),
         hidden_states=trace.hidden_states,

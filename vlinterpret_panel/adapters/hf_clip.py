@@ -11,7 +11,7 @@ hidden sizes differ, so the narrower one is NaN in its trailing features.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -80,9 +80,7 @@ class ClipAdapter(BatchedAdapter):
     ) -> list[ForwardCapture]:
         """Run the pairs in one pass; ``keep_tokens`` deletes text tokens and patches (position ids kept)."""
         images = [check_image(image, self.name) for image in images]
-        text = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self._max_text, return_tensors="pt"
-        )
+        text = self._tokenize(texts)
         pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
         input_ids, text_mask = text["input_ids"], text["attention_mask"]
         n_image = 1 + self.grid * self.grid
@@ -154,9 +152,29 @@ class ClipAdapter(BatchedAdapter):
                         else -1,
                     },
                     patch_position=np.concatenate([np.full((n_text, 2), -1), positions]).astype(np.int16),
+                    score_captions=self._caption_scorer(outputs.image_embeds[example : example + 1]),
                 )
             )
         return captures
+
+    def _tokenize(self, texts: Sequence[str]) -> Any:
+        """The texts as CLIP's text tower reads them: padded, cut to its positions."""
+        return self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self._max_text, return_tensors="pt"
+        )
+
+    def _caption_scorer(self, image_embeds: torch.Tensor) -> Callable[[Sequence[str]], torch.Tensor]:
+        """The scores of an image (its normalised embedding, in the graph) against other captions, as CLIP's
+        ``logits_per_image``: the captions' features (``get_text_features``), normalised, times ``exp(logit_scale)``."""
+
+        def score(captions: Sequence[str]) -> torch.Tensor:
+            text = self._tokenize(captions)
+            features = self.model.get_text_features(input_ids=text["input_ids"], attention_mask=text["attention_mask"])
+            features = features if torch.is_tensor(features) else features.pooler_output  # transformers 5: an output
+            text_embeds = torch.nn.functional.normalize(features, dim=-1)
+            return (self.model.logit_scale.exp() * image_embeds @ text_embeds.T)[0]
+
+        return score
 
     def _deleting_patches(self, kept_image: np.ndarray | None) -> contextlib.AbstractContextManager:
         """Drop image tokens right after the vision embeddings (which hold their positions)."""

@@ -133,6 +133,21 @@ class HFGenerativeAdapter(GenerativeAdapter):
         limit = getattr(text_config, "max_position_embeddings", None)
         return int(limit) if limit else None
 
+    def token_id(self, token: str) -> int:
+        """The id of ``token`` as the alternatives list it (``▁red``), or of a word the tokenizer makes one token."""
+        vocabulary = self.tokenizer.get_vocab()
+        if token in vocabulary:
+            return int(vocabulary[token])
+        pieces: list[int] = []
+        for text in (f" {token}", token):
+            pieces = self.tokenizer.encode(text, add_special_tokens=False)
+            if len(pieces) == 1:
+                return int(pieces[0])
+        raise VLIError(
+            f"{token!r} is not one token of {self.name}'s vocabulary (it tokenizes to "
+            f"{self.tokenizer.convert_ids_to_tokens(pieces)}); name one token, as the alternatives list them"
+        )
+
     def generate(self, image: np.ndarray, text: str, *, max_new_tokens: int, top_k: int) -> Generated:
         """Greedy decoding with the model's own ``generate`` (KV cache, SDPA), each step's distribution kept."""
         return self._generate(image, text, max_new_tokens=max_new_tokens, top_k=top_k)

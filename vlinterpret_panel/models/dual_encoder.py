@@ -70,6 +70,15 @@ class DualEncoderModel(BaseVLModel):
         embeds = nn.functional.normalize(self.image_projection(pooled), dim=-1)
         return embeds, states, attentions
 
+    def caption_similarity(self, image_embeds: Tensor, text_ids: Tensor, text_mask: Tensor) -> Tensor:
+        """Similarities ``[B_images, B_texts]`` of already encoded images with whole captions ``[B_texts, T]``.
+
+        A caption contrast (``relevancy.targets``) scores the example's image, still in the autograd graph,
+        against a second caption without running the image tower again."""
+        positions = torch.arange(text_ids.shape[1], device=text_ids.device).expand_as(text_ids)
+        text_embeds, _, _ = self.encode_text(text_ids, text_mask.bool(), positions)
+        return self.similarity(image_embeds, text_embeds)
+
     def similarity(self, image_embeds: Tensor, text_embeds: Tensor) -> Tensor:
         """Temperature-scaled cosine similarities ``[B_images, B_texts]``."""
         scale = self.logit_scale.clamp(max=math.log(100.0)).exp()

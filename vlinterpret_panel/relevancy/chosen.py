@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,6 +63,40 @@ def answer_choices(ds: xr.Dataset, example: str, adapter: ModelAdapter | None = 
     return choices
 
 
+CAPTION_CHOICES = 30
+"""Other captions offered to contrast a similarity model's caption with."""
+CAPTIONS_SCANNED = 500
+"""Examples whose captions are read to find them (a bounded read, whatever the store's size)."""
+
+
+def scores_captions(ds: xr.Dataset) -> bool:
+    """Whether the store's model scores an image with a caption (a dual encoder: no answers, no prediction)."""
+    return "prediction" not in ds and "relevancy" in ds
+
+
+def store_captions(ds: xr.Dataset) -> list[str]:
+    """The distinct captions of the store's first ``CAPTIONS_SCANNED`` examples (one bounded read)."""
+    scanned = ds["text"].isel(example=slice(0, CAPTIONS_SCANNED)).values
+    return [caption for caption in dict.fromkeys(str(text) for text in scanned) if caption]
+
+
+def caption_choices(
+    ds: xr.Dataset, example: str, adapter: ModelAdapter | None = None, captions: Sequence[str] | None = None
+) -> list[tuple[str, float]]:
+    """Other captions (``captions``, default ``store_captions``) to contrast ``example``'s with: with a model, ranked
+    by its score with this image, best first (the captions it confuses most), else in store order with NaN scores;
+    at most ``CAPTION_CHOICES``."""
+    tokens = ds.vli.tokens(example)
+    others = [caption for caption in (store_captions(ds) if captions is None else captions) if caption != tokens.text]
+    with torch.no_grad():
+        score_captions = adapter.forward(tokens.image, tokens.text).score_captions if adapter and others else None
+        if score_captions is None:
+            return [(caption, float("nan")) for caption in others[:CAPTION_CHOICES]]
+        scores = score_captions(others).tolist()  # the image once, the captions in one text pass
+    ranked = sorted(zip(others, scores, strict=True), key=lambda pair: -pair[1])
+    return ranked[:CAPTION_CHOICES]
+
+
 class ChosenRelevancyReader:
     """Maps of chosen answers for one store: read when stored, else computed with ``adapter`` (cached)."""
 
@@ -98,15 +133,20 @@ class ChosenRelevancyReader:
         return result
 
 
-def _stored(ds: xr.Dataset, example: str, method: str, wanted: str) -> ChosenRelevancy | None:
-    """The stored map of ``method`` whose resolved target for ``example`` is ``wanted``, if the store has one.
+def stored_targets(ds: xr.Dataset, example: str, method: str) -> dict[str, str]:
+    """The targets ``method``'s stored entries resolved to for ``example`` (``red vs blue``), each with its entry.
 
-    The example's targets (one small read) pick the entry; only that map is read."""
-    entries = [entry for entry in ds.vli.relevancy_methods if split_entry(entry)[0] == method]
+    One small read (the example's ``relevancy_target``); no map is read."""
+    entries = [entry for entry in ds.vli.relevancy_methods if split_entry(entry)[0] == split_entry(method)[0]]
     if not entries or "relevancy_target" not in ds:
-        return None
+        return {}
     targets = ds["relevancy_target"].isel(example=ds.vli.position(example)).sel(relevancy_method=entries).values
-    for entry, target in zip(entries, targets, strict=True):
-        if str(target) == wanted:
-            return ChosenRelevancy(np.nan_to_num(ds.vli.relevancy(example, entry).values), wanted, STORED)
-    return None
+    return {str(target): entry for entry, target in zip(entries, targets, strict=True)}
+
+
+def _stored(ds: xr.Dataset, example: str, method: str, wanted: str) -> ChosenRelevancy | None:
+    """The stored map of ``method`` whose resolved target for ``example`` is ``wanted``, if the store has one."""
+    entry = stored_targets(ds, example, method).get(wanted)
+    if entry is None:
+        return None
+    return ChosenRelevancy(np.nan_to_num(ds.vli.relevancy(example, entry).values), wanted, STORED)

@@ -41,7 +41,7 @@ from vlinterpret_panel.models import world
 from vlinterpret_panel.relevancy.capture import capture_for, relevancy_values
 from vlinterpret_panel.relevancy.localisation import pointing_hit
 from vlinterpret_panel.relevancy.registry import LAYER_RULES, needs
-from vlinterpret_panel.relevancy.targets import PREDICTED, Target
+from vlinterpret_panel.relevancy.targets import PREDICTED, RUNNER_UP, Target
 from vlinterpret_panel.schema import IMAGE, TEXT
 
 FRACTIONS: tuple[float, ...] = tuple(step / 10 for step in range(10))
@@ -107,9 +107,23 @@ def explain(
     ``capture_for`` runs what the methods declare they need (gradients, the LRP pass);
     ``random`` draws from ``numpy.random.default_rng(seed)``.
     """
-    captured, record, _ = capture_for(adapter, example.item, methods, target=target)
+    captured, record, _ = capture_for(adapter, example.item, methods, target=caption_target(adapter, example, target))
     values = relevancy_values(captured, methods, {"random": {"seed": seed}})
     return values, np.asarray(record.token_box), list(record.modality)
+
+
+def caption_target(adapter: ModelAdapter, example: EvalExample, target: str) -> str:
+    """``target`` for ``example``, a caption contrast's ``runner-up`` resolved to the distractor caption the model
+    scores highest with the example's image (the closest wrong caption); other targets as they are."""
+    parsed = Target.parse(target)
+    if not example.distractors or parsed.versus != RUNNER_UP:
+        return target
+    with torch.no_grad():
+        score_captions = adapter.forward(example.item.image, example.item.text).score_captions
+        if score_captions is None:
+            raise VLIError(f"{adapter.name} cannot score a second caption: no caption contrast to evaluate")
+        scores = score_captions(example.distractors)
+    return str(Target(parsed.answer, example.distractors[int(scores.argmax())]))
 
 
 def keep_mask(
@@ -441,7 +455,9 @@ def evaluate_to_directory(
     """Evaluate ``adapter`` on ``count`` held-out examples of the built-in world and write the report to ``out``.
 
     ``target`` is what the gradient-based methods explain (``relevancy.targets``; the attention-only
-    methods do not depend on it).
+    methods do not depend on it). For a similarity model, ``predicted vs runner-up`` contrasts each caption with
+    the distractor the model scores highest (``caption_target``); the LRP methods explain the score only and are
+    left out then.
 
     VQA models (labelled outputs) get questions; similarity models get captions with distractors.
     """
@@ -451,11 +467,22 @@ def evaluate_to_directory(
     probe = world_examples(1, captions=False)[0].item
     with torch.no_grad():
         captions = adapter.forward(probe.image, probe.text).output_labels is None
-    target = str(Target.parse(target))
-    if captions and target != PREDICTED:
-        raise VLIError(f"{adapter.name} scores one caption; target {target!r} needs a model with answers")
-    examples = world_examples(count, captions=captions)
+    parsed = Target.parse(target)
+    target = str(parsed)
     methods, notes = supported_methods(adapter)
+    if captions and not parsed.is_default:
+        # The evaluation resolves runner-up to a caption (``caption_target``); the rest is the model's own rule.
+        try:
+            Target(parsed.answer, "a caption" if parsed.versus == RUNNER_UP else parsed.versus).contrast_caption()
+        except VLIError:
+            raise VLIError(
+                f"{adapter.name} scores one caption; target {target!r}: use 'predicted vs runner-up' (the distractor "
+                "caption it scores highest) or 'predicted vs CAPTION'"
+            ) from None
+        left_out = [m for m in methods if LAYER_RULES & needs([m])]
+        methods = [m for m in methods if m not in left_out]
+        notes.append(f"{', '.join(left_out)} left out: they explain the caption's score only, not a caption contrast")
+    examples = world_examples(count, captions=captions)
     with tqdm(total=count, unit="example", disable=not progress, desc="evaluate") as bar:
         result = evaluate(
             adapter, examples, methods, seed=seed, progress=lambda done: bar.update(done - bar.n), target=target

@@ -33,11 +33,11 @@ from vlinterpret_panel.adapters.base import ModelInput
 from vlinterpret_panel.adapters.generative import GenerationOptions, GenerativeAdapter, capture_answer
 from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.models import world
-from vlinterpret_panel.relevancy.answer import ANSWER_METHODS
+from vlinterpret_panel.relevancy.answer import ANSWER_METHODS, GRADIENT_METHODS
 from vlinterpret_panel.relevancy.evaluate import FRACTIONS, TESTS, keep_mask, localisation
+from vlinterpret_panel.relevancy.targets import PREDICTED, entry_name
 from vlinterpret_panel.schema import IMAGE
 
-METHODS: tuple[str, ...] = ("random", *ANSWER_METHODS)
 PLACE_WORDS = frozenset(word for quadrant in world.QUADRANTS for word in quadrant.split())
 
 
@@ -100,8 +100,14 @@ def evaluate_answers(
     *,
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
+    target: str = PREDICTED,
 ) -> AnswerEvaluation:
-    """Localisation and deletion scores of every method on the object-naming tokens of ``examples``' answers."""
+    """Localisation and deletion scores of every method on the object-naming tokens of ``examples``' answers.
+
+    ``target`` (``relevancy.targets``, read per generated token) is what the gradient methods explain; they are
+    listed as their store entries then (``generic [predicted vs runner-up]``). The deletion test always scores
+    the generated token's probability.
+    """
     score_deletions = getattr(adapter, "deletion_probabilities", None)
     if score_deletions is None:
         raise VLIError(
@@ -110,12 +116,15 @@ def evaluate_answers(
     if not examples:
         raise VLIError("evaluate needs at least one example")
     started = time.perf_counter()
-    methods = list(METHODS)
+    options = GenerationOptions(methods=list(ANSWER_METHODS), targets=[target])
+    chosen = options.chosen_targets()[0]
+    methods = ["random"] + [
+        entry_name(method, chosen) if method in GRADIENT_METHODS else method for method in ANSWER_METHODS
+    ]
     curves: dict[tuple[str, str], list[np.ndarray]] = {(m, t): [] for m in methods for t in TESTS}
     local: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
     tokens: dict[str, int] = {}
     correct: dict[str, list[bool]] = {"question": [], "describe": []}
-    options = GenerationOptions(methods=list(ANSWER_METHODS))
     for index, (task, item) in enumerate(examples):
         record, _ = capture_answer(adapter, item, options)
         answer = record.answer
@@ -249,16 +258,24 @@ def _plot(result: AnswerEvaluation, path: Path) -> None:
 
 
 def evaluate_answers_to_directory(
-    adapter: GenerativeAdapter, count: int, out: Path, *, seed: int = 0, progress: bool = False
+    adapter: GenerativeAdapter,
+    count: int,
+    out: Path,
+    *,
+    seed: int = 0,
+    progress: bool = False,
+    target: str = PREDICTED,
 ) -> tuple[list[Path], AnswerEvaluation]:
-    """Evaluate ``adapter`` on ``count`` held-out scenes and write the report to ``out``."""
+    """Evaluate ``adapter`` on ``count`` held-out scenes (gradient methods explaining ``target``) into ``out``."""
     from tqdm.auto import tqdm
 
     torch.set_num_threads(1)
     examples = answer_examples(count)
     with tqdm(total=count, unit="example", disable=not progress, desc="evaluate") as bar:
-        result = evaluate_answers(adapter, examples, seed=seed, progress=lambda done: bar.update(done - bar.n))
-    header = ["- torch threads: 1"]
+        result = evaluate_answers(
+            adapter, examples, seed=seed, progress=lambda done: bar.update(done - bar.n), target=target
+        )
+    header = [f"- explained target of the gradient methods, per generated token: {target}", "- torch threads: 1"]
     weights = adapter.config.get("weights_sha256")
     if weights:
         header.insert(0, f"- weights sha256: {str(weights)[:16]}")

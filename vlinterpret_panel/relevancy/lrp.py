@@ -352,7 +352,11 @@ def recorded_pass(adapter: ModelAdapter, item: ModelInput, target: str | int | T
     target = Target.parse(target)
     if capture.output_labels is None:
         if not target.is_default:
-            raise VLIError(f"{adapter.name}: the model's one output is a score; target {str(target)!r} needs answers")
+            target.contrast_caption()  # the one target of a similarity model besides its score: say so if not that
+            raise VLIError(
+                f"{adapter.name}: LRP and AttnLRP explain this caption's score only; target {str(target)!r} "
+                "(against another caption) is for the gradient methods (generic, attention_gradcam)"
+            )
         return RecordedPass(model, recorder, capture, 0, None)
     logits = capture.output.reshape(-1).float().numpy()
     output_index, versus = target.resolve(logits, list(capture.output_labels), item.label)

@@ -20,10 +20,11 @@ import xarray as xr
 from bokeh.palettes import Purples256
 
 from vlinterpret_panel.answers import ATTENTION, RELIANCE_PARTS, output_map_choices
+from vlinterpret_panel.relevancy.targets import step_title
 from vlinterpret_panel.ui.common import NO_SELECTION_FADE, SELECTED_COLOR, dynamic_map, fit_title, guarded
 from vlinterpret_panel.ui.image import image_element, image_plot_size, map_element, overlay_element, scale_controls
 from vlinterpret_panel.ui.scales import map_scale
-from vlinterpret_panel.ui.selection import Selection
+from vlinterpret_panel.ui.selection import Selection, batched_widget
 from vlinterpret_panel.ui.text import TEXT_WIDTH, coloured_tokens, token_labels, token_layout
 from vlinterpret_panel.ui.view import View
 
@@ -109,6 +110,10 @@ def step_chooser(view: param.Parameterized) -> pn.widgets.Select:
     )
 
 
+ANSWER_URL_PARAMETERS = {"step": "step", "method": "map"}
+"""The answer view's state in the page URL (parameter: URL name): the generated token and the map shown."""
+
+
 class AnswerMapView(View):
     """A view of an output's maps (a generated token's, or a classifier's answer's): ``method`` chooses which."""
 
@@ -141,8 +146,14 @@ class AnswerView(AnswerMapView):
         self._reliance = dynamic_map(self._reliance_chart, streams=[own, *self.streams("example", "layer", "head")])
         self.tap = hv.streams.Tap(source=self._strip, x=None, y=None)
         self.tap.add_subscriber(self._tapped)
-        self.player = pn.widgets.Player(
-            label="play the answer", start=0, end=max(1, self._answer_length() - 1), value=0, interval=900, width=300
+        self.player = pn.widgets.Player(  # an answer plays once: its loop options were cut off by the strip below
+            label="play the answer",
+            start=0,
+            end=max(1, self._answer_length() - 1),
+            value=0,
+            interval=900,
+            width=300,
+            show_loop_controls=False,
         )
         self.param.step.bounds = (0, max(0, self._answer_length() - 1))
         self.player.param.watch(self._played, "value")
@@ -295,7 +306,11 @@ class AnswerView(AnswerMapView):
             size = image_plot_size(tokens.image)
             picture = image_element(tokens.image).opts(invert_yaxis=True, xaxis=None, yaxis=None, **size)
             token = answer["token"].iloc[step] if step < len(answer) else "?"
-            title = f"{token!r}: {self._map_name(method, layer, head)}"
+            if method == ATTENTION:
+                title = f"{token!r}: {self._map_name(method, layer, head)}"
+            else:
+                alternatives = ds.vli.alternatives(example, step)["token"] if step < len(answer) else []
+                title = step_title(method, token, list(alternatives))
             title += ": all 0 on the image" if colour_range.all_zero else ""
             heat = overlay_element(painted, colour_range, "map", opacity)
             return (picture * heat).opts(title=fit_title(title, size["frame_width"]))
@@ -370,10 +385,10 @@ class AnswerView(AnswerMapView):
             return pn.pane.Markdown(
                 "This store has no generated answers: extract with `--generate` to see them here.", width=STRIP_WIDTH
             )
-        method = pn.widgets.Select.from_param(self.param.method, label="map", width=170)
+        method = pn.widgets.Select.from_param(self.param.method, label="map", width=250)
         layers = self.ds.sizes.get("layer", 1)
-        layer = pn.widgets.IntSlider.from_param(
-            self.selection.param.layer, start=0, end=max(1, layers - 1), label="layer", width=160
+        layer = batched_widget(
+            pn.widgets.IntSlider, self.selection, "layer", start=0, end=max(1, layers - 1), label="layer", width=160
         )
         return pn.Column(
             pn.Row(self.player, method, layer, self._head, *scale_controls(self.selection)),

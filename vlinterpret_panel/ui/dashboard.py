@@ -12,7 +12,7 @@ from panel.io.document import hold
 
 from vlinterpret_panel.causal import has_causal
 from vlinterpret_panel.live import AddedExample, LiveModel
-from vlinterpret_panel.ui.answer import AnswerView
+from vlinterpret_panel.ui.answer import ANSWER_URL_PARAMETERS, AnswerView
 from vlinterpret_panel.ui.attention import AttentionHeatmap
 from vlinterpret_panel.ui.causal import CausalView
 from vlinterpret_panel.ui.common import SIDEBAR_WIDTH, extension, message_banner
@@ -113,10 +113,11 @@ class Dashboard(View):
             self.selection.select(example=example, tokens=default_tokens(ds, example))
 
     def url_state(self) -> list[tuple[param.Parameterized, dict[str, str]]]:
-        """The views' own state kept in the page URL beside the selection: the generated token, the edit compared."""
+        """The views' own state kept in the page URL beside the selection: the generated token and its map, the edit
+        compared."""
         state: list[tuple[param.Parameterized, dict[str, str]]] = []
         if self.ds.vli.has_answers:
-            state.append((self.answer, {"step": "step"}))
+            state.append((self.answer, ANSWER_URL_PARAMETERS))
         if self.live is not None or "counterfactual_of" in self.ds:
             state.append((self.counterfactual, {"edited": "edited"}))
         return state
@@ -188,8 +189,8 @@ class AnswerDashboard(View):
             self._summary.object = self.summary()
 
     def url_state(self) -> list[tuple[param.Parameterized, dict[str, str]]]:
-        """The generated token shown, kept in the page URL beside the selection."""
-        return [(self.answer, {"step": "step"})]
+        """The generated token shown and its map, kept in the page URL beside the selection."""
+        return [(self.answer, ANSWER_URL_PARAMETERS)]
 
     def summary(self) -> str:
         """One line naming the model, the store's sizes and that only answer rows are stored."""

@@ -17,8 +17,17 @@ import xarray as xr
 from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.live import LiveModel
 from vlinterpret_panel.relevancy.capture import depends_on_target
-from vlinterpret_panel.relevancy.chosen import STORED, ChosenRelevancy, ChosenRelevancyReader, answer_choices
-from vlinterpret_panel.relevancy.targets import split_entry
+from vlinterpret_panel.relevancy.chosen import (
+    STORED,
+    ChosenRelevancy,
+    ChosenRelevancyReader,
+    answer_choices,
+    caption_choices,
+    scores_captions,
+    store_captions,
+    stored_targets,
+)
+from vlinterpret_panel.relevancy.targets import CAPTION, CAPTION_CONTRAST, split_entry
 from vlinterpret_panel.ui.common import IMAGE_SIZE, dynamic_map, fit_title, guarded, heading
 from vlinterpret_panel.ui.image import (
     difference_overlay,
@@ -70,6 +79,8 @@ class RelevancyView(View):
         adapter = live.adapter if live is not None else None
         self.reader = ChosenRelevancyReader(adapter, lock=live.lock if live is not None else None)
         self._choices: dict[str, list[tuple[str, float]]] = {}
+        self._captions = scores_captions(ds)  # a dual encoder: one score, contrasted with other captions
+        self._store_captions: list[str] | None = None
         chosen = ("relevancy_answer", "relevancy_versus")
         image_fields = ("example", "relevancy_method", *chosen, "smooth", "scale", "opacity")
         self._image = dynamic_map(self._on_image, streams=self.streams(*image_fields))
@@ -77,6 +88,7 @@ class RelevancyView(View):
         self._all_methods = dynamic_map(self._comparison, streams=self.streams("example", "smooth", "scale", "opacity"))
         self._answer = pn.widgets.RadioBoxGroup(label="answer", options={}, inline=False, width=160)
         self._versus = pn.widgets.Select(label="against", options={}, width=160)
+        self._answer.visible = not self._captions  # a dual encoder explains its own caption's score
         self._answer.param.watch(self._answer_picked, "value")
         self._versus.param.watch(self._versus_picked, "value")
         self.selection.param.watch(self._example_changed, "example")
@@ -92,16 +104,26 @@ class RelevancyView(View):
         per example: without stored ``top_answer`` they come from a model run)."""
         if example not in self._choices:
             try:
-                self._choices[example] = answer_choices(self.ds, example, self.reader.adapter)
+                if self._captions:
+                    if self._store_captions is None:  # read once per store, not per example
+                        self._store_captions = store_captions(self.ds)
+                    offered = caption_choices(self.ds, example, self.reader.adapter, self._store_captions)
+                else:
+                    offered = answer_choices(self.ds, example, self.reader.adapter)
+                self._choices[example] = offered
             except VLIError:
                 return []
         return self._choices[example]
 
     def dataset_changed(self) -> None:
         self._choices.clear()
+        self._store_captions = None
 
     def answer_or_prediction(self, example: str, answer: str) -> str:
-        """``answer``, or the example's prediction (its first choice) when none was picked ("")."""
+        """``answer``, or the example's prediction (its first choice) when none was picked (""); a dual encoder's is its
+        own caption."""
+        if self._captions:
+            return CAPTION
         if answer:
             return answer
         choices = self.choices(example)
@@ -112,19 +134,36 @@ class RelevancyView(View):
     def _example_changed(self, *events: object) -> None:
         """A new example: its answers in the list, the prediction picked, no contrast."""
         choices = self.choices(self.selection.example)
-        labels = {_choice_label(name, probability): name for name, probability in choices}
+        label = _caption_label if self._captions else _choice_label
+        labels = {label(name, value): name for name, value in choices}
         self.selection.param.update(relevancy_answer="", relevancy_versus="")
-        self._answer.options = labels
-        self._answer.value = choices[0][0] if choices else None
+        self._answer.options = {} if self._captions else labels
+        self._answer.value = choices[0][0] if choices and not self._captions else None
         self._versus.options = {"none": "", **labels}
         self._versus.value = ""
 
     def _answer_note(self, method: str) -> str:
         """What picking an answer does with the method shown."""
+        if _explains_answers(method) and self._captions:
+            ranked = " (ranked by the model's score with this image, best first)" if self.reader.adapter else ""
+            return (
+                f"{method} explains this caption's score; 'against' another caption{ranked} explains why this one "
+                "and not that: on the image, the difference of the two scores; on the text, this caption's own. "
+                "A contrast the store does not hold is computed with the model."
+            )
         if _explains_answers(method):
             computed = " A map the store does not hold is computed with the model." if self.reader.adapter else ""
             return f"{method} explains the picked answer; 'against' explains why it and not the other.{computed}"
         return f"{method} reads attention only: the same for every answer. Pick a gradient method to explain one."
+
+    def _versus_note(self, versus: str, method: str) -> str:
+        """The caption picked as 'against', in full, and where its map comes from (the list and the map's title cut
+        them short)."""
+        if not (self._captions and versus and _explains_answers(method)):
+            return ""
+        wanted = f"{CAPTION_CONTRAST}{versus}"
+        source = "stored" if stored_targets(self.ds, self.selection.example, method).get(wanted) else "computed"
+        return f"*against:* {versus} (map {source})"
 
     def _answer_picked(self, event: object) -> None:
         choices = self.choices(self.selection.example)
@@ -180,7 +219,10 @@ class RelevancyView(View):
     ) -> hv.Overlay:
         """A picked answer's map, on its own scale or shared with the maps beside it."""
         source = "" if chosen.source == STORED else " (computed)"
-        title = f"{method} → {chosen.target}{source}"
+        target = chosen.target
+        if target.startswith(CAPTION_CONTRAST):  # the other caption and the source are named beside its picker
+            target, source = "this − other", ""
+        title = f"{method} → {target}{source}"
         return _map_on_image(ds, example, chosen.values, title, smooth, scale, opacity, size, shared_with)
 
     def _on_image(
@@ -216,6 +258,8 @@ class RelevancyView(View):
         else:
             values, target = chosen.values, chosen.target
         layout = token_layout(ds.vli.tokens(example))
+        if target.startswith(CAPTION_CONTRAST):  # the other caption's score does not reach these tokens
+            target = CAPTION
         title = f"text relevancy for {target}"
         return coloured_tokens(layout, np.nan_to_num(values), "relevancy", title) * token_labels(layout)
 
@@ -248,6 +292,10 @@ class RelevancyView(View):
         size = {"frame_width": COMPARISON_SIZE, "frame_height": COMPARISON_SIZE}
         if not _explains_answers(relevancy_method):
             return pn.pane.Markdown(f"{relevancy_method} reads attention only: the same map for every answer.")
+        if self._captions:
+            return pn.pane.Markdown(
+                "A caption's contrast is the map above (**against**): the other caption's own map is its example's."
+            )
         if not relevancy_versus:
             return pn.pane.Markdown("Pick a second answer (**against**) to see both maps and their difference.")
         try:
@@ -296,12 +344,14 @@ class RelevancyView(View):
         options = {
             (f"{m} (top patch on the target in {ranking[m]:.0%})" if m in ranking else m): m for m in self.methods
         }
+        picked = self.selection.param
         answers = pn.Column(
-            pn.pane.Markdown("**Explain the answer**", margin=(0, 5)),
+            pn.pane.Markdown("**Explain the score**" if self._captions else "**Explain the answer**", margin=(0, 5)),
             self._answer,
             self._versus,
+            pn.pane.Markdown(pn.bind(self._versus_note, picked.relevancy_versus, picked.relevancy_method), width=170),
             pn.pane.Markdown(pn.bind(self._answer_note, self.selection.param.relevancy_method), width=170),
-            visible=bool(self._answer.options),
+            visible=bool(self._answer.options) or (self._captions and len(self._versus.options) > 1),
             width=180,
         )
         method = pn.widgets.Select.from_param(
@@ -320,7 +370,7 @@ class RelevancyView(View):
                 pn.pane.HoloViews(self._image, linked_axes=False),
                 pn.pane.HoloViews(self._text, linked_axes=False),
             ),
-            heading("The answer against the other", level=4),
+            heading("This caption against another" if self._captions else "The answer against the other", level=4),
             pn.panel(self._bound_target_row()),
             heading("All methods", level=4),
             pn.pane.HoloViews(self._all_methods, linked_axes=False),
@@ -356,6 +406,11 @@ def _map_on_image(
 def _choice_label(answer: str, probability: float) -> str:
     """An answer with its probability as the list shows it."""
     return answer if np.isnan(probability) else f"{answer} · {probability:.1%}"
+
+
+def _caption_label(caption: str, score: float) -> str:
+    """Another caption with the model's score of it with this image, as the list shows it."""
+    return caption if np.isnan(score) else f"{caption} · {score:.1f}"
 
 
 def _explains_answers(method: str) -> bool:
