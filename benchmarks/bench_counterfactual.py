@@ -15,7 +15,8 @@ On a copy of ``datasets/generative``:
    until its result shows. A rerun is timed twice: in the page, from the button's pointerdown
    to the first animation frame showing the new pair's heading ("→ live-...", the same text
    the Python timing waits for; no polling interval in the figure), and from Python around the
-   click and the waits (which adds Playwright's click and up to 250 ms per polled wait).
+   click and the waits (which adds Playwright's click and up to 250 ms per polled wait). The server sends
+   the pair's heading, table and three plots in one message, so the heading's frame shows the whole pair.
 
 Targets (issue 13): a counterfactual rerun < 1 s end to end; a causal search < 10 s.
 """
@@ -171,6 +172,7 @@ def bench_browser(store: Path, runs: int) -> None:
             explain_seconds.append(time.perf_counter() - started)
             app.page.get_by_text("reruns in").first.wait_for(timeout=30_000)  # the view shows it on its next poll
             time.sleep(1.0)
+    print("  each rerun in the page (ms):", [round(seconds * 1000) for seconds in page_seconds])
     print(summary("chromium, in the page: pointerdown -> new pair's plot", page_seconds), f"load {load_average()}")
     print(summary("chromium: Run edit -> comparison of the new pair shown", edit_seconds), f"load {load_average()}")
     print(summary("chromium: Explain -> result shown", explain_seconds), f"load {load_average()}")

@@ -14,20 +14,6 @@ from vlinterpret_panel.backend import VLInterpretBackendEntrypoint
 from vlinterpret_panel.store import shard_paths
 
 
-@pytest.fixture
-def reads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, tuple]]:
-    """Every block read from a shard, as (variable, index)."""
-    recorded: list[tuple[str, tuple]] = []
-    original = shard_reader._read_block
-
-    def recording(handle, name, info, index, padded_shape, fill):
-        recorded.append((name, index))
-        return original(handle, name, info, index, padded_shape, fill)
-
-    monkeypatch.setattr(shard_reader, "_read_block", recording)
-    return recorded
-
-
 def test_the_engine_opens_lazily_and_reads_one_block_per_slice(small_store: Path, reads: list) -> None:
     ds = xr.open_dataset(small_store, engine="vlinterpret")
     assert reads == [], "opening must read no data variable"

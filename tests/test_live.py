@@ -332,3 +332,24 @@ def test_the_form_adds_a_drawn_scene_with_its_answer(live: LiveModel, store: Pat
     ds = open_dataset(store)
     assert str(ds.text.sel(example=added[0].example_id).values) == form.text.value
     assert str(ds.label.sel(example=added[0].example_id).values) == form._draft.answer
+
+
+def test_a_warm_up_runs_the_model_as_the_store_does_and_stores_nothing(live: LiveModel, store: Path) -> None:
+    before = _snapshot(store)
+    live.warm_up(open_dataset(store))
+    assert _snapshot(store) == before
+
+
+def test_the_store_check_waits_while_this_sessions_model_runs(live: LiveModel, store: Path) -> None:
+    """A shard this session's own run wrote is shown by that run's callback; the periodic check does not race it."""
+    from vlinterpret_panel.ui.session import LiveSession
+
+    session = LiveSession(store, live, lambda: open_dataset(store))
+    examples = session.dashboard.ds.sizes["example"]
+    live.add_example(store, _pixels(), "what color is the square ?")
+    session.dashboard.counterfactual.running = True
+    session._poll()
+    assert session.dashboard.ds.sizes["example"] == examples
+    session.dashboard.counterfactual.running = False
+    session._poll()
+    assert session.dashboard.ds.sizes["example"] == examples + 1

@@ -67,15 +67,7 @@ def test_float32_precision_is_exact(tmp_path: Path) -> None:
     np.testing.assert_array_equal(ds.hidden_states.sel(example=record.example_id).values[:, :n], record.hidden_states)
 
 
-def test_open_reads_no_data_and_a_slice_reads_one_chunk(small_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    reads: list[tuple[str, tuple]] = []
-    original = shard_reader._read_block
-
-    def recording(handle, name, info, index, padded_shape, fill):
-        reads.append((name, index))
-        return original(handle, name, info, index, padded_shape, fill)
-
-    monkeypatch.setattr(shard_reader, "_read_block", recording)
+def test_open_reads_no_data_and_a_slice_reads_one_chunk(small_store: Path, reads: list) -> None:
     ds = open_dataset(small_store)
     assert isinstance(ds.attention.data, dask.array.Array)
     assert isinstance(ds.hidden_states.data, dask.array.Array)
@@ -342,3 +334,25 @@ def test_tiny_layers_share_a_chunk_and_large_ones_keep_their_own(tmp_path: Path)
         _assert_example_matches(open_dataset(tmp_path / name), spec, spec.examples - 1)
     assert chunkings["tiny"] == [6, 3]  # 2 x 8 x 8 uint16 per layer: everything in one chunk
     assert chunkings["large"] == [1, 1]  # 8 x 96 x 96 uint16 = 147 kB per layer: one (example, layer) per chunk
+
+
+def test_a_reopened_store_reuses_its_shards_tasks_and_reads_the_same(tmp_path: Path) -> None:
+    spec = SynthSpec(examples=4, layers=2, heads=2, tokens=12, hidden_size=8, image_size=24, seed=5)
+    records = [synthetic_record(spec, i) for i in range(4)]
+    store = tmp_path / "s"
+    write_shard(records_to_dataset(records[:2], spec.model_info()), store)
+    first = open_dataset(store)
+    write_shard(records_to_dataset(records[2:], spec.model_info()), store)
+    grown = open_dataset(store)
+
+    def tasks(ds: xr.Dataset) -> list:
+        graph = ds.attention.data.__dask_graph__()
+        return [graph[key] for key in sorted(k for k in graph if isinstance(k, tuple))]
+
+    old = tasks(first)
+    assert all(a is b for a, b in zip(old, tasks(grown)[: len(old)], strict=True))  # the first shard's, reused
+    assert len(tasks(grown)) == 2 * len(old)
+    np.testing.assert_array_equal(grown.attention.values[:2], first.attention.values)
+    expected = [r.attention for r in records[2:]]
+    n = len(records[2].tokens)
+    np.testing.assert_allclose(grown.attention.values[2, ..., :n, :n], expected[0], atol=1e-4)

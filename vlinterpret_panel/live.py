@@ -34,7 +34,7 @@ from vlinterpret_panel.counterfactual import Edit
 from vlinterpret_panel.errors import VLIError, error_line
 from vlinterpret_panel.extract import provenance, run_batch
 from vlinterpret_panel.relevancy.targets import methods_and_targets
-from vlinterpret_panel.schema import CORRECT_UNKNOWN, records_to_dataset
+from vlinterpret_panel.schema import CORRECT_UNKNOWN, ExampleRecord, ModelInfo, records_to_dataset
 from vlinterpret_panel.store import Precision, open_dataset, write_shard
 
 MAX_UPLOAD_BYTES = 10 * 2**20
@@ -163,6 +163,14 @@ def _store_generation(ds: xr.Dataset) -> GenerationOptions | None:
     return GenerationOptions(**{k: v for k, v in options.items() if k in GenerationOptions.__dataclass_fields__})
 
 
+def _stored_run_options(ds: xr.Dataset) -> tuple[list[str], list[str], GenerationOptions | None]:
+    """How the store's examples were run: its relevancy methods and targets (``[]`` for a generated answer's, which
+    its generation options hold), and its generation options (None: not generated)."""
+    generation = _store_generation(ds)
+    methods, targets = methods_and_targets(ds.vli.answer_methods if generation else ds.vli.relevancy_methods)
+    return ([] if generation else methods), targets, generation
+
+
 def _check_fits(new: xr.Dataset, ds: xr.Dataset) -> None:
     """Refuse a shard that would make the store unopenable (``store`` rejects mixed models and layouts)."""
     if new.attrs["model_name"] != ds.attrs["model_name"]:
@@ -228,23 +236,18 @@ class LiveModel:
             image, target_mask = fit_image(image), None
         ds = opened if opened is not None else open_dataset(store)
         self.check_store(ds)
-        methods, targets = methods_and_targets(ds.vli.relevancy_methods)
         precision = _store_precision(ds)
         existing = {str(i) for i in ds.indexes["example"]}
         example_id = f"{LIVE_ID_PREFIX}{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
         while example_id in existing:
             example_id = f"{LIVE_ID_PREFIX}{uuid.uuid4().hex[:12]}"
         item = ModelInput(example_id, image, text, label=label, target_mask=target_mask)
-        generation = _store_generation(ds)
-        with self._lock:
-            (result,) = run_batch(self.adapter, [item], [] if generation else methods, generation, targets)
-        if isinstance(result, BaseException):
-            raise VLIError(f"the model failed on this example: {error_line(result)}")
-        record, info = result
+        methods, targets, generation = _stored_run_options(ds)
+        record, info = self._run(item, methods, targets, generation)
         if counterfactual_of is not None:
             record.counterfactual_of = counterfactual_of
             record.counterfactual_edit = edit.to_json() if edit is not None else ""
-        attrs = provenance(self.spec, {}, 1, precision, [] if generation else methods, generation, targets) | {
+        attrs = provenance(self.spec, {}, 1, precision, methods, generation, targets) | {
             "source": "counterfactual" if counterfactual_of is not None else "add example",
             "failures": [],
         }
@@ -260,6 +263,23 @@ class LiveModel:
         _check_fits(new, ds)
         shard = write_shard(new, store, precision=precision)
         return AddedExample(example_id, shard, record.prediction)
+
+    def _run(
+        self, item: ModelInput, methods: list[str], targets: list[str], generation: GenerationOptions | None
+    ) -> tuple[ExampleRecord, ModelInfo]:
+        """Run ``item`` with a store's methods and targets, or its generation options (``_stored_run_options``)."""
+        with self._lock:
+            (result,) = run_batch(self.adapter, [item], methods, generation, targets)
+        if isinstance(result, BaseException):
+            raise VLIError(f"the model failed on this example: {error_line(result)}")
+        return result
+
+    def warm_up(self, ds: xr.Dataset) -> None:
+        """Run the store's first example as its examples are run, storing nothing: a server's first edit paid for
+        lazy imports (sympy, by torch's batched gradients) and first calls, 0.55 s of its 0.65 s."""
+        self.check_store(ds)
+        tokens = ds.vli.tokens(str(ds.indexes["example"][0]))
+        self._run(ModelInput("warm-up", tokens.image, tokens.text), *_stored_run_options(ds))
 
     def add_counterfactual(
         self, store: str | os.PathLike, original: str, edit: Edit, *, opened: xr.Dataset | None = None

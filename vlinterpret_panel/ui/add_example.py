@@ -47,6 +47,28 @@ def live_model(spec: str) -> LiveModel:
     return model
 
 
+@functools.lru_cache(maxsize=8)
+def warm_up(spec: str, store: Path) -> None:
+    """Warm ``spec``'s model up on ``store`` once per server process, in the model thread, and wait for it: the
+    first edit then runs as fast as the next ones (0.65 s -> 0.1 s in process on the built-in generative model).
+
+    ``vlinterpret serve`` calls it before it listens. It waits so that no page is built while it runs (lazy
+    imports of sympy and torch's symbolic-shape modules among its work): a page opened just after the server
+    started, with the warm-up running in the background, once came out empty in CI.
+    """
+
+    def run() -> None:
+        from vlinterpret_panel.store import shard_signature
+        from vlinterpret_panel.ui.app import shared_store
+
+        try:
+            live_model(spec).warm_up(shared_store(store, shard_signature(store) if store.is_dir() else ""))
+        except Exception:  # a failed warm-up costs the first edit its speed, nothing else
+            logger.exception("model warm-up failed")
+
+    MODEL_THREAD.submit(run).result()
+
+
 def _png(pixels: np.ndarray, width: int = 128) -> bytes:
     from PIL import Image
 
@@ -64,6 +86,7 @@ class AddExample(pn.viewable.Viewer):
     def __init__(self, model: LiveModel, store: Path, on_added: Callable[[AddedExample], None]) -> None:
         super().__init__()
         self.model, self.store, self._on_added = model, Path(store), on_added
+        self.running = False  # an example of this session is in the model thread
         self._draft: SceneDraft | None = None
         self.upload = pn.widgets.FileInput(accept=".png,.jpg,.jpeg,image/png,image/jpeg", multiple=False)
         self.draw = pn.widgets.Button(label="draw a random scene", visible=model.builtin)
@@ -111,6 +134,7 @@ class AddExample(pn.viewable.Viewer):
         return self.model.add_example(self.store, image, self.text.value or "", **known)
 
     async def _run(self, event: object = None) -> None:
+        self.running = True
         self.run_button.disabled = self.draw.disabled = True
         self.progress.visible = True
         self._say("running the model…")
@@ -124,6 +148,7 @@ class AddExample(pn.viewable.Viewer):
             self._say(f"could not add the example: {type(error).__name__}: {error}", "danger")
             return
         finally:
+            self.running = False
             self.run_button.disabled = self.draw.disabled = False
             self.progress.visible = False
         prediction = f"; prediction: {added.prediction}" if added.prediction is not None else ""

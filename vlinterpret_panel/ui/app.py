@@ -90,10 +90,11 @@ def build_app(store: str | os.PathLike, model: str | None = None) -> pn.template
 
     dashboard: Dashboard | AnswerDashboard
     if model:
-        from vlinterpret_panel.ui.add_example import live_model
+        from vlinterpret_panel.ui.add_example import live_model, warm_up
         from vlinterpret_panel.ui.session import LiveSession
 
         session = LiveSession(path, live_model(model), current_store)
+        warm_up(model, path)
         dashboard = session.dashboard
         sidebar: list[pn.viewable.Viewable | pn.viewable.Viewer] = [session.sidebar]
         main = [session.main]

@@ -49,9 +49,10 @@ def serve(
     from vlinterpret_panel.ui.app import build_app
 
     if model:
-        from vlinterpret_panel.ui.add_example import live_model
+        from vlinterpret_panel.ui.add_example import live_model, warm_up
 
         live_model(model).check_store(ds)
+        warm_up(model, Path(store).resolve())  # before the server listens: no page is built beside it
     origins = [f"{host}:{port}" for host in ("localhost", "127.0.0.1", address)]
     try:
         pn.serve(
