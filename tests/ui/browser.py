@@ -171,13 +171,27 @@ def running(
             process.wait(timeout=30)
 
 
+# The log of each running server by its URL: a page that lacks a plot reports its server's last lines.
+SERVER_LOGS: dict[str, Path] = {}
+
+
+def server_log_tail(url: str, characters: int = 3000) -> str:
+    """The end of the log of the server that serves ``url`` (a page's URL, with or without a query)."""
+    log_path = SERVER_LOGS.get(url.split("?")[0])
+    return log_path.read_text()[-characters:] if log_path is not None and log_path.exists() else "(no server log)"
+
+
 @contextmanager
 def served(command_for_port: Callable[[int], list[str]], log_path: Path) -> Iterator[tuple[str, subprocess.Popen]]:
     """Start a dashboard server on a free localhost port, wait until it answers: its URL and process."""
     port = free_port()
     url = f"http://127.0.0.1:{port}/app"
     with running(command_for_port(port), log_path, url) as server:
-        yield url, server
+        SERVER_LOGS[url] = log_path
+        try:
+            yield url, server
+        finally:
+            SERVER_LOGS.pop(url, None)
 
 
 @contextmanager
@@ -232,7 +246,10 @@ class AppPage:
         figures = self.figures()
         matches = [f for f in figures if f["title"].startswith(prefix)]
         titles = [f["title"] for f in figures]
-        assert matches, f"no plot titled {prefix!r}: {titles}; the page's last console messages: {self.console[-15:]}"
+        assert matches, (
+            f"no plot titled {prefix!r}: {titles}; the page's last console messages: {self.console[-15:]}; "
+            f"its server's log ends: {server_log_tail(self.url)}"
+        )
         return matches[0]
 
     def wait_for_figure(self, prefix: str, timeout: float = 60) -> dict:
