@@ -178,6 +178,32 @@ def _activate_cell_with(app: AppPage, text: str) -> None:
     app.wait_until(lambda: "jp-mod-active" in (cell.get_attribute("class") or ""), what=f"the cell showing {text!r}")
 
 
+ELEMENT_AT_JS = """([x, y]) => {
+    const element = document.elementFromPoint(x, y);
+    return element ? `${element.tagName.toLowerCase()}.${[...element.classList].join(".")}` : "nothing";
+}"""
+
+
+def _click_until_shown(app: AppPage, prefix: str, point: tuple, shown: str, tries: int = 3) -> None:
+    """Click the plot ``prefix...`` at data coordinates ``point`` until a plot titled ``shown...`` appears.
+
+    In one CI run (the whole suite, two cores) a click on the head summary changed nothing for 30 s, though the
+    plot's cell was active and the same click works alone and under load here. A user whose click is lost clicks
+    again; so does this test, after scrolling the plot to rest again, and it reports what each click hit."""
+    hits = []
+    for _ in range(tries):
+        app.scroll_to(prefix)
+        position = app.data_position(prefix, *point)
+        hits.append(app.page.evaluate(ELEMENT_AT_JS, list(position)))
+        app.page.mouse.click(*position)
+        try:
+            app.wait_for_figure(shown, timeout=15)
+            return
+        except AssertionError:
+            continue
+    raise AssertionError(f"no plot titled {shown!r} after {tries} clicks on {prefix!r}; they hit: {hits}")
+
+
 def test_the_inline_dashboard_responds_to_clicks_in_jupyterlab(
     browser: object, lab: tuple[str, str], tmp_path: pathlib.Path
 ) -> None:
@@ -200,10 +226,8 @@ def test_the_inline_dashboard_responds_to_clicks_in_jupyterlab(
         # A head-summary cell: the attention heatmap of that head is drawn.
         app.scroll_to(heatmap["title"])
         before = app.pixels(heatmap["title"])
-        app.scroll_to(SUMMARY)
-        app.click_data(SUMMARY, str(head), str(layer))
         shown = f"layer {layer}, head {head}"
-        app.wait_for_figure(shown, timeout=30)
+        _click_until_shown(app, SUMMARY, (str(head), str(layer)), shown)
         app.scroll_to(shown)
         app.wait_until(lambda: changed_fraction(before, app.pixels(shown)) > 0.05, what="the heatmap to change")
         # A word of the text: the image view shows that word's attention.
@@ -211,9 +235,8 @@ def test_the_inline_dashboard_responds_to_clicks_in_jupyterlab(
         image_before = app.pixels(image)
         layout = token_layout(info)
         target = layout[layout.token == token].iloc[0]
-        app.scroll_to("attention from")
-        app.click_data("attention from", float((target.x0 + target.x1) / 2), float((target.y0 + target.y1) / 2))
-        app.wait_for_figure(f"attention from {token}:", timeout=30)
+        word = (float((target.x0 + target.x1) / 2), float((target.y0 + target.y1) / 2))
+        _click_until_shown(app, "attention from", word, f"attention from {token}:")
         app.scroll_to(image)
         app.wait_until(lambda: changed_fraction(image_before, app.pixels(image)) > 0.01, what="the image overlay")
         app.scroll_to(SUMMARY)
