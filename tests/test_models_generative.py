@@ -101,8 +101,10 @@ def test_token_deletion_keeps_original_positions(model: GenerativeModel) -> None
     patches = model.config.num_patches
     sequence_rows = torch.cat([torch.tensor([0]), 1 + image_keep, patches + text_keep[1:]])
     assert kept.layout.source_index[0].tolist() == [0, *image_keep.tolist(), *text_keep[1:].tolist()]
-    # Embeddings depend on each token and its own position only: the kept rows are the full run's.
-    torch.testing.assert_close(kept.hidden_states[0][0], full.hidden_states[0][0, sequence_rows], rtol=0, atol=0)
+    # Embeddings depend on each token and its own position only: the kept rows are the full run's, to float32
+    # rounding (the patch projection over fewer rows may take another matmul kernel: 1.2e-6 on an AVX-512 machine).
+    embedded = kept.hidden_states[0][0]
+    torch.testing.assert_close(embedded, full.hidden_states[0][0, sequence_rows], rtol=1e-5, atol=1e-5)
     assert int(kept.layout.last_position[0]) == len(sequence_rows) - 1
     # Causality: deleting the last text tokens leaves every earlier position's logits as they were.
     with torch.no_grad():
