@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -19,7 +20,7 @@ from tests.conftest import SMALL_SPEC
 from vlinterpret_panel import shard_reader
 from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.schema import PAD, records_to_dataset
-from vlinterpret_panel.store import example_ids, open_dataset, shard_paths, write_shard
+from vlinterpret_panel.store import example_ids, open_dataset, shard_paths, write_records, write_shard
 from vlinterpret_panel.synth import SynthSpec, synthetic_record, write_synthetic_store
 
 ATTENTION_STEP = 1 / 65534  # uint16 packing of [0, 1]
@@ -356,3 +357,89 @@ def test_a_reopened_store_reuses_its_shards_tasks_and_reads_the_same(tmp_path: P
     expected = [r.attention for r in records[2:]]
     n = len(records[2].tokens)
     np.testing.assert_allclose(grown.attention.values[2, ..., :n, :n], expected[0], atol=1e-4)
+
+
+def _raw_attention(shard: Path) -> dict[str, np.ndarray]:
+    """The attention variables of a shard as stored: the packed integers, no decoding."""
+    import netCDF4
+
+    with netCDF4.Dataset(shard) as nc:
+        nc.set_auto_maskandscale(False)
+        return {name: nc[name][...] for name in ("attention", "answer_attention") if name in nc.variables}
+
+
+def _lean_and_stacked(records: list, info, tmp_path: Path) -> tuple[Path, Path]:
+    """The same records written the lean way (``write_records``) and by packing a padded float32 stack."""
+    stacked = write_shard(records_to_dataset(records, info), tmp_path / "stacked")
+    lean = write_records(records, info, tmp_path / "lean")
+    return lean, stacked
+
+
+def _assert_same_shards(lean: Path, stacked: Path) -> None:
+    raw_lean, raw_stacked = _raw_attention(lean), _raw_attention(stacked)
+    assert raw_lean.keys() == raw_stacked.keys() and raw_lean
+    for name in raw_lean:
+        assert raw_lean[name].dtype == np.uint16
+        np.testing.assert_array_equal(raw_lean[name], raw_stacked[name], err_msg=name)
+    a, b = open_dataset(lean).load(), open_dataset(stacked).load()
+    assert sorted(a.data_vars) == sorted(b.data_vars)
+    xr.testing.assert_identical(a.drop_attrs(), b.drop_attrs())
+    for name in a.variables:
+        assert a[name].attrs == b[name].attrs, name
+
+
+def test_the_lean_path_stores_exactly_what_packing_a_float_stack_stores(tmp_path: Path) -> None:
+    """Varied lengths, a layer with fewer heads (its missing heads NaN in the records), a NaN-free float64 input."""
+    spec = SynthSpec(examples=6, layers=3, heads=4, tokens=30, hidden_size=8, image_size=24, seed=8, vary_length=True)
+    records = [synthetic_record(spec, i) for i in range(spec.examples)]
+    info = dataclasses.replace(spec.model_info(), num_heads=[4, 2, 4])
+    for record in records:
+        record.attention[1, 2:] = np.nan
+    records[0].attention = records[0].attention.astype(np.float64)
+    assert len({len(r.tokens) for r in records}) > 1
+    _assert_same_shards(*_lean_and_stacked(records, info, tmp_path))
+
+
+def test_the_lean_path_stores_generated_answers_exactly_as_before(tmp_path: Path) -> None:
+    from vlinterpret_panel.adapters.generative import GenerationOptions
+    from vlinterpret_panel.adapters.registry import load_adapter
+    from vlinterpret_panel.extract import run_batch, scene_sources
+
+    items = [source.load() for source in scene_sources(3, text="describe")]
+    options = GenerationOptions(max_new_tokens=5, rows="all", methods=["raw_attention"])
+    results = run_batch(load_adapter("generative"), items, [], options)
+    records = [result[0] for result in results]
+    assert all(r.answer is not None and r.answer.attention is not None for r in records)
+    _assert_same_shards(*_lean_and_stacked(records, results[0][1], tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda a: a.__setitem__((0, 0, 1, 2), np.nan), "attention has NaN outside padding"),
+        (lambda a: a.__setitem__((1, 1, 3), a[1, 1, 3] * 0.5), "attention rows must sum to 1"),
+    ],
+)
+def test_the_lean_path_refuses_bad_attention_as_the_float_path_does(tmp_path: Path, damage, message: str) -> None:
+    spec = SynthSpec(examples=2, layers=2, heads=2, tokens=20, hidden_size=8, image_size=24, seed=4)
+    records = [synthetic_record(spec, i) for i in range(2)]
+    damage(records[1].attention)
+    for write in (
+        lambda: write_shard(records_to_dataset(records, spec.model_info()), tmp_path / "stacked"),
+        lambda: write_records(records, spec.model_info(), tmp_path / "lean"),
+    ):
+        with pytest.raises(VLIError, match=message):
+            write()
+    assert not shard_paths(tmp_path / "lean") and not shard_paths(tmp_path / "stacked")
+
+
+def test_a_float32_store_unpacks_packed_attention(tmp_path: Path) -> None:
+    spec = SynthSpec(examples=2, layers=2, heads=2, tokens=20, hidden_size=8, image_size=24, seed=4)
+    records = [synthetic_record(spec, i) for i in range(2)]
+    packed = records_to_dataset(records, spec.model_info(), packed_attention=True)
+    assert packed.attention.dtype == np.uint16
+    shard = write_shard(packed, tmp_path / "s", precision="float32")
+    stored = open_dataset(shard).attention.values
+    n = len(records[0].tokens)
+    np.testing.assert_allclose(stored[0, ..., :n, :n], records[0].attention, atol=1e-4)
+    assert np.isnan(stored[0, ..., n:, :]).all()

@@ -31,8 +31,8 @@ from vlinterpret_panel.adapters.base import ForwardCapture, ModelAdapter, ModelI
 from vlinterpret_panel.adapters.generative import GenerationOptions
 from vlinterpret_panel.cluster import distributed_client
 from vlinterpret_panel.errors import VLIError, error_line
-from vlinterpret_panel.schema import ExampleRecord, ModelInfo, records_to_dataset
-from vlinterpret_panel.store import Precision, example_ids, write_shard
+from vlinterpret_panel.schema import ExampleRecord, ModelInfo
+from vlinterpret_panel.store import Precision, example_ids, write_records
 
 FAILURES_FILE = "failures.json"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -354,7 +354,7 @@ def extract_chunk(
         model_info = info
 
         def write() -> Path:
-            return write_shard(records_to_dataset(records, model_info, attrs), store, precision=precision)
+            return write_records(records, model_info, store, precision=precision, extraction=attrs)
 
         if writer is None:
             chunk.shard = str(write())

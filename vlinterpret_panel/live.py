@@ -251,7 +251,7 @@ class LiveModel:
             "source": "counterfactual" if counterfactual_of is not None else "add example",
             "failures": [],
         }
-        new = records_to_dataset([record], info, attrs)
+        new = records_to_dataset([record], info, attrs, packed_attention=precision == "float16")
         if record.label is None and "label" in ds and "label" not in new:
             # As records_to_dataset writes an unlabelled example among labelled ones: "" and unknown.
             new["label"] = ("example", np.array([""], dtype=object), ds["label"].attrs)

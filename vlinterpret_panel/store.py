@@ -22,7 +22,16 @@ import numpy as np
 import xarray as xr
 
 from vlinterpret_panel.errors import VLIError
-from vlinterpret_panel.schema import COORDINATE_ATTRS, SCHEMA_VERSION, validate
+from vlinterpret_panel.packing import is_packed, pack_attention, unpack_attention
+from vlinterpret_panel.schema import (
+    COORDINATE_ATTRS,
+    PACKED_VARIABLES,
+    SCHEMA_VERSION,
+    ExampleRecord,
+    ModelInfo,
+    records_to_dataset,
+    validate,
+)
 from vlinterpret_panel.shard_reader import (
     PADDED_DIMS,
     STORE_IO_LOCK,
@@ -42,16 +51,12 @@ TEMP_SUFFIX = ".partial"
 Precision = Literal["float16", "float32"]
 COORDINATE_NAMES = tuple(COORDINATE_ATTRS)
 
-# Attention lies in [0, 1]: 16-bit CF packing keeps it to 7.6e-6, better than float16 near 1,
-# and netCDF has no half-precision type. 65535 is reserved for NaN padding.
-ATTENTION_SCALE = 1 / 65534
-ATTENTION_FILL = 65535
 # Hidden states are unbounded: keep float32 but round the mantissa to float16's 10 bits,
 # which then compresses to about half size.
 _HIDDEN_FLOAT16_LIKE = {"dtype": "float32", "quantize_mode": "BitRound", "significant_digits": 10}
 
 
-ATTENTION_VARIABLES = ("attention", "answer_attention")
+ATTENTION_VARIABLES = PACKED_VARIABLES
 """Attention probabilities: packed to 16 bits at ``precision="float16"``, one chunk per (example, layer)."""
 HIDDEN_VARIABLES = ("hidden_states", "answer_hidden_states")
 
@@ -117,30 +122,6 @@ def _shard_paths(store: Path) -> list[Path]:
     return sorted(p for p in store.glob(f"*{SHARD_SUFFIX}") if not p.name.startswith("."))
 
 
-PACK_BLOCK = 2**20
-"""Values packed per step by ``pack_attention``: cache-sized, so its four passes stay out of main memory."""
-
-
-def pack_attention(attention: xr.DataArray) -> xr.DataArray:
-    """Attention in [0, 1] as CF-packed uint16 (``round(a / ATTENTION_SCALE)``, NaN as ``ATTENTION_FILL``).
-
-    Done here rather than by xarray's encoder, which scales, rounds, fills and casts the
-    whole shard in four full-size float passes (about 60% of a ViLT-sized shard's write).
-    ``_FillValue`` goes in the attributes, not the encoding: there xarray would run its
-    NaN fill over the packed integers anyway, two more full passes that change nothing.
-    """
-    values = np.ascontiguousarray(attention.values, dtype=np.float32).reshape(-1)
-    packed = np.empty(values.shape, dtype=np.uint16)
-    for start in range(0, values.size, PACK_BLOCK):
-        block = values[start : start + PACK_BLOCK] * np.float32(1 / ATTENTION_SCALE)
-        np.rint(block, out=block)
-        block[np.isnan(block)] = ATTENTION_FILL
-        packed[start : start + PACK_BLOCK] = block
-    return attention.copy(data=packed.reshape(attention.shape)).assign_attrs(
-        scale_factor=ATTENTION_SCALE, _FillValue=np.uint16(ATTENTION_FILL)
-    )
-
-
 def write_shard(ds: xr.Dataset, store: str | os.PathLike, *, precision: Precision = "float16") -> Path:
     """Validate ``ds`` and add it to ``store`` as a new shard, atomically; return its path.
 
@@ -155,8 +136,10 @@ def write_shard(ds: xr.Dataset, store: str | os.PathLike, *, precision: Precisio
     name = f"{SHARD_PREFIX}{time.time_ns():020d}-{uuid.uuid4().hex[:8]}{SHARD_SUFFIX}"
     handle, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=TEMP_SUFFIX, dir=store)
     os.close(handle)
-    if precision == "float16":
-        ds = ds.assign({name: pack_attention(ds[name]) for name in ATTENTION_VARIABLES if name in ds})
+    for variable in ATTENTION_VARIABLES:
+        if variable in ds and is_packed(ds[variable]) != (precision == "float16"):
+            repack = pack_attention if precision == "float16" else unpack_attention
+            ds = ds.assign({variable: repack(ds[variable])})
     try:
         with STORE_IO_LOCK:
             ds.to_netcdf(temporary, engine="netcdf4", format="NETCDF4", encoding=_encoding(ds, precision))
@@ -174,6 +157,24 @@ def write_shard(ds: xr.Dataset, store: str | os.PathLike, *, precision: Precisio
     finally:
         os.close(directory)
     return final
+
+
+def write_records(
+    records: list[ExampleRecord],
+    info: ModelInfo,
+    store: str | os.PathLike,
+    *,
+    precision: Precision = "float16",
+    extraction: dict[str, Any] | None = None,
+) -> Path:
+    """Write example records to ``store`` as one new shard (``write_shard``), the lean way.
+
+    At float16 precision each record's attention is packed straight into the shard's uint16 array
+    (``records_to_dataset(packed_attention=True)``), never stacked as padded float32: the same values
+    on disk, half the fresh memory, one pass fewer. Values are validated as stored.
+    """
+    ds = records_to_dataset(records, info, extraction, packed_attention=precision == "float16")
+    return write_shard(ds, store, precision=precision)
 
 
 def _shard_dataset(shard: ShardInfo) -> xr.Dataset:

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from vlinterpret_panel.schema import IMAGE, SPECIAL, TEXT, ExampleRecord, ModelInfo, records_to_dataset
-from vlinterpret_panel.store import Precision, write_shard
+from vlinterpret_panel.schema import IMAGE, SPECIAL, TEXT, ExampleRecord, ModelInfo
+from vlinterpret_panel.store import Precision, write_records
 
 WORDS = (
     "what color is the circle square triangle left right of a red blue green yellow "
@@ -163,7 +163,7 @@ def write_synthetic_store(
     with tqdm(total=spec.examples, unit="example", disable=not progress) as bar:
         for start in range(0, spec.examples, examples_per_shard):
             stop = min(spec.examples, start + examples_per_shard)
-            ds = records_to_dataset(list(synthetic_records(spec, start, stop)), info, {"synthetic": True})
-            shards.append(write_shard(ds, path, precision=precision))
+            records = list(synthetic_records(spec, start, stop))
+            shards.append(write_records(records, info, path, precision=precision, extraction={"synthetic": True}))
             bar.update(stop - start)
     return shards
