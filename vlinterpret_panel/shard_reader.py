@@ -29,6 +29,7 @@ import netCDF4
 import numpy as np
 from xarray.backends.locks import HDF5_LOCK
 
+from vlinterpret_panel import chunk_reader
 from vlinterpret_panel.cache import LRUCache
 from vlinterpret_panel.errors import VLIError
 from vlinterpret_panel.schema import VARIABLES
@@ -62,6 +63,21 @@ _OPEN_FILES: LRUCache[FileKey, netCDF4.Dataset] = LRUCache(MAX_OPEN_FILES, on_ev
 # xarray's netCDF writer opens and closes files outside HDF5_LOCK, so writes of shards and our
 # reads are serialised by this lock too (taken before HDF5_LOCK, reentrant for nested use).
 STORE_IO_LOCK = threading.RLock()
+
+
+class _BothLocks:
+    """``STORE_IO_LOCK`` then ``HDF5_LOCK``, as one context manager: what a libhdf5 call holds."""
+
+    def __enter__(self) -> None:
+        STORE_IO_LOCK.acquire()
+        HDF5_LOCK.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        HDF5_LOCK.release()
+        STORE_IO_LOCK.release()
+
+
+_HDF5_CALLS = _BothLocks()
 
 
 def _open(key: FileKey) -> netCDF4.Dataset:
@@ -276,10 +292,15 @@ def _read_block(
     padded_shape: tuple[int, ...],
     fill: Any,
 ) -> np.ndarray:
-    """Read one block of ``name``, decode our packing and pad it to ``padded_shape``."""
-    with STORE_IO_LOCK, HDF5_LOCK:
-        raw = _dataset(handle)[name][index]
-    raw = np.ma.getdata(raw)
+    """Read one block of ``name``, decode our packing and pad it to ``padded_shape``.
+
+    Numbers are read by ``chunk_reader`` (outside libhdf5's one lock, so threads read in parallel) where it
+    can; strings, and anything it declines, through netCDF4 under the lock.
+    """
+    raw = chunk_reader.read(handle, name, index, _HDF5_CALLS) if info.dtype != object else None
+    if raw is None:
+        with STORE_IO_LOCK, HDF5_LOCK:
+            raw = np.ma.getdata(_dataset(handle)[name][index])
     if info.scale_factor is not None:
         return _unpacked(raw, info, padded_shape, fill)
     if info.dtype == object:
@@ -299,8 +320,9 @@ def _unpacked(raw: np.ndarray, info: VariableInfo, padded_shape: tuple[int, ...]
     """Decode packed integers straight into the padded float32 block: one pass, one allocation."""
     out = np.empty(padded_shape, dtype=np.float32)
     inside = tuple(slice(0, n) for n in raw.shape)
-    if raw.shape != padded_shape:
-        out.fill(fill)
+    for axis, size in enumerate(raw.shape):  # only the padding: along each axis, the part past the values
+        if size != padded_shape[axis]:
+            out[(*inside[:axis], slice(size, None))] = fill
     view = out[inside]
     np.multiply(raw, np.float32(info.scale_factor), out=view, dtype=np.float32)
     if info.fill_value is not None:
