@@ -211,3 +211,35 @@ def test_cli_extract_exit_codes(
         assert main(["extract", *args]) == 2
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], lines
+
+
+def test_a_failed_background_write_stops_the_extraction_and_keeps_the_shards_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The third shard's write fails in the background writer: the extraction raises that error, every other
+    shard it wrote stays whole and readable (at most one more was in flight), no temporary file is left, and
+    a rerun extracts only what is missing."""
+    from vlinterpret_panel import extract as extract_module
+
+    original, calls = extract_module.write_records, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError("disk full (simulated)")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(extract_module, "write_records", failing)
+    store = tmp_path / "s"
+    sources = scene_sources(10)
+    with pytest.raises(OSError, match="disk full"):
+        extract("single_stream", sources, store, examples_per_shard=2, progress=False)
+    assert len(calls) in (3, 4)  # the failure, and at most the next chunk's write, already queued
+    assert len(shard_paths(store)) == len(calls) - 1
+    ds = open_dataset(store)
+    assert ds.sizes["example"] == 2 * (len(calls) - 1)
+    assert {str(e) for e in ds.example.values}.isdisjoint({s.example_id for s in sources[4:6]})
+    assert not [p for p in store.iterdir() if p.name.startswith(".") and p.suffix == ".partial"]
+    monkeypatch.setattr(extract_module, "write_records", original)
+    extract("single_stream", sources, store, examples_per_shard=2, progress=False)
+    assert sorted(str(e) for e in open_dataset(store).example.values) == sorted(s.example_id for s in sources)
