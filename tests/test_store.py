@@ -443,3 +443,46 @@ def test_a_float32_store_unpacks_packed_attention(tmp_path: Path) -> None:
     n = len(records[0].tokens)
     np.testing.assert_allclose(stored[0, ..., :n, :n], records[0].attention, atol=1e-4)
     assert np.isnan(stored[0, ..., n:, :]).all()
+
+
+def _netcdf_bitround(values: np.ndarray, path: Path) -> np.ndarray:
+    """``values`` as netCDF-C's own BitRound (10 significant bits) stores them: the reference."""
+    import netCDF4
+
+    with netCDF4.Dataset(path, "w") as nc:
+        dims = [f"d{axis}" for axis in range(values.ndim)]
+        for dim, size in zip(dims, values.shape, strict=True):
+            nc.createDimension(dim, size)
+        variable = nc.createVariable(
+            "h", "f4", dims, fill_value=np.nan, quantize_mode="BitRound", significant_digits=10
+        )
+        variable[:] = values
+    with netCDF4.Dataset(path) as nc:
+        nc.set_auto_maskandscale(False)
+        return nc["h"][:]
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_hidden_states_are_rounded_bit_for_bit_as_netcdf_bitround_does(tmp_path: Path, lean: bool) -> None:
+    spec = SynthSpec(examples=3, layers=2, heads=2, tokens=24, hidden_size=16, image_size=24, seed=6, vary_length=True)
+    records = [synthetic_record(spec, i) for i in range(3)]
+    special = np.array([0.0, -0.0, 1e-40, -3.5e-39, 3.0e38, -1.7e38, 1.0, -1.0, 0.1, 65504.0, np.inf, -np.inf])
+    records[0].hidden_states[0, 0, : special.size] = special
+    records[1].hidden_states = records[1].hidden_states.astype(np.float32)
+    originals = [r.hidden_states.copy() for r in records]
+    info = spec.model_info()
+    dataset = records_to_dataset(records, info)
+    before = dataset.hidden_states.values.copy()
+    shard = write_records(records, info, tmp_path / "s") if lean else write_shard(dataset, tmp_path / "s")
+    np.testing.assert_array_equal(dataset.hidden_states.values, before)  # the caller's data is not rounded
+    for record, original in zip(records, originals, strict=True):
+        np.testing.assert_array_equal(record.hidden_states, original)
+    import netCDF4
+
+    with netCDF4.Dataset(shard) as nc:
+        nc.set_auto_maskandscale(False)
+        stored = nc["hidden_states"][:]
+        assert nc["hidden_states"].getncattr("_QuantizeBitRoundNumberOfSignificantBits") == 10
+    reference = _netcdf_bitround(before, tmp_path / "reference.nc")
+    assert np.isnan(before).any()  # padding rows: netCDF-C rounds its NaN fill too
+    np.testing.assert_array_equal(stored.view(np.uint32), reference.view(np.uint32))

