@@ -115,15 +115,13 @@ def read(
             if len(data) != chunk_bytes:
                 return None
             chunk = np.frombuffer(data, dtype=layout.dtype).reshape(layout.chunks)
-            source = tuple(
-                slice(max(start, o) - o, min(stop, o + size) - o)
+            overlap = [
+                (max(start, o), min(stop, o + size), o, start)
                 for start, stop, o, size in zip(starts, stops, origin, layout.chunks, strict=True)
-            )
-            target = tuple(
-                slice(max(start, o) - start, min(stop, o + size) - start)
-                for start, stop, o, size in zip(starts, stops, origin, layout.chunks, strict=True)
-            )
-            out[target] = chunk[source]
+            ]
+            out[tuple(slice(low - start, high - start) for low, high, _, start in overlap)] = chunk[
+                tuple(slice(low - o, high - o) for low, high, o, _ in overlap)
+            ]
     finally:
         os.close(fd)
     return out

@@ -79,11 +79,18 @@ def stacked_packed(arrays: Sequence[np.ndarray | None], shape: Sequence[int]) ->
     return out
 
 
+def unpack_into(out: np.ndarray, raw: np.ndarray, scale: float, fill_value: Any) -> None:
+    """Decode packed integers ``raw`` into float32 ``out`` (same shape): ``raw * scale``, ``fill_value`` as NaN."""
+    np.multiply(raw, np.float32(scale), out=out, dtype=np.float32)
+    if fill_value is not None:
+        np.copyto(out, np.float32(np.nan), where=raw == fill_value)  # putmask: 6x slower here
+
+
 def unpack_attention(attention: xr.DataArray) -> xr.DataArray:
     """Packed attention back to float32 probabilities, padding NaN (what a reader of the store sees)."""
     raw = np.asarray(attention.values)
-    values = raw.astype(np.float32) * np.float32(ATTENTION_SCALE)
-    values[raw == ATTENTION_FILL] = np.nan
+    values = np.empty(raw.shape, dtype=np.float32)
+    unpack_into(values, raw, ATTENTION_SCALE, ATTENTION_FILL)
     unpacked = attention.copy(data=values)
     unpacked.attrs = {k: v for k, v in attention.attrs.items() if k not in ("scale_factor", "_FillValue")}
     return unpacked

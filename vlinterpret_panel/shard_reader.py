@@ -32,6 +32,7 @@ from xarray.backends.locks import HDF5_LOCK
 from vlinterpret_panel import chunk_reader
 from vlinterpret_panel.cache import LRUCache
 from vlinterpret_panel.errors import VLIError
+from vlinterpret_panel.packing import unpack_into
 from vlinterpret_panel.schema import VARIABLES
 
 # Shards may differ in size along these dims; blocks are padded to the store's largest.
@@ -65,8 +66,9 @@ _OPEN_FILES: LRUCache[FileKey, netCDF4.Dataset] = LRUCache(MAX_OPEN_FILES, on_ev
 STORE_IO_LOCK = threading.RLock()
 
 
-class _BothLocks:
-    """``STORE_IO_LOCK`` then ``HDF5_LOCK``, as one context manager: what a libhdf5 call holds."""
+class _HDF5Calls:
+    """``STORE_IO_LOCK`` then ``HDF5_LOCK``, as one context manager: what every libhdf5 call here holds (netCDF4's,
+    and h5py's where ``chunk_reader`` locates chunks: conda-forge gives both one libhdf5)."""
 
     def __enter__(self) -> None:
         STORE_IO_LOCK.acquire()
@@ -77,7 +79,7 @@ class _BothLocks:
         STORE_IO_LOCK.release()
 
 
-_HDF5_CALLS = _BothLocks()
+HDF5_CALLS = _HDF5Calls()
 
 
 def _open(key: FileKey) -> netCDF4.Dataset:
@@ -103,7 +105,7 @@ def file_key(path: Path) -> FileKey:
 
 def close_file(key: FileKey) -> None:
     """Close a shard's handle (e.g. after it failed validation)."""
-    with STORE_IO_LOCK, HDF5_LOCK:
+    with HDF5_CALLS:
         _OPEN_FILES.pop(key)
 
 
@@ -154,7 +156,7 @@ def read_shard_info(path: Path, coordinate_names: Sequence[str]) -> ShardInfo:
     """Open ``path`` and read its dims, attributes, coordinates and variable layout."""
     key = file_key(Path(path))
     try:
-        with STORE_IO_LOCK, HDF5_LOCK:
+        with HDF5_CALLS:
             nc = _dataset(key)
             sizes = {name: len(dim) for name, dim in nc.dimensions.items()}
             attrs = {name: nc.getncattr(name) for name in nc.ncattrs()}
@@ -297,9 +299,9 @@ def _read_block(
     Numbers are read by ``chunk_reader`` (outside libhdf5's one lock, so threads read in parallel) where it
     can; strings, and anything it declines, through netCDF4 under the lock.
     """
-    raw = chunk_reader.read(handle, name, index, _HDF5_CALLS) if info.dtype != object else None
+    raw = chunk_reader.read(handle, name, index, HDF5_CALLS) if info.dtype != object else None
     if raw is None:
-        with STORE_IO_LOCK, HDF5_LOCK:
+        with HDF5_CALLS:
             raw = np.ma.getdata(_dataset(handle)[name][index])
     if info.scale_factor is not None:
         return _unpacked(raw, info, padded_shape, fill)
@@ -323,10 +325,8 @@ def _unpacked(raw: np.ndarray, info: VariableInfo, padded_shape: tuple[int, ...]
     for axis, size in enumerate(raw.shape):  # only the padding: along each axis, the part past the values
         if size != padded_shape[axis]:
             out[(*inside[:axis], slice(size, None))] = fill
-    view = out[inside]
-    np.multiply(raw, np.float32(info.scale_factor), out=view, dtype=np.float32)
-    if info.fill_value is not None:
-        np.copyto(view, np.float32(np.nan), where=raw == info.fill_value)  # putmask: 6x slower here
+    assert info.scale_factor is not None  # called for packed variables only
+    unpack_into(out[inside], raw, info.scale_factor, info.fill_value)
     return out
 
 

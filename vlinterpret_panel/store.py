@@ -55,8 +55,6 @@ COORDINATE_NAMES = tuple(COORDINATE_ATTRS)
 # (``packing.bitround``, netCDF-C's BitRound bit for bit), so they compress to about half.
 
 
-ATTENTION_VARIABLES = PACKED_VARIABLES
-"""Attention probabilities: packed to 16 bits at ``precision="float16"``, one chunk per (example, layer)."""
 HIDDEN_VARIABLES = ("hidden_states", "answer_hidden_states")
 
 MIN_CHUNK_BYTES = 64 * 2**10
@@ -89,11 +87,11 @@ def _encoding(ds: xr.Dataset, precision: Precision) -> dict[str, dict]:
     for name, var in ds.data_vars.items():
         # Strings as character arrays: xarray decodes those lazily, unlike variable-length ones.
         enc: dict[str, Any] = dict(compress) if var.dtype.kind in "fiub" else {"dtype": "S1"}
-        if var.dtype.kind == "f" and name not in ATTENTION_VARIABLES + HIDDEN_VARIABLES:
+        if var.dtype.kind == "f" and name not in PACKED_VARIABLES + HIDDEN_VARIABLES:
             enc["_FillValue"] = np.nan
         encoding[str(name)] = enc
     attention_bytes = 2 if precision == "float16" else 4
-    for name in ATTENTION_VARIABLES:
+    for name in PACKED_VARIABLES:
         if name in ds:
             encoding[name].update(
                 chunksizes=_block_chunks(ds[name], attention_bytes),
@@ -133,7 +131,7 @@ def write_shard(ds: xr.Dataset, store: str | os.PathLike, *, precision: Precisio
 def _as_stored(ds: xr.Dataset, precision: Precision, *, owned: bool) -> xr.Dataset:
     """``ds`` as ``precision`` stores it: attention packed (or unpacked), hidden states rounded at float16.
     ``owned``: ``ds`` was built only to be written, so its hidden states may be rounded in place."""
-    for variable in ATTENTION_VARIABLES:
+    for variable in PACKED_VARIABLES:
         if variable in ds and is_packed(ds[variable]) != (precision == "float16"):
             repack = pack_attention if precision == "float16" else unpack_attention
             ds = ds.assign({variable: repack(ds[variable])})
